@@ -1,0 +1,136 @@
+"""Generation cache for converted models.
+
+Per converted layer: the fp32 recurrent state (through transformers' native
+`LinearAttentionLayer`) and a ring buffer of the last `window` RoPE'd keys and values, with
+a validity bit per slot so left padding never enters the window. Kept softmax layers get the
+ordinary cache layer their source family uses. Unlike transformers' own caches, this one
+counts tokens even when no layer keeps keys, so a model with no softmax layer generates too.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DynamicCache,
+    LinearAttentionLayer,
+    get_layer_types_and_kwargs,
+)
+
+
+class LigerCacheLayer(LinearAttentionLayer):
+    is_compileable = False
+
+    def __init__(self, window: int):
+        super().__init__(number_of_states=1)
+        self.window = window
+        self.seen = 0  # tokens consumed so far, padding included
+        self.k_ring: torch.Tensor | None = None  # [B, Hkv, window, D]
+        self.v_ring: torch.Tensor | None = None
+        self.ring_valid: torch.Tensor | None = None  # [B, window] bool
+
+    @property
+    def state(self) -> torch.Tensor | None:
+        return self.recurrent_states[0]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def window_prefix(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The ring in time order, oldest first, as [B, W, Hkv, D] x2 and [B, W]."""
+        order = (torch.arange(self.window, device=self.k_ring.device) + self.seen) % self.window
+        return (
+            self.k_ring[:, :, order].transpose(1, 2),
+            self.v_ring[:, :, order].transpose(1, 2),
+            self.ring_valid[:, order],
+        )
+
+    def store(
+        self,
+        state: torch.Tensor,
+        n_new: int,
+        k_rot: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        """Record a forward pass over `n_new` tokens: the state after them and, for a window,
+        the rotated keys, values and validity of the last of them ([B, n, Hkv, D] x2 and [B, n]
+        or None = all real, n <= n_new), of which the last `window` go into the ring."""
+        self.update_recurrent_state(state)
+        self.has_previous_state[0] = True
+        self.batch_size = state.shape[0]
+        if self.window > 0:
+            B, tail, H, D = k_rot.shape
+            if self.k_ring is None:
+                self.k_ring = k_rot.new_zeros(B, H, self.window, D)
+                self.v_ring = v.new_zeros(B, H, self.window, D)
+                self.ring_valid = torch.zeros(B, self.window, dtype=torch.bool, device=k_rot.device)
+            n = min(tail, self.window)
+            first = self.seen + n_new - n  # absolute position of the first token kept
+            slots = (torch.arange(n, device=k_rot.device) + first) % self.window
+            self.k_ring[:, :, slots] = k_rot[:, tail - n :].transpose(1, 2).to(self.k_ring.dtype)
+            self.v_ring[:, :, slots] = v[:, tail - n :].transpose(1, 2).to(self.v_ring.dtype)
+            self.ring_valid[:, slots] = True if valid is None else valid[:, tail - n :]
+        self.seen += n_new
+
+    def advance(self, n_tokens: int) -> None:
+        self.seen += n_tokens
+
+    def _rings(self) -> list[str]:
+        return [name for name in ("k_ring", "v_ring", "ring_valid") if getattr(self, name) is not None]
+
+    def reset(self) -> None:
+        super().reset()
+        for name in self._rings():
+            getattr(self, name).zero_()
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        for name in self._rings():
+            setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for i, s in self.recurrent_states.items():
+            if s is not None:
+                self.recurrent_states[i] = s.repeat_interleave(repeats, dim=0)
+        for name in self._rings():
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for i, s in self.recurrent_states.items():
+            if s is not None:
+                self.recurrent_states[i] = s[indices]
+        for name in self._rings():
+            setattr(self, name, getattr(self, name)[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a recurrent state cannot be rolled back: assisted and speculative decoding are not supported")
+
+
+class LigerCache(DynamicCache):
+    """One cache layer per decoder layer: `LigerCacheLayer` for converted ones, the source's for kept ones."""
+
+    def __init__(self, config, converted: list[bool], window: int):
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
+        layers = [
+            LigerCacheLayer(window) if is_converted else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            for is_converted, kind, kwargs in zip(converted, layer_types, layer_kwargs)
+        ]
+        Cache.__init__(self, layers=layers)  # DynamicCache's own __init__ would rebuild the layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if isinstance(layer, LigerCacheLayer):
+            return layer.seen
+        return super().get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if isinstance(layer, LigerCacheLayer):
+            return layer.get_mask_sizes(query_length)
+        return super().get_mask_sizes(query_length, layer_idx)

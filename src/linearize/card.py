@@ -1,0 +1,59 @@
+"""Model cards: a README.md in every checkpoint saying how it was made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import transformers
+
+import linearize
+
+
+def conversion_card(config: Any, command: str, seconds: float) -> str:
+    s = config.linearize
+    n = config.num_hidden_layers
+    kept = sorted(s["keep_attention"])
+    branch = (
+        f"Liger Attention: {1 - s['mix']:.2g} x GLA + {s['mix']:.2g} x softmax attention over a {s['window']}-token "
+        "sliding window (RoPE on that branch only)"
+        if s["window"]
+        else "pure gated linear attention (no sliding window)"
+    )
+    layers = f"{n - len(kept)} of {n} layers converted" + (f"; kept as softmax attention: {kept}" if kept else "")
+    return f"""---
+library_name: transformers
+base_model: {s['source']}
+tags: [linearize, liger, gated-linear-attention, linear-attention]
+---
+# {s['source']} converted to gated linear attention (`{s['target']}`)
+
+Made by [linearize](https://pypi.org/project/linearize/) {s['version']} with
+
+```
+{command}
+```
+
+- Method: Liger (arXiv 2503.01496). Each converted attention layer reuses the source's q/k/v/o
+  projections with no new parameters: feature maps softmax(q) and softmax(k) over the head
+  dimension, forget gate log a = logsigmoid(k) / {s['gate_normalizer']:g} per key channel.
+- Mixer: {branch}.
+- Layers: {layers}.
+- Source family: {s['family']}; tensors are the source's, unchanged.
+- Conversion took {seconds:.1f} s with torch {torch.__version__}, transformers {transformers.__version__}.
+- Not yet recovered: quality returns after `linearize recover` (LoRA on a small instruction set).
+
+## Use
+
+```python
+import linearize  # registers the classes (or pass trust_remote_code=True)
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+with linearize.teacher(model):  # the source's softmax attention again, same weights
+    ...
+```
+
+Decoding keeps, per converted layer, a fixed recurrent state and the last {s['window']} keys and values:
+memory does not grow with context.
+"""

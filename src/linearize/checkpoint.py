@@ -1,0 +1,48 @@
+"""Writing output folders: all or nothing, never half-written."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import LinearizeError
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise LinearizeError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
+    if out.exists() and not out.is_dir():
+        raise LinearizeError(f"{out} exists and is not a folder: choose another -o")
+
+
+@contextmanager
+def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it becomes `out`, on any failure it goes."""
+    out = out.expanduser().resolve()
+    check_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        _make_readable(tmp)
+        if out.exists():  # --overwrite: swap, so the old folder survives until the new one is whole
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _make_readable(folder: Path) -> None:
+    """mkdtemp and some writers create private files; a checkpoint is meant to be shared."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)

@@ -1,0 +1,33 @@
+"""The `linearize` command line. Each command lives in its own module and registers on `app`."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from ..errors import LinearizeError
+
+app = typer.Typer(
+    name="linearize",
+    help="Turn a pretrained LLM into a gated linear-recurrent model, recover, evaluate and serve it.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+
+# Registration: importing a command module adds its command to `app`.
+from . import convert_cmd  # noqa: E402, F401
+
+
+def main() -> None:
+    try:
+        app()
+    except LinearizeError as e:
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: nothing was written to the output folder")
+        sys.exit(130)

@@ -1,0 +1,7 @@
+"""User-facing errors: one line that says what to do, exit code 2."""
+
+
+class LinearizeError(Exception):
+    """Bad input or a failed precondition; the CLI prints the message alone and exits 2."""
+
+    exit_code = 2

@@ -1,0 +1,39 @@
+"""What a model keeps in memory per sequence while decoding, from its config alone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+STATE_BYTES = 4  # recurrent states are kept in float32
+
+
+def _dtype_bytes(config: Any) -> int:
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.finfo(dtype).bits // 8
+
+
+@dataclass(frozen=True)
+class Footprint:
+    converted_layers: int
+    kept_layers: int
+    state_bytes: int  # fixed per sequence: recurrent states + window rings of converted layers
+    kv_bytes_per_token: int  # what still grows: keys and values of kept softmax layers
+    source_kv_bytes_per_token: int  # the unconverted model's KV cache, every layer
+
+
+def footprint(config: Any) -> Footprint:
+    n = config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    hq, hkv, item = config.num_attention_heads, config.num_key_value_heads, _dtype_bytes(config)
+    kv_per_token_layer = 2 * hkv * head_dim * item
+    settings = getattr(config, "linearize", None)
+    if settings is None:
+        return Footprint(0, n, 0, n * kv_per_token_layer, n * kv_per_token_layer)
+    kept = len(settings["keep_attention"])
+    per_layer_state = hq * head_dim * head_dim * STATE_BYTES + settings["window"] * (kv_per_token_layer + 1)
+    return Footprint(n - kept, kept, (n - kept) * per_layer_state, kept * kv_per_token_layer, n * kv_per_token_layer)

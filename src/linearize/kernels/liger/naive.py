@@ -1,0 +1,193 @@
+"""Liger Attention in plain PyTorch: the reference and the CPU path.
+
+For raw projections q [B, T, Hq, D] and k, v [B, T, Hkv, D] (GQA heads repeated):
+- gated linear attention on softmax feature maps, with the forget gate read off the key:
+  phi(x) = softmax(x) over D, log alpha_t = logsigmoid(k_t) / gate_normalizer, scale 1;
+- softmax attention with RoPE and scale 1/sqrt(D) over the last `window` positions
+  (t - window + 1 ... t);
+- o = mix * window_branch + (1 - mix) * linear_branch; window = 0 gives pure GLA.
+
+A boolean `attention_mask` [B, T] (False = padding) makes padded steps invisible: they add
+nothing to the state, do not decay it, and are never attended to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..gla.chunk import chunk_gla_torch
+from ..gla.naive import compute_dtype
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H, D]; cos, sin [B or 1, T, D] in the Hugging Face rotate-half convention."""
+    cos, sin = cos.to(x.dtype)[:, :, None, :], sin.to(x.dtype)[:, :, None, :]
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, T, Hkv, D] -> [B, T, n_heads, D], each kv head serving a contiguous group."""
+    groups = n_heads // x.shape[2]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def feature_maps(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_normalizer: float, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """phi(q), phi(k), v, log-gate in the compute dtype, padded steps neutralised."""
+    dt = compute_dtype(q)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    phi_q, phi_k = q.softmax(-1), k.softmax(-1)
+    log_gate = F.logsigmoid(k) / gate_normalizer
+    if valid is not None:
+        keep = valid[:, :, None, None]
+        phi_k = torch.where(keep, phi_k, 0.0)
+        v = torch.where(keep, v, 0.0)
+        log_gate = torch.where(keep, log_gate, 0.0)
+    return phi_q, phi_k, v, log_gate
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal softmax attention over the last `window` keys, O(T * window) memory.
+
+    q [B, T, Hq, D]; k, v [B, P + T, Hkv, D] whose first P = k.shape[1] - T entries are a
+    cached prefix (oldest first): query i sits at key index P + i and sees key indices
+    P + i - window + 1 ... P + i. key_valid [B, P + T] marks real keys; a query always sees
+    itself, so a padded query never meets an empty row.
+    """
+    B, T, Hq, D = q.shape
+    P, W = k.shape[1] - T, window
+    k, v = repeat_heads(k, Hq), repeat_heads(v, Hq)
+    if key_valid is None:
+        key_valid = torch.ones(B, P + T, dtype=torch.bool, device=q.device)
+    # Left-pad keys so every query has exactly W slots before it, right-pad queries to
+    # whole blocks of W; query block n then needs key blocks n and n + 1.
+    nb = (T + W - 1) // W
+    left, right = W - min(P, W), nb * W - T
+    k, v, key_valid = k[:, P - min(P, W) :], v[:, P - min(P, W) :], key_valid[:, P - min(P, W) :]
+    k = F.pad(k, (0, 0, 0, 0, left, right))
+    v = F.pad(v, (0, 0, 0, 0, left, right))
+    key_valid = F.pad(key_valid, (left, right), value=False)
+    q = F.pad(q, (0, 0, 0, 0, 0, right))
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # [B, (nb+1)W, H, D] -> [B, H, nb, 2W, D]
+        x = x.transpose(1, 2).unflatten(2, (nb + 1, W))
+        return torch.cat([x[:, :, :-1], x[:, :, 1:]], dim=3)
+
+    kb, vb = blocks(k), blocks(v)
+    qb = q.transpose(1, 2).unflatten(2, (nb, W))  # [B, H, nb, W, D]
+    vis = key_valid.unflatten(1, (nb + 1, W))
+    vis = torch.cat([vis[:, :-1], vis[:, 1:]], dim=2)[:, None, :, None, :]  # [B, 1, nb, 1, 2W]
+    r = torch.arange(W, device=q.device)[:, None]
+    c = torch.arange(2 * W, device=q.device)[None, :]
+    band = (c > r) & (c <= r + W)  # key c is within the window of query r (query at c = r + W)
+    allowed = (band & vis) | (c == r + W)
+    scores = (qb @ kb.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = scores.softmax(-1) @ vb  # [B, H, nb, W, D]
+    return out.flatten(2, 3)[:, :, :T].transpose(1, 2)
+
+
+def liger_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int = 64,
+    mix: float = 0.5,
+    gate_normalizer: float = 16.0,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Liger Attention on [B, T, H, D] inputs; returns (o in q's dtype, final state or None).
+
+    window_prefix = (rotated keys, values, valid) [B, P, Hkv, D] x2 and [B, P] continues a
+    cached sliding window (used when a forward pass extends an existing cache).
+    """
+    Hq, D = q.shape[2], q.shape[3]
+    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, attention_mask)
+    o, state = chunk_gla_torch(
+        phi_q,
+        repeat_heads(phi_k, Hq),
+        repeat_heads(v_lin, Hq),
+        repeat_heads(log_gate, Hq),
+        scale=1.0,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+    )
+    if window > 0:
+        if cos is None or sin is None:
+            raise ValueError("the sliding-window branch needs the rotary tables cos and sin")
+        dt = o.dtype
+        q_rot, k_rot = apply_rope(q.to(dt), cos, sin), apply_rope(k.to(dt), cos, sin)
+        v_win, valid = v.to(dt), attention_mask
+        if window_prefix is not None:
+            pk, pv, pvalid = window_prefix
+            if valid is None:
+                valid = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+            k_rot, v_win = torch.cat([pk.to(dt), k_rot], 1), torch.cat([pv.to(dt), v_win], 1)
+            valid = torch.cat([pvalid, valid], 1)
+        o_win = sliding_window_attention(q_rot, k_rot, v_win, window=window, scale=D**-0.5, key_valid=valid)
+        o = mix * o_win + (1.0 - mix) * o
+    return o.to(q.dtype), state
+
+
+def liger_decode_step_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    k_ring: torch.Tensor | None,
+    v_ring: torch.Tensor | None,
+    ring_valid: torch.Tensor | None,
+    position: int,
+    *,
+    window: int = 64,
+    mix: float = 0.5,
+    gate_normalizer: float = 16.0,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token of Liger Attention, updating the cache in place.
+
+    q [B, 1, Hq, D], k, v [B, 1, Hkv, D]; state [B, Hq, D, D] float32; k_ring, v_ring
+    [B, Hkv, window, D] hold rotated keys and values at slot (position % window), ring_valid
+    [B, window] which slots hold real tokens. `position` counts the tokens already cached.
+    """
+    Hq, D = q.shape[2], q.shape[3]
+    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None)
+    phi_k, v_lin, log_gate = (repeat_heads(x, Hq)[:, 0] for x in (phi_k, v_lin, log_gate))
+    state.mul_(log_gate.exp().to(state.dtype)[..., None])
+    state.add_((phi_k[..., :, None] * v_lin[..., None, :]).to(state.dtype))
+    o = torch.einsum("bhk,bhkv->bhv", phi_q[:, 0].to(state.dtype), state)
+    if window > 0:
+        slot = position % window
+        k_ring[:, :, slot] = apply_rope(k, cos, sin)[:, 0].to(k_ring.dtype)
+        v_ring[:, :, slot] = v[:, 0].to(v_ring.dtype)
+        ring_valid[:, slot] = True
+        q_rot = apply_rope(q, cos, sin)[:, 0].to(state.dtype)  # [B, Hq, D]
+        kr = repeat_heads(k_ring.transpose(1, 2), Hq).transpose(1, 2).to(state.dtype)  # [B, Hq, W, D]
+        vr = repeat_heads(v_ring.transpose(1, 2), Hq).transpose(1, 2).to(state.dtype)
+        scores = torch.einsum("bhd,bhwd->bhw", q_rot, kr) * D**-0.5
+        scores = scores.masked_fill(~ring_valid[:, None, :], float("-inf"))
+        o_win = torch.einsum("bhw,bhwd->bhd", scores.softmax(-1), vr)
+        o = mix * o_win + (1.0 - mix) * o
+    return o[:, None].to(q.dtype)

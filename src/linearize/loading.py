@@ -1,0 +1,80 @@
+"""Load a source model and its tokenizer from a Hub id, a local folder or a .gguf file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import LinearizeError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise LinearizeError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LinearizeError(f"device {device!r} asked for but CUDA is not available here: use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """A dtype name to a torch dtype ("auto" keeps the checkpoint's), checked on the device."""
+    if name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise LinearizeError(f"unknown dtype {name!r}: use one of auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise LinearizeError(f"{torch.cuda.get_device_name(device)} cannot run bfloat16: use --dtype float16 or float32")
+    try:  # a matrix product is what the model needs the device to do in this dtype
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        (a @ a).sum().item()
+    except RuntimeError as e:
+        raise LinearizeError(f"{device.type} cannot compute in {name}: use --dtype float32") from e
+    return dtype
+
+
+def split_source(source: str) -> tuple[str, dict]:
+    """Hub id or folder -> (path, {}); a .gguf file -> (its folder, {"gguf_file": name})."""
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise LinearizeError(f"GGUF file not found: {source}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LinearizeError(f"{source} has no config.json: point SOURCE at a Hugging Face model folder or a .gguf file")
+        return str(path), {}
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise LinearizeError(f"source not found: {source}")
+    return source, {}  # a Hub id
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    path, extra = split_source(source)
+    try:
+        return AutoTokenizer.from_pretrained(path, **extra)
+    except (OSError, ValueError) as e:
+        raise LinearizeError(f"could not load a tokenizer from {source}: {str(e).splitlines()[0]}") from e
+
+
+def load_causal_lm(source: str, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu"):
+    """Any causal LM transformers can load (converted checkpoints included, once linearize is imported)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, extra = split_source(source)
+    try:
+        if not extra:
+            AutoConfig.from_pretrained(path, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise LinearizeError(f"could not load {source}: {str(e).splitlines()[0]}") from e
+    return model.to(device).eval()

@@ -1,0 +1,215 @@
+"""Converted models: the source family's classes with Liger Attention in place of softmax attention.
+
+No parameter is added or renamed: a converted layer is the source attention module with its
+class swapped for a subclass whose forward runs Liger Attention (see kernels/liger/naive.py),
+so checkpoints hold the source tensors unchanged and `teacher(model)` can run the original
+softmax forward again from the very same weights.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .cache import LigerCache, LigerCacheLayer
+from .errors import LinearizeError
+from .families import FAMILIES, Family
+from .kernels import liger_attention, liger_decode_step
+from .kernels.liger.naive import apply_rope, liger_attention_torch
+
+TARGETS = ("gla",)
+
+
+def default_settings(**overrides: Any) -> dict[str, Any]:
+    """The `linearize` section of a converted config: what was done, from what."""
+    settings = {
+        "target": "gla",
+        "window": 64,  # 0 = pure GLA, no sliding-window branch
+        "mix": 0.5,  # weight of the sliding-window branch
+        "gate_normalizer": 16.0,  # log alpha = logsigmoid(k) / gate_normalizer
+        "keep_attention": [],  # layer indices left as softmax attention
+        "source": None,
+        "family": None,
+        "version": None,
+    }
+    settings.update(overrides)
+    return settings
+
+
+class LigerAttentionMixin:
+    """Put before a family's attention class; `family` is set on the built subclass."""
+
+    family: Family
+    linearize_kind: str  # "liger" or "softmax" (a kept layer)
+    linearize_teacher: bool  # True inside `teacher(model)`
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        padding_mask = kwargs.pop("linearize_padding_mask", None)
+        layer_cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+        if self.linearize_kind == "softmax" or self.linearize_teacher:
+            if isinstance(layer_cache, LigerCacheLayer):
+                raise LinearizeError("this cache was made outside teacher mode: start a new one inside `teacher(model)`")
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        if layer_cache is not None and not isinstance(layer_cache, LigerCacheLayer):
+            raise LinearizeError("a converted layer needs a LigerCache: let the model create it (use_cache=True)")
+
+        s = self.config.linearize
+        window, opts = s["window"], dict(mix=s["mix"], gate_normalizer=s["gate_normalizer"])
+        q, k, v = self.family.project_qkv(self, hidden_states)
+        B, T = q.shape[:2]
+        cos, sin = position_embeddings
+        valid = None if padding_mask is None else padding_mask[:, -T:]
+
+        if layer_cache is not None and layer_cache.seen > 0 and T == 1:
+            o = liger_decode_step(
+                q, k, v, layer_cache.state, layer_cache.k_ring, layer_cache.v_ring, layer_cache.ring_valid,
+                layer_cache.seen, window=window, cos=cos, sin=sin, **opts,
+            )
+            layer_cache.advance(1)
+        else:
+            if layer_cache is not None and layer_cache.seen > 0:  # a multi-token step on top of a cache
+                o, state = liger_attention_torch(
+                    q, k, v, window=window, cos=cos, sin=sin, initial_state=layer_cache.state,
+                    output_final_state=True, attention_mask=valid,
+                    window_prefix=layer_cache.window_prefix() if window else None, **opts,
+                )
+            else:
+                o, state = liger_attention(
+                    q, k, v, window=window, cos=cos, sin=sin, output_final_state=layer_cache is not None,
+                    attention_mask=valid, **opts,
+                )
+            if layer_cache is not None:
+                tail = slice(max(T - window, 0), T)
+                k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
+                layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail])
+        return self.o_proj(o.reshape(B, T, -1)), None
+
+
+class LinearizedCausalLM:
+    """Put before a family's *ForCausalLM class; `liger_attention_class` is set on the built subclass."""
+
+    liger_attention_class: type
+
+    def __init__(self, config):
+        super().__init__(config)
+        install_liger_attention(self)
+
+    def decoder_attention_layers(self) -> list[torch.nn.Module]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def make_cache(self) -> LigerCache:
+        converted = [a.linearize_kind == "liger" and not a.linearize_teacher for a in self.decoder_attention_layers()]
+        return LigerCache(self.config, converted, self.config.linearize["window"])
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = self.make_cache()
+        padding_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            padding_mask = attention_mask.bool()
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+            use_cache=use_cache, linearize_padding_mask=padding_mask, **kwargs,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = self.make_cache()
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+def install_liger_attention(model: torch.nn.Module) -> None:
+    """Swap every decoder layer's attention class per `model.config.linearize` (no new tensors)."""
+    keep = set(model.config.linearize["keep_attention"])
+    for i, attn in enumerate(model.decoder_attention_layers()):
+        attn.__class__ = model.liger_attention_class
+        attn.linearize_kind = "softmax" if i in keep else "liger"
+        attn.linearize_teacher = False
+
+
+@contextmanager
+def teacher(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Inside this block every converted layer computes its original softmax attention again."""
+    layers = [m for m in model.modules() if isinstance(m, LigerAttentionMixin)]
+    if not layers:
+        raise LinearizeError("teacher mode needs a model converted by linearize")
+    before = [m.linearize_teacher for m in layers]
+    for m in layers:
+        m.linearize_teacher = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, before):
+            m.linearize_teacher = was
+
+
+def _camel(name: str) -> str:
+    return {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[name]
+
+
+def _build_classes(family: Family) -> tuple[type, type]:
+    camel = _camel(family.name)
+    config_class = type(
+        f"Linearized{camel}Config", (family.config_class,),
+        {"model_type": f"linearize_{family.name}", "__module__": __name__},
+    )
+    attention_class = type(
+        f"Liger{family.attention_class.__name__}", (LigerAttentionMixin, family.attention_class),
+        {"family": family, "__module__": __name__},
+    )
+    causal_lm_class = type(
+        f"Linearized{camel}ForCausalLM", (LinearizedCausalLM, family.causal_lm_class),
+        {"config_class": config_class, "liger_attention_class": attention_class, "__module__": __name__},
+    )
+    return config_class, causal_lm_class
+
+
+# Module-level names, so checkpoints' auto_map shim can import them.
+LinearizedLlamaConfig, LinearizedLlamaForCausalLM = _build_classes(FAMILIES["llama"])
+LinearizedMistralConfig, LinearizedMistralForCausalLM = _build_classes(FAMILIES["mistral"])
+LinearizedQwen2Config, LinearizedQwen2ForCausalLM = _build_classes(FAMILIES["qwen2"])
+LinearizedQwen3Config, LinearizedQwen3ForCausalLM = _build_classes(FAMILIES["qwen3"])
+
+CLASSES: dict[str, tuple[type, type]] = {
+    "llama": (LinearizedLlamaConfig, LinearizedLlamaForCausalLM),
+    "mistral": (LinearizedMistralConfig, LinearizedMistralForCausalLM),
+    "qwen2": (LinearizedQwen2Config, LinearizedQwen2ForCausalLM),
+    "qwen3": (LinearizedQwen3Config, LinearizedQwen3ForCausalLM),
+}
+
+
+def register_auto_classes() -> None:
+    for config_class, causal_lm_class in CLASSES.values():
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForCausalLM.register(config_class, causal_lm_class, exist_ok=True)
+
+
+def linearize_model(model: torch.nn.Module, family: Family, settings: dict[str, Any]) -> torch.nn.Module:
+    """Turn a loaded source model into its converted class in place: same modules, same tensors."""
+    config_class, causal_lm_class = CLASSES[family.name]
+    config = model.config
+    config.__class__ = config_class  # every submodule holding this config sees the change
+    config.linearize = settings
+    config.architectures = [causal_lm_class.__name__]
+    model.__class__ = causal_lm_class
+    install_liger_attention(model)
+    return model
+
+
+def is_converted(model: torch.nn.Module) -> bool:
+    return isinstance(model, LinearizedCausalLM) or any(isinstance(m, LigerAttentionMixin) for m in model.modules())
+
+
+__all__ = ["teacher", "linearize_model", "register_auto_classes", "default_settings", "is_converted"]
