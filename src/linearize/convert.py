@@ -69,6 +69,10 @@ def convert(
         keep = kept_layers(config.num_hidden_layers, keep_attention, keep_attention_every)
     with console.status(f"loading {source} ({family.name})"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
+        if extra.get("gguf_file"):  # GGUF weights arrive dequantized: save them as plain tensors
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
         tokenizer = load_tokenizer(source)
     settings = default_settings(
         target=target, window=window, keep_attention=keep, source=source, family=family.name, version=__version__
