@@ -78,17 +78,23 @@ def convert(
         target=target, window=window, keep_attention=keep, source=source, family=family.name, version=__version__
     )
     linearize_model(model, family, settings)
-    config_class, causal_lm_class = CLASSES[family.name]
+    command = command or f"linearize convert {source} --to {target} -o {out}"
+    with console.status(f"writing {out}"), atomic_folder(out, overwrite) as tmp:
+        write_checkpoint(model, tokenizer, tmp, conversion_card(model.config, command, time.perf_counter() - start))
+    return out
+
+
+def write_checkpoint(model, tokenizer, folder: Path, card: str) -> None:
+    """A converted model as a Hugging Face folder: weights, config with auto_map, tokenizer, shim, card."""
+    family_name = model.config.linearize["family"]
+    config_class, causal_lm_class = CLASSES[family_name]
     model.config.auto_map = {
         "AutoConfig": f"modeling_linearize.{config_class.__name__}",
         "AutoModelForCausalLM": f"modeling_linearize.{causal_lm_class.__name__}",
     }
-    with console.status(f"writing {out}"), atomic_folder(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shim = resources.files("linearize") / "templates" / "modeling_linearize.py"
-        with resources.as_file(shim) as shim_path:
-            shutil.copy(shim_path, tmp / "modeling_linearize.py")
-        command = command or f"linearize convert {source} --to {target} -o {out}"
-        (tmp / "README.md").write_text(conversion_card(model.config, command, time.perf_counter() - start))
-    return out
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    shim = resources.files("linearize") / "templates" / "modeling_linearize.py"
+    with resources.as_file(shim) as shim_path:
+        shutil.copy(shim_path, folder / "modeling_linearize.py")
+    (folder / "README.md").write_text(card)

@@ -20,6 +20,9 @@ err = Console(stderr=True, highlight=False)
 
 # Registration: importing a command module adds its command to `app`.
 from . import convert_cmd  # noqa: E402, F401
+from . import recover_cmd  # noqa: E402, F401
+from . import eval_cmd  # noqa: E402, F401
+from . import bench_cmd  # noqa: E402, F401
 
 
 def main() -> None:

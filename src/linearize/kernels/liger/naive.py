@@ -191,3 +191,48 @@ def liger_decode_step_torch(
         o_win = torch.einsum("bhw,bhwd->bhd", scores.softmax(-1), vr)
         o = mix * o_win + (1.0 - mix) * o
     return o[:, None].to(q.dtype)
+
+
+def liger_mixing_matrix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    window: int = 64,
+    mix: float = 0.5,
+    gate_normalizer: float = 16.0,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The [B, Hq, T, T] matrix M with Liger Attention's output o = M v, materialised (short T only).
+
+    Used by the orient stage (MOHAWK's matrix orientation) and to check the fast forms.
+    """
+    B, T, Hq, D = q.shape
+    phi_q, phi_k, _, log_gate = feature_maps(q, k, k, gate_normalizer, None)
+    phi_k, log_gate = repeat_heads(phi_k, Hq), repeat_heads(log_gate, Hq)
+    b = log_gate.cumsum(1)  # [B, T, H, D]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    diff = b[:, :, None] - b[:, None, :]  # [B, T(t), T(s), H, D]; <= 0 where s <= t
+    decay = torch.where(causal[None, :, :, None, None], diff, float("-inf")).exp()
+    linear = torch.einsum("bthd,bshd,btshd->bhts", phi_q, phi_k, decay)
+    if window == 0:
+        return linear
+    dt = linear.dtype
+    q_rot = apply_rope(q.to(dt), cos, sin)
+    k_rot = repeat_heads(apply_rope(k.to(dt), cos, sin), Hq)
+    scores = torch.einsum("bthd,bshd->bhts", q_rot, k_rot) * D**-0.5
+    t = torch.arange(T, device=q.device)
+    band = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    window_attn = scores.masked_fill(~band, float("-inf")).softmax(-1)
+    return mix * window_attn + (1.0 - mix) * linear
+
+
+def softmax_attention_matrix(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The source layer's causal softmax attention matrix [B, Hq, T, T] (RoPE, scale 1/sqrt(D))."""
+    Hq, D, T = q.shape[2], q.shape[3], q.shape[1]
+    dt = compute_dtype(q)
+    q_rot = apply_rope(q.to(dt), cos, sin)
+    k_rot = repeat_heads(apply_rope(k.to(dt), cos, sin), Hq)
+    scores = torch.einsum("bthd,bshd->bhts", q_rot, k_rot) * D**-0.5
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)

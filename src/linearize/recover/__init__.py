@@ -1,0 +1,1 @@
+"""Recovery after conversion: LoRA with LM loss, self-distillation, and alignment stages."""

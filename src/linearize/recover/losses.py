@@ -1,0 +1,119 @@
+"""Recovery objectives. The teacher is always the same model: `teacher(model)` with LoRA disabled.
+
+- lm: next-token cross-entropy on labelled tokens (Liger's recipe).
+- kd: KL(teacher || student) over the next-token distributions at labelled positions.
+- align: per-layer MSE between each converted layer's mixer output and its softmax output on
+  the teacher's own inputs to that layer (LoLCATs attention transfer / MOHAWK stage 2).
+- orient: MSE between each layer's materialised Liger mixing matrix and its softmax attention
+  matrix (MOHAWK stage 1), on short sequences.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels.liger.naive import liger_mixing_matrix, softmax_attention_matrix
+from ..modeling import LigerAttentionMixin, teacher
+
+IGNORE = -100
+
+
+@contextmanager
+def teacher_view(model) -> Iterator[None]:
+    """The source model: softmax attention, adapters off, no gradients."""
+    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
+    with torch.no_grad(), teacher(model), adapters_off:
+        yield
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def converted_layers(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, LigerAttentionMixin) and m.linearize_kind == "liger"]
+
+
+def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+
+
+def kd_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    with teacher_view(model):
+        target = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    student = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    mask = labels[:, 1:] != IGNORE
+    per_token = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _capture_layer_inputs(model, input_ids: torch.Tensor) -> dict:
+    """Run the teacher once and keep each converted layer's call (args, kwargs) and its output."""
+    layers = converted_layers(model)
+    calls: dict[torch.nn.Module, list] = {}
+
+    def keep_input(module, args, kwargs):
+        calls[module] = [args, dict(kwargs)]
+
+    def keep_output(module, args, kwargs, output):
+        calls[module].append(output[0])
+
+    handles = [m.register_forward_pre_hook(keep_input, with_kwargs=True) for m in layers]
+    handles += [m.register_forward_hook(keep_output, with_kwargs=True) for m in layers]
+    try:
+        with teacher_view(model):
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def align_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over converted layers of MSE(Liger output, softmax output), each on the teacher's input."""
+    calls = _capture_layer_inputs(model, input_ids)
+    losses = [
+        F.mse_loss(layer(*args, **kwargs)[0].float(), target.float()) for layer, (args, kwargs, target) in calls.items()
+    ]
+    return torch.stack(losses).mean()
+
+
+def orient_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over converted layers of MSE(Liger mixing matrix, softmax attention matrix)."""
+    calls = _capture_layer_inputs(model, input_ids)
+    losses = []
+    for layer, (args, kwargs, _) in calls.items():
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cos, sin = kwargs["position_embeddings"]
+        s = layer.config.linearize
+        with teacher_view(model):
+            qt, kt, _ = layer.family.project_qkv(layer, hidden)
+            target = softmax_attention_matrix(qt, kt, cos, sin)
+        q, k, _ = layer.family.project_qkv(layer, hidden)
+        mixing = liger_mixing_matrix(
+            q, k, window=s["window"], mix=s["mix"], gate_normalizer=s["gate_normalizer"], cos=cos, sin=sin
+        )
+        # Scale by T so the loss reads as a per-row error, not shrinking with sequence length.
+        losses.append(F.mse_loss(mixing, target) * q.shape[1])
+    return torch.stack(losses).mean()
+
+
+OBJECTIVES = {"lm": lm_loss, "kd": kd_loss, "align": align_loss, "orient": orient_loss}
+
+
+def training_loss(stage: str, loss: str, kd_weight: float, model, input_ids, labels) -> torch.Tensor:
+    """The objective of a stage: align/orient, or the --loss mix for the lm stage."""
+    if stage in ("align", "orient"):
+        return OBJECTIVES[stage](model, input_ids, labels)
+    if loss == "lm":
+        return OBJECTIVES["lm"](model, input_ids, labels)
+    if loss == "kd":
+        return OBJECTIVES["kd"](model, input_ids, labels)
+    return (1 - kd_weight) * OBJECTIVES["lm"](model, input_ids, labels) + kd_weight * OBJECTIVES["kd"](
+        model, input_ids, labels
+    )

@@ -1,0 +1,337 @@
+"""`linearize recover`: LoRA recovery of a converted checkpoint, stage by stage, resumable.
+
+The run works in a hidden folder beside OUT (`.OUT.partial`): checkpoints, metrics and data
+report live there while training, and the folder becomes OUT only when every stage is done.
+A checkpoint is the adapter, optimizer, scheduler, RNG states and the data position, so a
+resumed run reaches the same adapter as one that was never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..checkpoint import check_output
+from ..errors import LinearizeError
+from ..loading import load_causal_lm, load_tokenizer, resolve_device
+from .data import Blocks, DataReport, prepare
+from .losses import lm_loss, training_loss
+from .options import RecoverOptions
+
+CHECKPOINTS = "checkpoints"
+
+
+class Interrupted(LinearizeError):
+    exit_code = 130
+
+
+@dataclass
+class Position:
+    """Where a run stands: stage index, optimizer steps in that stage, blocks consumed, tokens trained."""
+
+    stage: int = 0
+    step: int = 0
+    blocks: int = 0
+    tokens: int = 0
+
+
+def workdir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def block_order(n_blocks: int, index: int, seed: int) -> int:
+    """The block to train on at stream position `index`: a fresh permutation every epoch."""
+    epoch, pos = divmod(index, n_blocks)
+    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return int(perm[pos])
+
+
+def stage_plan(opts: RecoverOptions, stage: str, train: Blocks) -> tuple[int, int]:
+    """(tokens to train, optimizer steps) for a stage."""
+    seq = opts.orient_seq_len if stage == "orient" else opts.seq_len
+    budget = opts.budget(stage)
+    if budget is None:
+        budget = int(opts.epochs * len(train.input_ids) * seq)
+    blocks = math.ceil(budget / seq)
+    return budget, math.ceil(blocks / (opts.micro_batch * opts.grad_accum))
+
+
+def make_scheduler(optimizer, opts: RecoverOptions, total_steps: int):
+    warmup = int(opts.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if opts.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Recovery:
+    def __init__(self, opts: RecoverOptions, console: Console | None = None):
+        self.opts = opts
+        self.console = console or Console(stderr=True)
+        self.out = Path(opts.out).expanduser().resolve()
+        self.work = workdir_for(self.out)
+        self.device = resolve_device(opts.device)
+
+    # -- setup -------------------------------------------------------------------------------
+    def prepare_folders(self) -> Position | None:
+        """Check OUT and the work folder; returns the checkpointed position when resuming."""
+        if self.opts.resume:
+            latest = self.latest_checkpoint()
+            if latest is None:
+                raise LinearizeError(f"nothing to resume: no checkpoint in {self.work}; run without --resume")
+            return latest
+        check_output(self.out, self.opts.overwrite)
+        if self.work.exists():
+            if not self.opts.overwrite:
+                raise LinearizeError(
+                    f"an unfinished run is in {self.work}: pass --resume to continue it or --overwrite to start over"
+                )
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        return None
+
+    def load(self):
+        from peft import LoraConfig, get_peft_model
+
+        from .. import is_converted
+
+        torch.manual_seed(self.opts.seed)
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        model = load_causal_lm(self.opts.ckpt, dtype, self.device)
+        if not is_converted(model):
+            raise LinearizeError(f"{self.opts.ckpt} is not a converted checkpoint: run `linearize convert` first")
+        self.tokenizer = load_tokenizer(self.opts.ckpt)
+        lora = LoraConfig(
+            r=self.opts.lora_r, lora_alpha=self.opts.lora_alpha, target_modules=self.opts.lora_targets,
+            lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        )
+        try:
+            self.model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise LinearizeError(f"--lora-targets: {str(e).splitlines()[0]}") from e
+        if self.opts.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.enable_input_require_grads()
+        self.model.train()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Position | None:
+        folder = self.work / CHECKPOINTS
+        steps = sorted(folder.glob("step-*")) if folder.exists() else []
+        if not steps:
+            return None
+        return Position(**json.loads((steps[-1] / "position.json").read_text()))
+
+    def save_checkpoint(self, pos: Position, optimizer, scheduler) -> Path:
+        folder = self.work / CHECKPOINTS
+        name = f"step-{pos.stage:02d}-{pos.step:07d}"
+        tmp = folder / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp / "adapter")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   tmp / "trainer.pt")
+        (tmp / "position.json").write_text(json.dumps(pos.__dict__))
+        final = folder / name
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(folder.glob("step-*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def restore(self, pos: Position, optimizer, scheduler) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = self.work / CHECKPOINTS / f"step-{pos.stage:02d}-{pos.step:07d}"
+        weights = load_file(folder / "adapter" / "adapter_model.safetensors", device=str(self.device))
+        set_peft_model_state_dict(self.model, weights)
+        state = torch.load(folder / "trainer.pt", weights_only=False, map_location=self.device)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+
+    # -- training ----------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.work / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @torch.no_grad()
+    def validate(self, val: Blocks) -> float | None:
+        if len(val.input_ids) == 0:
+            return None
+        self.model.eval()
+        losses = []
+        for i in range(min(len(val.input_ids), self.opts.val_blocks)):
+            ids = val.input_ids[i : i + 1].to(self.device)
+            labels = val.labels[i : i + 1].to(self.device)
+            with self.autocast():
+                losses.append(lm_loss(self.model, ids, labels).float().item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def run_stage(self, index: int, stage: str, train: Blocks, val: Blocks, resume_at: Position | None) -> dict:
+        opts = self.opts
+        budget, total_steps = stage_plan(opts, stage, train)
+        seq = opts.orient_seq_len if stage == "orient" else opts.seq_len
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+        scheduler = make_scheduler(optimizer, opts, total_steps)
+        pos = Position(stage=index)
+        if resume_at is not None and resume_at.stage == index:
+            self.restore(resume_at, optimizer, scheduler)
+            pos = resume_at
+        last_loss, val_loss = float("nan"), None
+        started, start_tokens = time.perf_counter(), pos.tokens
+        progress = Progress(
+            TextColumn(f"[bold]{stage}[/]"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tok"),
+            TextColumn("{task.fields[rate]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+            TimeRemainingColumn(), console=self.console, transient=False,
+        )
+        with progress:
+            task = progress.add_task(stage, total=budget, completed=pos.tokens, rate="", loss="-", lr="-")
+            try:
+                while pos.step < total_steps and pos.tokens < budget:
+                    step_loss, step_tokens = self.optimizer_step(stage, train, pos, budget, seq, optimizer, scheduler)
+                    pos.step += 1
+                    pos.tokens += step_tokens
+                    last_loss = step_loss
+                    rate = (pos.tokens - start_tokens) / max(time.perf_counter() - started, 1e-9)
+                    record = {"stage": stage, "step": pos.step, "tokens": pos.tokens, "loss": step_loss,
+                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate}
+                    if pos.step % opts.eval_every == 0 or pos.step == total_steps or pos.tokens >= budget:
+                        val_loss = record["val_loss"] = self.validate(val)
+                    self.log(record)
+                    progress.update(task, completed=pos.tokens, rate=f"{rate:,.0f} tok/s", loss=f"{step_loss:.4f}",
+                                    lr=f"{record['lr']:.2e}")
+                    if pos.step % opts.save_every == 0:
+                        self.save_checkpoint(pos, optimizer, scheduler)
+            except KeyboardInterrupt:
+                saved = self.save_checkpoint(pos, optimizer, scheduler)
+                raise Interrupted(
+                    f"interrupted at {stage} step {pos.step}: checkpoint saved in {saved}; rerun with --resume"
+                ) from None
+        self.save_checkpoint(pos, optimizer, scheduler)
+        return {"stage": stage, "steps": pos.step, "tokens": pos.tokens, "loss": last_loss, "val_loss": val_loss,
+                "seconds": time.perf_counter() - started}
+
+    def optimizer_step(self, stage, train: Blocks, pos: Position, budget: int, seq: int, optimizer, scheduler):
+        """One optimizer step over up to grad_accum micro-batches; returns (mean loss, tokens)."""
+        opts = self.opts
+        items, tokens_left = [], budget - pos.tokens  # (block, length): the budget ends exactly, mid-block if need be
+        while len(items) < opts.micro_batch * opts.grad_accum and tokens_left > 0:
+            items.append((block_order(len(train.input_ids), pos.blocks + len(items), opts.seed), min(seq, tokens_left)))
+            tokens_left -= items[-1][1]
+        micro = []
+        for i in range(0, len(items), opts.micro_batch):
+            group = items[i : i + opts.micro_batch]
+            for n in sorted({n for _, n in group}, reverse=True):  # a cut-short block rides alone
+                rows = [b for b, m in group if m == n]
+                micro.append((train.input_ids[rows, :n], train.labels[rows, :n]))
+        optimizer.zero_grad(set_to_none=True)
+        total, tokens = 0.0, 0
+        for ids, labels in micro:
+            ids, labels = ids.to(self.device), labels.to(self.device)
+            with self.autocast():
+                loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
+            if not torch.isfinite(loss):
+                last = self.latest_checkpoint()
+                where = f"the last good checkpoint is step {last.step} in {self.work / CHECKPOINTS}" if last else \
+                    "no checkpoint was saved yet"
+                raise LinearizeError(
+                    f"loss is {loss.item()} at {stage} step {pos.step + 1}: stopped; {where} "
+                    "(lower --lr or check the data, then --resume)"
+                )
+            (loss / len(micro)).backward()
+            total += loss.item() / len(micro)
+            tokens += ids.numel()
+        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], opts.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        pos.blocks += len(items)
+        return total, tokens
+
+    # -- the whole run -----------------------------------------------------------------------
+    def run(self) -> Path:
+        resume_at = self.prepare_folders()
+        self.load()
+        seqs = {"orient": self.opts.orient_seq_len}
+        data: dict[int, tuple[Blocks, Blocks, DataReport]] = {}
+        finished = self.work / "stages.json"
+        results = json.loads(finished.read_text()) if resume_at and finished.exists() else []
+        for index, stage in enumerate(self.opts.stages):
+            if resume_at is not None and index < resume_at.stage:
+                continue  # finished before the interruption; its result is in stages.json
+            seq = seqs.get(stage, self.opts.seq_len)
+            if seq not in data:
+                data[seq] = prepare(self.opts.data, self.tokenizer, fmt=self.opts.format, seq_len=seq,
+                                    val_fraction=self.opts.val_fraction, seed=self.opts.seed)
+                self.console.print(data[seq][2].summary())
+                (self.work / "data_report.json").write_text(json.dumps(_report_dict(data[seq][2]), indent=1))
+            train, val, _ = data[seq]
+            result = self.run_stage(index, stage, train, val, resume_at)
+            results = [r for r in results if r["stage"] != stage] + [result]
+            (self.work / "stages.json").write_text(json.dumps(results, indent=1))
+        report = data.get(self.opts.seq_len, next(iter(data.values())))[2]
+        return self.finish(results, report)
+
+    def finish(self, results: list[dict], report: DataReport) -> Path:
+        from .card import adapter_card
+
+        self.model.save_pretrained(self.work)
+        self.tokenizer.save_pretrained(self.work)
+        card = adapter_card(self.opts, results, report)
+        (self.work / "README.md").write_text(card)
+        if self.opts.merge:
+            from ..convert import write_checkpoint
+
+            merged = self.model.merge_and_unload()
+            merged.eval()
+            write_checkpoint(merged, self.tokenizer, self.work / "merged", card)
+        shutil.rmtree(self.work / CHECKPOINTS, ignore_errors=True)
+        if self.out.exists():  # --overwrite
+            shutil.rmtree(self.out)
+        self.work.rename(self.out)
+        return self.out
+
+
+def _report_dict(report: DataReport) -> dict:
+    d = dict(report.__dict__)
+    d["malformed"] = dict(report.malformed)
+    return d
+
+
+def recover(opts: RecoverOptions, console: Console | None = None) -> Path:
+    return Recovery(opts, console).run()

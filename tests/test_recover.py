@@ -1,0 +1,232 @@
+"""Recover: data handling, objectives, and a training loop that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import linearize
+from linearize.convert import convert
+from linearize.errors import LinearizeError
+from linearize.recover import losses
+from linearize.recover.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE, encode_alpaca, parse_tokens, prepare
+from linearize.recover.options import RecoverOptions
+from linearize.recover.trainer import Recovery, recover, workdir_for
+
+from .conftest import FIXTURES
+from .helpers import run_cli
+
+STORIES_TEXT = FIXTURES / "data" / "tinystories.txt"
+ALPACA = FIXTURES / "data" / "alpaca_60.json"
+
+
+@pytest.fixture(scope="module")
+def converted_dir(stories_path, tmp_path_factory):
+    return convert(str(stories_path), tmp_path_factory.mktemp("conv") / "gla", window=16)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(stories_path):
+    return AutoTokenizer.from_pretrained(stories_path)
+
+
+def options(converted_dir, out, **kw) -> RecoverOptions:
+    base = dict(ckpt=str(converted_dir), data=str(STORIES_TEXT), out=out, seq_len=64, micro_batch=2, grad_accum=1,
+                tokens=None, epochs=1.0, eval_every=1000, save_every=1000, lr=1e-3, warmup_ratio=0.0, val_blocks=2)
+    base.update(kw)
+    return RecoverOptions(**base)
+
+
+def adapter_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+
+def test_alpaca_prompt_is_masked_token_for_token(tokenizer):
+    row = {"instruction": "Name a color.", "input": "", "output": "Red"}
+    ids, labels = encode_alpaca(row, tokenizer)
+    prompt = tokenizer(ALPACA_NO_INPUT.format(instruction="Name a color."), add_special_tokens=True).input_ids
+    answer = tokenizer("Red", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert ids == prompt + answer
+    assert labels == [IGNORE] * len(prompt) + answer
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    with_input = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
+    ids, labels = encode_alpaca(with_input, tokenizer)
+    prompt = tokenizer(ALPACA_WITH_INPUT.format(instruction="Add.", input="2 and 3")).input_ids
+    assert labels[: len(prompt)] == [IGNORE] * len(prompt) and labels[len(prompt) :] == ids[len(prompt) :]
+
+
+def test_malformed_rows_are_counted_and_empty_data_is_an_error(tokenizer, tmp_path):
+    rows = [
+        {"instruction": "Say hi.", "input": "", "output": "Hi"},
+        {"instruction": "Say hi.", "input": "", "output": ""},
+        {"instruction": "", "input": "", "output": "x"},
+        {"instruction": "Count.", "input": "", "output": "1 2 3"},
+    ]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(rows))
+    train, val, report = prepare(str(path), tokenizer, seq_len=16, val_fraction=0.0)
+    assert (report.rows, report.used, report.format) == (4, 2, "alpaca")
+    assert report.malformed == {"missing output": 1, "missing instruction": 1}
+    assert "1 missing output" in report.summary()
+    assert train.input_ids.shape[1] == 16 and len(val.input_ids) == 0
+    path.write_text(json.dumps(rows[1:3]))
+    with pytest.raises(LinearizeError, match="no usable rows"):
+        prepare(str(path), tokenizer, seq_len=16)
+    with pytest.raises(LinearizeError, match="not found"):
+        prepare(str(tmp_path / "missing.json"), tokenizer)
+
+
+def test_packing_split_and_seeded_shuffle(tokenizer):
+    a_train, a_val, report = prepare(str(STORIES_TEXT), tokenizer, seq_len=64, seed=1)
+    b_train, _, _ = prepare(str(STORIES_TEXT), tokenizer, seq_len=64, seed=1)
+    c_train, _, _ = prepare(str(STORIES_TEXT), tokenizer, seq_len=64, seed=2)
+    assert torch.equal(a_train.input_ids, b_train.input_ids)
+    assert not torch.equal(a_train.input_ids, c_train.input_ids)
+    assert report.format == "text" and report.val_blocks == len(a_val.input_ids) >= 1
+    assert report.tokens == (report.train_blocks + report.val_blocks) * 64
+
+
+def test_token_budgets_parse():
+    assert parse_tokens("20M") == 20_000_000 and parse_tokens("1.5K") == 1500 and parse_tokens(77) == 77
+    with pytest.raises(LinearizeError):
+        parse_tokens("lots")
+
+
+# -- objectives ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def peft_model(converted_dir):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(converted_dir)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj"]))
+
+
+def test_kd_is_zero_for_the_student_in_teacher_mode(peft_model):
+    ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    with linearize.teacher(peft_model):
+        assert losses.kd_loss(peft_model, ids, labels).item() < 1e-6
+        assert losses.align_loss(peft_model, ids).item() < 1e-10
+    assert losses.kd_loss(peft_model, ids, labels).item() > 1e-3
+
+
+def test_align_and_orient_losses_train_the_lora_weights(peft_model):
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    # the orient stage matches attention matrices, which v does not enter
+    for objective, trained in ((losses.align_loss, ("q_proj", "k_proj", "v_proj")), (losses.orient_loss, ("q_proj", "k_proj"))):
+        peft_model.zero_grad()
+        loss = objective(peft_model, ids)
+        assert torch.isfinite(loss) and loss.item() > 0
+        loss.backward()
+        for proj in trained:
+            grads = [p.grad for n, p in peft_model.named_parameters() if "lora_B" in n and proj in n]  # A gets none while B = 0
+            assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), (objective.__name__, proj)
+
+
+# -- training -----------------------------------------------------------------------------------
+
+
+def test_loss_falls_on_tinystories_within_30_steps(converted_dir, tmp_path):
+    out = recover(options(converted_dir, tmp_path / "out", tokens=30 * 2 * 64))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 30
+    first, last = sum(r["loss"] for r in records[:5]) / 5, sum(r["loss"] for r in records[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    assert records[-1]["tokens"] == 30 * 2 * 64 and records[-1]["val_loss"] is not None
+    assert not workdir_for(out).exists() and not (out / "checkpoints").exists()
+    card = (out / "README.md").read_text()
+    assert "tinystories.txt" in card and "| lm | 30 |" in card
+    base = AutoModelForCausalLM.from_pretrained(converted_dir)
+    assert isinstance(PeftModel.from_pretrained(base, out), PeftModel)
+
+
+def test_token_budget_is_exact(converted_dir, tmp_path):
+    out = recover(options(converted_dir, tmp_path / "out", tokens=1000))  # 7 blocks of 64 and 40 tokens more
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["tokens"] == 1000
+
+
+def test_resume_reaches_the_same_adapter(converted_dir, tmp_path, monkeypatch):
+    kw = dict(tokens=12 * 2 * 64, save_every=6)
+    straight = recover(options(converted_dir, tmp_path / "straight", **kw))
+
+    real_step = Recovery.optimizer_step
+    calls = {"n": 0}
+
+    def stop_after_six(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Recovery, "optimizer_step", stop_after_six)
+    with pytest.raises(LinearizeError, match="interrupted at lm step 6.*--resume"):
+        recover(options(converted_dir, tmp_path / "resumed", **kw))
+    assert not (tmp_path / "resumed").exists() and workdir_for(tmp_path / "resumed").exists()
+    monkeypatch.setattr(Recovery, "optimizer_step", real_step)
+    resumed = recover(options(converted_dir, tmp_path / "resumed", resume=True, **kw))
+    a, b = adapter_weights(straight), adapter_weights(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(converted_dir, tmp_path, monkeypatch):
+    real = losses.training_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr("linearize.recover.trainer.training_loss", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(LinearizeError, match=r"loss is nan at lm step 5: stopped; the last good checkpoint is step 3"):
+        recover(options(converted_dir, out, tokens=8 * 2 * 64, save_every=3))
+    assert not out.exists()
+    assert (workdir_for(out) / "checkpoints" / "step-00-0000003").is_dir()
+
+
+def test_merge_equals_adapter(converted_dir, tmp_path):
+    out = recover(options(converted_dir, tmp_path / "out", tokens=6 * 2 * 64, merge=True))
+    ids = torch.randint(3, 512, (1, 50), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(converted_dir), out)(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged", trust_remote_code=True)(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(converted_dir)(ids).logits
+    assert (adapted - plain).abs().max() > 1e-3, "the adapter should have changed the model"
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
+    assert json.loads((out / "merged" / "config.json").read_text())["model_type"] == "linearize_llama"
+
+
+def test_align_then_lm_stages_on_alpaca(converted_dir, tmp_path):
+    opts = options(converted_dir, tmp_path / "out", data=str(ALPACA), stages=["align", "orient", "lm"],
+                   stage_tokens="align=256,orient=256,lm=512", orient_seq_len=32)
+    out = recover(opts)
+    stages = json.loads((out / "stages.json").read_text())
+    assert [s["stage"] for s in stages] == ["align", "orient", "lm"]
+    assert [s["tokens"] for s in stages] == [256, 256, 512]
+    assert json.loads((out / "data_report.json").read_text())["format"] == "alpaca"
+
+
+def test_cli_recover_errors(converted_dir, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    args = ["recover", converted_dir, "--data", STORIES_TEXT, "--seq-len", "64"]
+    code, _, err = run_cli([*args, "-o", tmp_path / "taken"], capsys)
+    assert code == 2 and "already exists" in err
+    code, _, err = run_cli([*args, "-o", tmp_path / "x", "--resume"], capsys)
+    assert code == 2 and "nothing to resume" in err
+    code, _, err = run_cli([*args, "-o", tmp_path / "y", "--stages", "align,warp"], capsys)
+    assert code == 2 and "--stages" in err
+    code, _, err = run_cli([*args, "-o", tmp_path / "z", "--data", tmp_path / "none.json"], capsys)
+    assert code == 2 and "not found" in err
