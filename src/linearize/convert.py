@@ -16,6 +16,9 @@ from .errors import LinearizeError
 from .families import family_for
 from .loading import load_tokenizer, resolve_device, resolve_dtype, split_source
 from .modeling import CLASSES, TARGETS, default_settings, linearize_model
+from .options import ConvertOptions
+
+D = {name: field.default for name, field in ConvertOptions.model_fields.items()}
 
 
 def kept_layers(n_layers: int, keep: list[int] | None, keep_every: int | None) -> list[int]:
@@ -33,15 +36,24 @@ def kept_layers(n_layers: int, keep: list[int] | None, keep_every: int | None) -
     return keep
 
 
+def convert_with(opts: ConvertOptions, command: str | None = None, console: Console | None = None) -> Path:
+    """`convert` from validated options (the CLI and recipes come this way)."""
+    return convert(
+        opts.source, opts.out, target=opts.to, window=opts.window, keep_attention=opts.keep_attention,
+        keep_attention_every=opts.keep_attention_every, dtype=opts.dtype, overwrite=opts.overwrite,
+        command=command, console=console,
+    )
+
+
 def convert(
     source: str,
     out: Path,
     *,
-    target: str = "gla",
-    window: int = 64,
+    target: str = D["to"],
+    window: int = D["window"],
     keep_attention: list[int] | None = None,
     keep_attention_every: int | None = None,
-    dtype: str = "auto",
+    dtype: str = D["dtype"],
     overwrite: bool = False,
     command: str | None = None,
     console: Console | None = None,

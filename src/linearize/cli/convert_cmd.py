@@ -12,7 +12,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pydantic import ValidationError
+
+from ..options import ConvertOptions
 from . import app
+
+D = {name: field.default for name, field in ConvertOptions.model_fields.items()}
+H = {name: field.description for name, field in ConvertOptions.model_fields.items()}
 
 out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -29,29 +35,32 @@ def _int_list(text: Optional[str]) -> Optional[list[int]]:
 
 @app.command()
 def convert(
-    source: str = typer.Argument(..., help="Hub id, local model folder, or .gguf file."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output folder (must not exist unless --overwrite)."),
-    to: str = typer.Option("gla", "--to", help="Target structure."),
-    window: int = typer.Option(64, help="Sliding-window size of Liger Attention, in tokens."),
+    source: str = typer.Argument(..., help=H["source"]),
+    out: Path = typer.Option(..., "-o", "--out", help=H["out"]),
+    to: str = typer.Option(D["to"], "--to", help=H["to"]),
+    window: int = typer.Option(D["window"], help="Sliding-window size of Liger Attention, in tokens."),
     no_window: bool = typer.Option(False, "--no-window", help="Pure gated linear attention, no window branch."),
-    keep_attention: Optional[str] = typer.Option(None, help="Layers kept as softmax attention, e.g. 0,8,16."),
-    keep_attention_every: Optional[int] = typer.Option(None, help="Keep every N-th layer (0, N, 2N, ...) as softmax."),
-    dtype: str = typer.Option("auto", help="auto (as stored), float32, float16 or bfloat16."),
-    overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
+    keep_attention: Optional[str] = typer.Option(None, help=H["keep_attention"]),
+    keep_attention_every: Optional[int] = typer.Option(D["keep_attention_every"], help=H["keep_attention_every"]),
+    dtype: str = typer.Option(D["dtype"], help=H["dtype"]),
+    overwrite: bool = typer.Option(D["overwrite"], help=H["overwrite"]),
 ) -> None:
     """Convert a Llama / Mistral / Qwen2 / Qwen3 checkpoint to a Liger gated-linear model."""
-    from ..convert import convert as run_convert
+    from ..convert import convert_with
     from ..errors import LinearizeError
 
     if not no_window and window <= 0:
         raise LinearizeError(f"--window must be a positive number of tokens, got {window} (use --no-window for pure GLA)")
     start = time.perf_counter()
-    command = "linearize " + shlex.join(sys.argv[1:])
-    folder = run_convert(
-        source, out, target=to, window=0 if no_window else window, keep_attention=_int_list(keep_attention),
-        keep_attention_every=keep_attention_every, dtype=dtype, overwrite=overwrite, command=command,
-        console=err_console,
-    )
+    try:
+        opts = ConvertOptions(
+            source=source, out=out, to=to, window=0 if no_window else window, keep_attention=_int_list(keep_attention) or [],
+            keep_attention_every=keep_attention_every, dtype=dtype, overwrite=overwrite,
+        )
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise LinearizeError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    folder = convert_with(opts, command="linearize " + shlex.join(sys.argv[1:]), console=err_console)
     err_console.print(f"[green]converted[/] {source} -> {folder} in {time.perf_counter() - start:.1f} s")
 
 
