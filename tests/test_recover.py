@@ -230,3 +230,21 @@ def test_cli_recover_errors(converted_dir, tmp_path, capsys):
     assert code == 2 and "--stages" in err
     code, _, err = run_cli([*args, "-o", tmp_path / "z", "--data", tmp_path / "none.json"], capsys)
     assert code == 2 and "not found" in err
+
+
+def test_two_processes_match_one_at_equal_global_batch(converted_dir, tmp_path, capsys):
+    """torchrun with 2 CPU ranks (gloo), grad-accum 1, against 1 process with grad-accum 2."""
+    common = ["recover", converted_dir, "--data", STORIES_TEXT, "--seq-len", "64", "--micro-batch", "1",
+              "--tokens", str(8 * 2 * 64), "--eval-every", "4", "--device", "cpu"]
+    code, _, err = run_cli([*common, "-o", tmp_path / "one", "--grad-accum", "2"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([*common, "-o", tmp_path / "two", "--grad-accum", "1", "--nproc", "2"], capsys)
+    assert code == 0, err
+    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+    a, b = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)

@@ -45,8 +45,12 @@ def recover(
     resume: bool = typer.Option(D["resume"], help=H["resume"]),
     merge: bool = typer.Option(D["merge"], help=H["merge"]),
     overwrite: bool = typer.Option(D["overwrite"], help=H["overwrite"]),
+    nproc: int = typer.Option(1, help="Processes (GPUs) to train on: relaunches this command under torchrun."),
 ) -> None:
     """Recover a converted model's quality with LoRA (Liger's recipe by default)."""
+    import os
+    import sys
+
     from pydantic import ValidationError
 
     from ..errors import LinearizeError
@@ -61,6 +65,24 @@ def recover(
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise LinearizeError(f"--{where.replace('_', '-')}: {first['msg']}") from None
+    if nproc != 1 and "WORLD_SIZE" not in os.environ:
+        from ..recover.distributed import launch
+
+        argv = _without_option(sys.argv[1:], "--nproc")
+        raise SystemExit(launch(nproc, argv))
     console = Console(stderr=True)
     folder = run_recover(opts, console)
     console.print(f"[green]recovered[/] adapter written to {folder}")
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv minus `--name VALUE` / `--name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out

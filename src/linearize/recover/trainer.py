@@ -24,6 +24,7 @@ from ..checkpoint import check_output
 from ..errors import LinearizeError
 from ..loading import load_causal_lm, load_tokenizer, resolve_device
 from .data import Blocks, DataReport, prepare
+from .distributed import all_reduce_sum, barrier, init_world, shutdown
 from .losses import lm_loss, training_loss
 from .options import RecoverOptions
 
@@ -55,14 +56,14 @@ def block_order(n_blocks: int, index: int, seed: int) -> int:
     return int(perm[pos])
 
 
-def stage_plan(opts: RecoverOptions, stage: str, train: Blocks) -> tuple[int, int]:
-    """(tokens to train, optimizer steps) for a stage."""
+def stage_plan(opts: RecoverOptions, stage: str, train: Blocks, world_size: int = 1) -> tuple[int, int]:
+    """(tokens to train, optimizer steps) for a stage; a step takes micro_batch x grad_accum blocks per rank."""
     seq = opts.orient_seq_len if stage == "orient" else opts.seq_len
     budget = opts.budget(stage)
     if budget is None:
         budget = int(opts.epochs * len(train.input_ids) * seq)
     blocks = math.ceil(budget / seq)
-    return budget, math.ceil(blocks / (opts.micro_batch * opts.grad_accum))
+    return budget, math.ceil(blocks / (opts.micro_batch * opts.grad_accum * world_size))
 
 
 def make_scheduler(optimizer, opts: RecoverOptions, total_steps: int):
@@ -99,24 +100,27 @@ class Recovery:
         self.console = console or Console(stderr=True)
         self.out = Path(opts.out).expanduser().resolve()
         self.work = workdir_for(self.out)
-        self.device = resolve_device(opts.device)
+        self.world, self.device = init_world(resolve_device(opts.device))
+        self.main = self.world.is_main
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_folders(self) -> Position | None:
-        """Check OUT and the work folder; returns the checkpointed position when resuming."""
+        """Check OUT and the work folder (every rank), then set them up (rank 0)."""
         if self.opts.resume:
             latest = self.latest_checkpoint()
             if latest is None:
                 raise LinearizeError(f"nothing to resume: no checkpoint in {self.work}; run without --resume")
             return latest
         check_output(self.out, self.opts.overwrite)
-        if self.work.exists():
-            if not self.opts.overwrite:
-                raise LinearizeError(
-                    f"an unfinished run is in {self.work}: pass --resume to continue it or --overwrite to start over"
-                )
-            shutil.rmtree(self.work)
-        self.work.mkdir(parents=True)
+        if self.work.exists() and not self.opts.overwrite:
+            raise LinearizeError(
+                f"an unfinished run is in {self.work}: pass --resume to continue it or --overwrite to start over"
+            )
+        barrier(self.world)  # every rank has looked before rank 0 changes anything
+        if self.main:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work.mkdir(parents=True)
+        barrier(self.world)
         return None
 
     def load(self):
@@ -151,9 +155,13 @@ class Recovery:
             return None
         return Position(**json.loads((steps[-1] / "position.json").read_text()))
 
-    def save_checkpoint(self, pos: Position, optimizer, scheduler) -> Path:
+    def save_checkpoint(self, pos: Position, optimizer, scheduler, sync: bool = True) -> Path:
         folder = self.work / CHECKPOINTS
         name = f"step-{pos.stage:02d}-{pos.step:07d}"
+        if not self.main:  # rank 0 writes; the others wait so nobody reads a half-written checkpoint
+            if sync:
+                barrier(self.world)
+            return folder / name
         tmp = folder / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -166,6 +174,8 @@ class Recovery:
         tmp.rename(final)
         for old in sorted(folder.glob("step-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
+        if sync:
+            barrier(self.world)
         return final
 
     def restore(self, pos: Position, optimizer, scheduler) -> None:
@@ -182,6 +192,8 @@ class Recovery:
 
     # -- training ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
+        if not self.main:
+            return
         with open(self.work / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -204,7 +216,7 @@ class Recovery:
 
     def run_stage(self, index: int, stage: str, train: Blocks, val: Blocks, resume_at: Position | None) -> dict:
         opts = self.opts
-        budget, total_steps = stage_plan(opts, stage, train)
+        budget, total_steps = stage_plan(opts, stage, train, self.world.size)
         seq = opts.orient_seq_len if stage == "orient" else opts.seq_len
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
@@ -218,7 +230,7 @@ class Recovery:
         progress = Progress(
             TextColumn(f"[bold]{stage}[/]"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} tok"),
             TextColumn("{task.fields[rate]}"), TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TimeRemainingColumn(), console=self.console, transient=False,
+            TimeRemainingColumn(), console=self.console, transient=False, disable=not self.main,
         )
         with progress:
             task = progress.add_task(stage, total=budget, completed=pos.tokens, rate="", loss="-", lr="-")
@@ -239,7 +251,9 @@ class Recovery:
                     if pos.step % opts.save_every == 0:
                         self.save_checkpoint(pos, optimizer, scheduler)
             except KeyboardInterrupt:
-                saved = self.save_checkpoint(pos, optimizer, scheduler)
+                if self.world.size > 1 and not self.main:
+                    raise Interrupted("interrupted: rank 0 saves the checkpoint") from None
+                saved = self.save_checkpoint(pos, optimizer, scheduler, sync=False)  # the other ranks are stopping too
                 raise Interrupted(
                     f"interrupted at {stage} step {pos.step}: checkpoint saved in {saved}; rerun with --resume"
                 ) from None
@@ -250,38 +264,49 @@ class Recovery:
     def optimizer_step(self, stage, train: Blocks, pos: Position, budget: int, seq: int, optimizer, scheduler):
         """One optimizer step over up to grad_accum micro-batches; returns (mean loss, tokens)."""
         opts = self.opts
+        world = self.world
         items, tokens_left = [], budget - pos.tokens  # (block, length): the budget ends exactly, mid-block if need be
-        while len(items) < opts.micro_batch * opts.grad_accum and tokens_left > 0:
+        while len(items) < opts.micro_batch * opts.grad_accum * world.size and tokens_left > 0:
             items.append((block_order(len(train.input_ids), pos.blocks + len(items), opts.seed), min(seq, tokens_left)))
             tokens_left -= items[-1][1]
         micro = []
-        for i in range(0, len(items), opts.micro_batch):
-            group = items[i : i + opts.micro_batch]
+        mine = items[world.rank :: world.size]  # each rank takes every size-th block of the step
+        for i in range(0, len(mine), opts.micro_batch):
+            group = mine[i : i + opts.micro_batch]
             for n in sorted({n for _, n in group}, reverse=True):  # a cut-short block rides alone
                 rows = [b for b, m in group if m == n]
                 micro.append((train.input_ids[rows, :n], train.labels[rows, :n]))
         optimizer.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        loss_sum = torch.zeros(3, device=self.device)  # sum of losses, micro-batches, non-finite count
         for ids, labels in micro:
             ids, labels = ids.to(self.device), labels.to(self.device)
             with self.autocast():
                 loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
             if not torch.isfinite(loss):
-                last = self.latest_checkpoint()
-                where = f"the last good checkpoint is step {last.step} in {self.work / CHECKPOINTS}" if last else \
-                    "no checkpoint was saved yet"
-                raise LinearizeError(
-                    f"loss is {loss.item()} at {stage} step {pos.step + 1}: stopped; {where} "
-                    "(lower --lr or check the data, then --resume)"
-                )
-            (loss / len(micro)).backward()
-            total += loss.item() / len(micro)
-            tokens += ids.numel()
-        torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], opts.max_grad_norm)
+                loss_sum[2] += 1
+                break
+            loss.backward()
+            loss_sum[0] += loss.detach().float()
+            loss_sum[1] += 1
+        all_reduce_sum(world, loss_sum)
+        if loss_sum[2] > 0:
+            last = self.latest_checkpoint()
+            where = f"the last good checkpoint is step {last.step} in {self.work / CHECKPOINTS}" if last else \
+                "no checkpoint was saved yet"
+            raise LinearizeError(
+                f"loss is nan at {stage} step {pos.step + 1}: stopped; {where} (lower --lr or check the data, then --resume)"
+            )
+        # Gradients of the mean loss over the step's micro-batches, on every rank alike.
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            all_reduce_sum(world, p.grad).div_(loss_sum[1])
+        torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
         optimizer.step()
         scheduler.step()
         pos.blocks += len(items)
-        return total, tokens
+        return (loss_sum[0] / loss_sum[1]).item(), sum(n for _, n in items)
 
     # -- the whole run -----------------------------------------------------------------------
     def run(self) -> Path:
@@ -298,16 +323,22 @@ class Recovery:
             if seq not in data:
                 data[seq] = prepare(self.opts.data, self.tokenizer, fmt=self.opts.format, seq_len=seq,
                                     val_fraction=self.opts.val_fraction, seed=self.opts.seed)
-                self.console.print(data[seq][2].summary())
-                (self.work / "data_report.json").write_text(json.dumps(_report_dict(data[seq][2]), indent=1))
+                if self.main:
+                    self.console.print(data[seq][2].summary())
+                    (self.work / "data_report.json").write_text(json.dumps(_report_dict(data[seq][2]), indent=1))
             train, val, _ = data[seq]
             result = self.run_stage(index, stage, train, val, resume_at)
             results = [r for r in results if r["stage"] != stage] + [result]
-            (self.work / "stages.json").write_text(json.dumps(results, indent=1))
+            if self.main:
+                (self.work / "stages.json").write_text(json.dumps(results, indent=1))
         report = data.get(self.opts.seq_len, next(iter(data.values())))[2]
-        return self.finish(results, report)
+        if self.main:
+            self.finish(results, report)
+        barrier(self.world)
+        shutdown(self.world)
+        return self.out
 
-    def finish(self, results: list[dict], report: DataReport) -> Path:
+    def finish(self, results: list[dict], report: DataReport) -> None:
         from .card import adapter_card
 
         self.model.save_pretrained(self.work)
@@ -324,7 +355,6 @@ class Recovery:
         if self.out.exists():  # --overwrite
             shutil.rmtree(self.out)
         self.work.rename(self.out)
-        return self.out
 
 
 def _report_dict(report: DataReport) -> dict:

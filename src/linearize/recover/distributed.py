@@ -1,0 +1,71 @@
+"""Data parallelism for recovery: one process per GPU under torchrun (gloo on CPU).
+
+Only LoRA weights train, so each rank holds the whole model and the gradients to share are
+tiny: ranks split each optimizer step's blocks and sum their gradients with one all-reduce
+per parameter, which is what DDP would do, without wrapping the model (the loss functions
+reach into it for teacher passes and hooks).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import LinearizeError
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun set up (if any); returns the world and this rank's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), local_rank), device
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    if world.size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shutdown(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Re-run this recover command under torchrun with `nproc` processes; returns its exit code."""
+    if nproc < 1:
+        raise LinearizeError(f"--nproc must be at least 1, got {nproc}")
+    torchrun = shutil.which("torchrun")
+    cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd += ["--standalone", f"--nproc-per-node={nproc}", "-m", "linearize", *argv]
+    return subprocess.call(cmd)
