@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from rich.console import Console
-from rich.table import Table
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from linearize.families import family_for
-from linearize.loading import load_causal_lm
-from linearize.modeling import default_settings, linearize_model
-from linearize.recover.losses import lm_loss
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from linearize.families import family_for  # noqa: E402
+from linearize.loading import load_causal_lm  # noqa: E402
+from linearize.modeling import default_settings, linearize_model  # noqa: E402
+from linearize.recover.losses import lm_loss  # noqa: E402
 
 
 def build(source: str, converted: bool, device: torch.device):

@@ -122,3 +122,17 @@ def test_teacher_mode_requires_a_converted_model(stories_path):
     with pytest.raises(linearize.errors.LinearizeError, match="converted"):
         with linearize.teacher(plain):
             pass
+
+
+@pytest.mark.parametrize("gate", ["none", "projection"])
+@torch.no_grad()
+def test_gate_ablations_decode_like_they_train(stories_path, tmp_path, gate):
+    out = convert(str(stories_path), tmp_path / "out", window=16, gate=gate)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    has_proj = [hasattr(layer.self_attn, "gate_proj") for layer in model.model.layers]
+    assert all(has_proj) if gate == "projection" else not any(has_proj)
+    ids = torch.randint(3, 512, (2, 80), generator=torch.Generator().manual_seed(0))
+    parallel = model(ids, use_cache=False).logits
+    assert relative_error(prefill_then_decode(model, ids, prompt_len=50), parallel) < 1e-4
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # gate_proj weights are saved, not redrawn
+    assert torch.equal(reloaded(ids, use_cache=False).logits, parallel)

@@ -248,3 +248,17 @@ def test_two_processes_match_one_at_equal_global_batch(converted_dir, tmp_path, 
     a, b = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_new_gate_projection_trains_and_travels_with_the_adapter(stories_path, tmp_path):
+    ckpt = convert(str(stories_path), tmp_path / "conv", window=16, gate="projection")
+    out = recover(options(ckpt, tmp_path / "out", tokens=4 * 2 * 64, merge=True))
+    saved = adapter_weights(out)
+    gate_keys = [k for k in saved if "gate_proj" in k]
+    assert gate_keys, sorted(saved)[:5]
+    before = load_file(ckpt / "model.safetensors")
+    key = gate_keys[0]
+    original = next(v for k, v in before.items() if k.endswith(key.split("base_model.model.")[-1].replace("modules_to_save.default.", "")))
+    assert not torch.equal(saved[key], original), "gate_proj should have trained"
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert any("gate_proj" in k for k in merged)

@@ -20,6 +20,11 @@ def conversion_card(config: Any, command: str, seconds: float) -> str:
         if s["window"]
         else "pure gated linear attention (no sliding window)"
     )
+    gate = {
+        "key": f"forget gate log a = logsigmoid(k) / {s['gate_normalizer']:g} per key channel",
+        "none": "no forget gate (ablation: plain linear attention with softmax feature maps)",
+        "projection": "forget gate from a new, randomly initialised projection (ablation; adds gate_proj weights)",
+    }[s.get("gate", "key")]
     layers = f"{n - len(kept)} of {n} layers converted" + (f"; kept as softmax attention: {kept}" if kept else "")
     return f"""---
 library_name: transformers
@@ -35,11 +40,10 @@ Made by [linearize](https://pypi.org/project/linearize/) {s['version']} with
 ```
 
 - Method: Liger (arXiv 2503.01496). Each converted attention layer reuses the source's q/k/v/o
-  projections with no new parameters: feature maps softmax(q) and softmax(k) over the head
-  dimension, forget gate log a = logsigmoid(k) / {s['gate_normalizer']:g} per key channel.
+  projections: feature maps softmax(q) and softmax(k) over the head dimension, {gate}.
 - Mixer: {branch}.
 - Layers: {layers}.
-- Source family: {s['family']}; tensors are the source's, unchanged.
+- Source family: {s['family']}; the source's tensors are unchanged.
 - Conversion took {seconds:.1f} s with torch {torch.__version__}, transformers {transformers.__version__}.
 - Not yet recovered: quality returns after `linearize recover` (LoRA on a small instruction set).
 

@@ -40,7 +40,7 @@ def convert_with(opts: ConvertOptions, command: str | None = None, console: Cons
     """`convert` from validated options (the CLI and recipes come this way)."""
     return convert(
         opts.source, opts.out, target=opts.to, window=opts.window, keep_attention=opts.keep_attention,
-        keep_attention_every=opts.keep_attention_every, dtype=opts.dtype, overwrite=opts.overwrite,
+        keep_attention_every=opts.keep_attention_every, gate=opts.gate, dtype=opts.dtype, overwrite=opts.overwrite,
         command=command, console=console,
     )
 
@@ -53,6 +53,7 @@ def convert(
     window: int = D["window"],
     keep_attention: list[int] | None = None,
     keep_attention_every: int | None = None,
+    gate: str = D["gate"],
     dtype: str = D["dtype"],
     overwrite: bool = False,
     command: str | None = None,
@@ -87,7 +88,8 @@ def convert(
                 del model.config.quantization_config
         tokenizer = load_tokenizer(source)
     settings = default_settings(
-        target=target, window=window, keep_attention=keep, source=source, family=family.name, version=__version__
+        target=target, window=window, keep_attention=keep, gate=gate, source=source, family=family.name,
+        version=__version__,
     )
     linearize_model(model, family, settings)
     command = command or f"linearize convert {source} --to {target} -o {out}"

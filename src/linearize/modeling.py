@@ -21,6 +21,7 @@ from .kernels import liger_attention, liger_decode_step
 from .kernels.liger.naive import apply_rope, liger_attention_torch
 
 TARGETS = ("gla",)
+GATES = ("key", "none", "projection")  # where the forget gate comes from; "key" is Liger, the others ablations
 
 
 def default_settings(**overrides: Any) -> dict[str, Any]:
@@ -30,6 +31,7 @@ def default_settings(**overrides: Any) -> dict[str, Any]:
         "window": 64,  # 0 = pure GLA, no sliding-window branch
         "mix": 0.5,  # weight of the sliding-window branch
         "gate_normalizer": 16.0,  # log alpha = logsigmoid(k) / gate_normalizer
+        "gate": "key",  # "none": no forgetting; "projection": a new random gate_proj (the paper's ablations)
         "keep_attention": [],  # layer indices left as softmax attention
         "source": None,
         "family": None,
@@ -64,9 +66,10 @@ class LigerAttentionMixin:
             raise LinearizeError("a converted layer needs a LigerCache: let the model create it (use_cache=True)")
 
         s = self.config.linearize
-        window, opts = s["window"], dict(mix=s["mix"], gate_normalizer=s["gate_normalizer"])
         q, k, v = self.family.project_qkv(self, hidden_states)
         B, T = q.shape[:2]
+        window = s["window"]
+        opts = dict(mix=s["mix"], gate_normalizer=s["gate_normalizer"], log_gate=self.ablated_log_gate(hidden_states, k))
         cos, sin = position_embeddings
         valid = None if padding_mask is None else padding_mask[:, -T:]
 
@@ -93,6 +96,16 @@ class LigerAttentionMixin:
                 k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
                 layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail])
         return self.o_proj(o.reshape(B, T, -1)), None
+
+    def ablated_log_gate(self, hidden_states: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """None for Liger's key-derived gate (computed inside the kernels); else the ablation's log-gate."""
+        s = self.config.linearize
+        kind = s.get("gate", "key")
+        if kind == "key":
+            return None
+        if kind == "none":
+            return torch.zeros_like(k)
+        return torch.nn.functional.logsigmoid(self.gate_proj(hidden_states).view_as(k)) / s["gate_normalizer"]
 
 
 class LinearizedCausalLM:
@@ -132,11 +145,19 @@ class LinearizedCausalLM:
 
 def install_liger_attention(model: torch.nn.Module) -> None:
     """Swap every decoder layer's attention class per `model.config.linearize` (no new tensors)."""
-    keep = set(model.config.linearize["keep_attention"])
+    settings = model.config.linearize
+    if settings.get("gate", "key") not in GATES:
+        raise LinearizeError(f"unknown gate {settings['gate']!r}: choose one of {', '.join(GATES)}")
+    keep = set(settings["keep_attention"])
     for i, attn in enumerate(model.decoder_attention_layers()):
         attn.__class__ = model.liger_attention_class
         attn.linearize_kind = "softmax" if i in keep else "liger"
         attn.linearize_teacher = False
+        if settings.get("gate") == "projection" and i not in keep and not hasattr(attn, "gate_proj"):
+            # The ablation's new parameters: a random projection, as the paper's "gate from a new projection".
+            ref = attn.k_proj.weight
+            attn.gate_proj = torch.nn.Linear(ref.shape[1], ref.shape[0], bias=False, device=ref.device, dtype=ref.dtype)
+            torch.nn.init.normal_(attn.gate_proj.weight, std=model.config.initializer_range)
 
 
 @contextmanager

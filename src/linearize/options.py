@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -18,6 +19,9 @@ class ConvertOptions(BaseModel):
     window: int = Field(64, ge=0, description="sliding-window size in tokens; 0 = pure GLA (--no-window)")
     keep_attention: list[int] = Field([], description="layers kept as softmax attention, e.g. 0,8,16")
     keep_attention_every: int | None = Field(None, ge=1, description="keep every N-th layer (0, N, 2N, ...)")
+    gate: Literal["key", "none", "projection"] = Field(
+        "key", description="forget gate: from the key (Liger); none or a new random projection (ablations)"
+    )
     dtype: str = Field("auto", description="auto (as stored), float32, float16 or bfloat16")
     overwrite: bool = Field(False, description="replace OUT if it exists")
 

@@ -42,6 +42,7 @@ def convert(
     no_window: bool = typer.Option(False, "--no-window", help="Pure gated linear attention, no window branch."),
     keep_attention: Optional[str] = typer.Option(None, help=H["keep_attention"]),
     keep_attention_every: Optional[int] = typer.Option(D["keep_attention_every"], help=H["keep_attention_every"]),
+    gate: str = typer.Option(D["gate"], help=H["gate"]),
     dtype: str = typer.Option(D["dtype"], help=H["dtype"]),
     overwrite: bool = typer.Option(D["overwrite"], help=H["overwrite"]),
 ) -> None:
@@ -55,7 +56,7 @@ def convert(
     try:
         opts = ConvertOptions(
             source=source, out=out, to=to, window=0 if no_window else window, keep_attention=_int_list(keep_attention) or [],
-            keep_attention_every=keep_attention_every, dtype=dtype, overwrite=overwrite,
+            keep_attention_every=keep_attention_every, gate=gate, dtype=dtype, overwrite=overwrite,
         )
     except ValidationError as e:
         first = e.errors()[0]

@@ -38,13 +38,20 @@ def repeat_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def feature_maps(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_normalizer: float, valid: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gate_normalizer: float,
+    valid: torch.Tensor | None,
+    log_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """phi(q), phi(k), v, log-gate in the compute dtype, padded steps neutralised."""
+    """phi(q), phi(k), v, log-gate in the compute dtype, padded steps neutralised.
+
+    The gate comes from the key unless `log_gate` [B, T, Hkv, D] is given (the ablations)."""
     dt = compute_dtype(q)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     phi_q, phi_k = q.softmax(-1), k.softmax(-1)
-    log_gate = F.logsigmoid(k) / gate_normalizer
+    log_gate = F.logsigmoid(k) / gate_normalizer if log_gate is None else log_gate.to(dt)
     if valid is not None:
         keep = valid[:, :, None, None]
         phi_k = torch.where(keep, phi_k, 0.0)
@@ -116,6 +123,7 @@ def liger_attention_torch(
     output_final_state: bool = False,
     attention_mask: torch.Tensor | None = None,
     window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    log_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Liger Attention on [B, T, H, D] inputs; returns (o in q's dtype, final state or None).
 
@@ -123,7 +131,7 @@ def liger_attention_torch(
     cached sliding window (used when a forward pass extends an existing cache).
     """
     Hq, D = q.shape[2], q.shape[3]
-    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, attention_mask)
+    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, attention_mask, log_gate)
     o, state = chunk_gla_torch(
         phi_q,
         repeat_heads(phi_k, Hq),
@@ -165,6 +173,7 @@ def liger_decode_step_torch(
     gate_normalizer: float = 16.0,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token of Liger Attention, updating the cache in place.
 
@@ -173,7 +182,7 @@ def liger_decode_step_torch(
     [B, window] which slots hold real tokens. `position` counts the tokens already cached.
     """
     Hq, D = q.shape[2], q.shape[3]
-    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None)
+    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None, log_gate)
     phi_k, v_lin, log_gate = (repeat_heads(x, Hq)[:, 0] for x in (phi_k, v_lin, log_gate))
     state.mul_(log_gate.exp().to(state.dtype)[..., None])
     state.add_((phi_k[..., :, None] * v_lin[..., None, :]).to(state.dtype))
@@ -202,13 +211,14 @@ def liger_mixing_matrix(
     gate_normalizer: float = 16.0,
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
+    log_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The [B, Hq, T, T] matrix M with Liger Attention's output o = M v, materialised (short T only).
 
     Used by the orient stage (MOHAWK's matrix orientation) and to check the fast forms.
     """
     B, T, Hq, D = q.shape
-    phi_q, phi_k, _, log_gate = feature_maps(q, k, k, gate_normalizer, None)
+    phi_q, phi_k, _, log_gate = feature_maps(q, k, k, gate_normalizer, None, log_gate)
     phi_k, log_gate = repeat_heads(phi_k, Hq), repeat_heads(log_gate, Hq)
     b = log_gate.cumsum(1)  # [B, T, H, D]
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
