@@ -262,3 +262,12 @@ def test_new_gate_projection_trains_and_travels_with_the_adapter(stories_path, t
     assert not torch.equal(saved[key], original), "gate_proj should have trained"
     merged = load_file(out / "merged" / "model.safetensors")
     assert any("gate_proj" in k for k in merged)
+
+
+def test_lm_loss_of_a_block_without_labels_is_zero_not_nan(peft_model):
+    ids = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    assert losses.lm_loss(peft_model, ids, labels).item() == 0.0
+    labels[0, 5:] = ids[0, 5:]
+    reference = peft_model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(losses.lm_loss(peft_model, ids, labels), reference)

@@ -40,7 +40,12 @@ def converted_layers(model) -> list[torch.nn.Module]:
 
 
 def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+    """Mean next-token cross-entropy over labelled tokens; 0 for a block with none (an all-prompt
+    block of packed instruction data), where transformers' own loss would be 0/0 = nan."""
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    targets = labels[:, 1:]
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return total / (targets != IGNORE).sum().clamp(min=1)
 
 
 def kd_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
