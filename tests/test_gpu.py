@@ -1,0 +1,63 @@
+"""The model on CUDA with the Triton kernels wired in: decode agrees with the parallel pass there too.
+
+Runs only where CUDA is available (the device machine); CI has none and skips these.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from linearize.convert import convert
+
+from .helpers import relative_error
+from .test_generation import PROMPTS, VARIANT_IDS, VARIANTS, prefill_then_decode
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run through the device tool)")
+
+
+@pytest.fixture(scope="module")
+def family_models(family_source, tmp_path_factory):
+    """Random models with head_dim >= 16, so the Triton path is the one dispatched."""
+
+    def get(family: str, window: int, keep: list[int], dtype: torch.dtype):
+        out = convert(str(family_source(family)), tmp_path_factory.mktemp("gpu") / "out", window=window,
+                      keep_attention=keep)
+        return AutoModelForCausalLM.from_pretrained(out, dtype=dtype).cuda().eval()
+
+    return get
+
+
+@pytest.mark.parametrize("window, keep", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@torch.no_grad()
+def test_decode_matches_parallel_on_gpu_fp32(family_models, family, window, keep):
+    keep = [k for k in keep if k < 3]
+    model = family_models(family, min(window, 16) if window else 0, keep, torch.float32)
+    ids = torch.randint(0, 512, (2, 90), generator=torch.Generator().manual_seed(0)).cuda()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    parallel = model(ids, use_cache=False).logits
+    assert relative_error(prefill_then_decode(model, ids, prompt_len=60), parallel) < 1e-4
+
+
+@torch.no_grad()
+def test_decode_matches_parallel_on_gpu_bf16(family_models):
+    model = family_models("llama", 16, [], torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 90), generator=torch.Generator().manual_seed(0)).cuda()
+    parallel = model(ids, use_cache=False).logits.float()
+    assert relative_error(prefill_then_decode(model, ids, prompt_len=60).float(), parallel) < 2e-2
+
+
+@torch.no_grad()
+def test_generate_left_padded_on_gpu(stories_path, tmp_path):
+    out = convert(str(stories_path), tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(out).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.pad_token, tok.padding_side = tok.unk_token, "left"
+    batch = tok(PROMPTS, return_tensors="pt", padding=True).to("cuda")
+    together = model.generate(**batch, max_new_tokens=12, do_sample=False)[:, batch.input_ids.shape[1] :]
+    for i, prompt in enumerate(PROMPTS):
+        alone = tok(prompt, return_tensors="pt").to("cuda")
+        row = model.generate(**alone, max_new_tokens=12, do_sample=False)[0, alone.input_ids.shape[1] :]
+        assert together[i].tolist() == row.tolist()
