@@ -243,7 +243,7 @@ def test_two_processes_match_one_at_equal_global_batch(converted_dir, tmp_path, 
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4
     a, b = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
     for name in a:

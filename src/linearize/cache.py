@@ -119,7 +119,7 @@ class LigerCache(DynamicCache):
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         layers = [
             LigerCacheLayer(window) if is_converted else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
-            for is_converted, kind, kwargs in zip(converted, layer_types, layer_kwargs)
+            for is_converted, kind, kwargs in zip(converted, layer_types, layer_kwargs, strict=True)
         ]
         Cache.__init__(self, layers=layers)  # DynamicCache's own __init__ would rebuild the layers
 

@@ -7,8 +7,6 @@ from typing import Any
 import torch
 import transformers
 
-import linearize
-
 
 def conversion_card(config: Any, command: str, seconds: float) -> str:
     s = config.linearize

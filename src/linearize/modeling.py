@@ -8,8 +8,9 @@ softmax forward again from the very same weights.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -172,7 +173,7 @@ def teacher(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     try:
         yield model
     finally:
-        for m, was in zip(layers, before):
+        for m, was in zip(layers, before, strict=True):
             m.linearize_teacher = was
 
 

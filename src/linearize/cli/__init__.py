@@ -19,10 +19,7 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False)
 
 # Registration: importing a command module adds its command to `app`.
-from . import convert_cmd  # noqa: E402, F401
-from . import recover_cmd  # noqa: E402, F401
-from . import eval_cmd  # noqa: E402, F401
-from . import bench_cmd  # noqa: E402, F401
+from . import bench_cmd, convert_cmd, eval_cmd, recover_cmd, run_cmd  # noqa: E402, F401, I001
 
 
 def main() -> None:

@@ -6,13 +6,11 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
-
-from pydantic import ValidationError
 
 from ..options import ConvertOptions
 from . import app
@@ -24,7 +22,7 @@ out_console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
-def _int_list(text: Optional[str]) -> Optional[list[int]]:
+def _int_list(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
@@ -40,8 +38,8 @@ def convert(
     to: str = typer.Option(D["to"], "--to", help=H["to"]),
     window: int = typer.Option(D["window"], help="Sliding-window size of Liger Attention, in tokens."),
     no_window: bool = typer.Option(False, "--no-window", help="Pure gated linear attention, no window branch."),
-    keep_attention: Optional[str] = typer.Option(None, help=H["keep_attention"]),
-    keep_attention_every: Optional[int] = typer.Option(D["keep_attention_every"], help=H["keep_attention_every"]),
+    keep_attention: str | None = typer.Option(None, help=H["keep_attention"]),
+    keep_attention_every: int | None = typer.Option(D["keep_attention_every"], help=H["keep_attention_every"]),
     gate: str = typer.Option(D["gate"], help=H["gate"]),
     dtype: str = typer.Option(D["dtype"], help=H["dtype"]),
     overwrite: bool = typer.Option(D["overwrite"], help=H["overwrite"]),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -21,7 +20,7 @@ def recover(
     data: str = typer.Option(..., "--data", help=H["data"]),
     out: Path = typer.Option(..., "-o", "--out", help=H["out"]),
     format: str = typer.Option(D["format"], "--format", help="auto, alpaca, text or chat"),
-    tokens: Optional[str] = typer.Option(None, help=H["tokens"]),
+    tokens: str | None = typer.Option(None, help=H["tokens"]),
     epochs: float = typer.Option(D["epochs"], help=H["epochs"]),
     seq_len: int = typer.Option(D["seq_len"], help=H["seq_len"]),
     lora_r: int = typer.Option(D["lora_r"], help=H["lora_r"]),
@@ -45,12 +44,9 @@ def recover(
     resume: bool = typer.Option(D["resume"], help=H["resume"]),
     merge: bool = typer.Option(D["merge"], help=H["merge"]),
     overwrite: bool = typer.Option(D["overwrite"], help=H["overwrite"]),
-    nproc: int = typer.Option(1, help="Processes (GPUs) to train on: relaunches this command under torchrun."),
+    nproc: int = typer.Option(D["nproc"], help=H["nproc"]),
 ) -> None:
     """Recover a converted model's quality with LoRA (Liger's recipe by default)."""
-    import os
-    import sys
-
     from pydantic import ValidationError
 
     from ..errors import LinearizeError
@@ -65,24 +61,7 @@ def recover(
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise LinearizeError(f"--{where.replace('_', '-')}: {first['msg']}") from None
-    if nproc != 1 and "WORLD_SIZE" not in os.environ:
-        from ..recover.distributed import launch
-
-        argv = _without_option(sys.argv[1:], "--nproc")
-        raise SystemExit(launch(nproc, argv))
     console = Console(stderr=True)
     folder = run_recover(opts, console)
     console.print(f"[green]recovered[/] adapter written to {folder}")
 
-
-def _without_option(argv: list[str], name: str) -> list[str]:
-    """argv minus `--name VALUE` / `--name=VALUE`."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from ..errors import LinearizeError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import LinearizeError
 
 
 def progress_bar(transient: bool = True) -> Progress:
@@ -51,7 +52,13 @@ def encode(tokenizer, text: str, prefix: Sequence[int] = ()) -> list[int]:
 
 
 def accepts(model: torch.nn.Module, argument: str) -> bool:
-    return argument in inspect.signature(model.forward).parameters
+    """Whether the model's forward takes `argument`, also through a subclass's **kwargs (converted
+    models wrap the source class's forward that way, and logits_to_keep must reach it)."""
+    for cls in type(model).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is not None and argument in inspect.signature(forward).parameters:
+            return True
+    return False
 
 
 @torch.inference_mode()

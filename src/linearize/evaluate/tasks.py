@@ -109,12 +109,13 @@ def metrics(task: Task, scores: list[list[Score]]) -> dict[str, float]:
         # lm-evaluation-harness's lambada perplexity: exp of minus the mean per-item log-likelihood.
         ppl = math.exp(-sum(s[0].loglik for s in scores) / n)
         return {"acc": acc, "ppl": ppl}
-    acc = sum(_argmax([s.loglik for s in item_scores]) == int(item["gold"])
-              for item, item_scores in zip(task.items, scores)) / n
+    golds = [int(item["gold"]) for item in task.items]
+    acc = sum(_argmax([s.loglik for s in item_scores]) == gold for item_scores, gold in zip(scores, golds, strict=True)) / n
     if task.format == "schema":
         return {"acc": acc}
-    acc_norm = sum(_argmax([s.loglik / max(len(c), 1) for s, c in zip(item_scores, item["choices"])]) == int(item["gold"])
-                   for item, item_scores in zip(task.items, scores)) / n
+    normed = [[s.loglik / max(len(c), 1) for s, c in zip(item_scores, item["choices"], strict=True)]
+              for item, item_scores in zip(task.items, scores, strict=True)]
+    acc_norm = sum(_argmax(lls) == gold for lls, gold in zip(normed, golds, strict=True)) / n
     return {"acc": acc, "acc_norm": acc_norm}
 
 

@@ -7,6 +7,8 @@ shape, else PyTorch; "torch" and "triton" force one.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .gla.chunk import chunk_gla_torch
@@ -30,6 +32,8 @@ def _triton_ops():
 def _pick(backend: str, x: torch.Tensor, head_dim: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":  # LINEARIZE_KERNELS=torch|triton overrides the choice (debugging, comparisons)
+        backend = os.environ.get("LINEARIZE_KERNELS", "auto")
     if backend == "auto":
         use_triton = x.is_cuda and head_dim >= 16 and _triton_ops() is not None
         return "triton" if use_triton else "torch"

@@ -61,11 +61,23 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Re-run this recover command under torchrun with `nproc` processes; returns its exit code."""
-    if nproc < 1:
-        raise LinearizeError(f"--nproc must be at least 1, got {nproc}")
+def launch(opts) -> None:
+    """Run `recover(opts)` in `opts.nproc` processes under torchrun; the options travel as JSON."""
+    import tempfile
+    from pathlib import Path
+
+    out = Path(opts.out).expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix=f".{out.name}.options-", dir=out.parent,
+                                     delete=False) as f:
+        f.write(opts.model_dump_json())
     torchrun = shutil.which("torchrun")
     cmd = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", f"--nproc-per-node={nproc}", "-m", "linearize", *argv]
-    return subprocess.call(cmd)
+    cmd += ["--standalone", f"--nproc-per-node={opts.nproc}", "-m", "linearize.recover.worker", f.name]
+    try:
+        code = subprocess.call(cmd)
+    finally:
+        os.unlink(f.name)
+    if code != 0:
+        raise LinearizeError(f"recover under torchrun ({opts.nproc} processes) exited with code {code}: "
+                             "see its output above; fix the cause and rerun with --resume")

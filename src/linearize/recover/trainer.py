@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -366,4 +367,10 @@ def _report_dict(report: DataReport) -> dict:
 
 
 def recover(opts: RecoverOptions, console: Console | None = None) -> Path:
+    """Run a recovery; with nproc > 1 (and not already under torchrun) in that many processes."""
+    if opts.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        launch(opts)
+        return Path(opts.out).expanduser().resolve()
     return Recovery(opts, console).run()

@@ -61,6 +61,9 @@ def chunk_gla_torch(
     dt = compute_dtype(q)
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if T == 0:  # an empty sequence (say, an empty segment of packed input) leaves the state as it was
+        state = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
+        return q.new_zeros(B, 0, H, V, dtype=dt), (state if output_final_state else None)
     N = (T + CHUNK - 1) // CHUNK
     pad = N * CHUNK - T
 

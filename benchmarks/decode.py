@@ -1,0 +1,128 @@
+"""GPU decode benchmark: a converted model against its own softmax teacher, random weights.
+
+Speed does not depend on the weights' values, so the models are built from a config on the GPU
+(no download, no checkpoint), converted in memory, and measured with `linearize.bench`: the
+converted model, then the very same weights in teacher (softmax) mode.
+
+    python benchmarks/decode.py --shape llama3-8b --batch 16 --context 1k,4k,16k,32k \
+        --new-tokens 256 --json out/decode-8b.json --plot out/decode-8b.png
+
+Targets (H100, bf16, batch 16): decode memory flat with context; at 32K decode >= 4x the
+softmax model's tokens/s; decode step within 1.5x of the weight-read floor. The script prints
+the figures and a verdict for each, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from linearize import teacher
+from linearize.bench import BenchOptions, Side, bench_sides, parse_sizes, plot, render, speedups
+from linearize.evaluate.report import write_json
+from linearize.families import family_for
+from linearize.modeling import default_settings, linearize_model
+
+# Shapes of the published models (config.json); values are random.
+SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 1e5}),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                      max_position_embeddings=131072, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+}
+
+
+def build(shape: str, dtype: torch.dtype, window: int, keep: list[int]) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape])
+    config.dtype = dtype  # as a bf16 checkpoint records it: the cache-size arithmetic reads it
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise straight in bf16 on the GPU: no fp32 copy of 8B weights
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    settings = default_settings(window=window, keep_attention=keep, source=f"random {shape}", family="llama")
+    return linearize_model(model, family_for("llama"), settings)
+
+
+def verdicts(report: dict, batch: int, console: Console) -> None:
+    """The issue's three targets, each met or not, with the numbers behind it."""
+    rows = [r for r in report["rows"] if r["model"] == "model" and r["batch"] == batch and r["status"] == "ok"]
+    if not rows:
+        console.print(f"batch {batch}: no converted-model row ran")
+        return
+    peaks = [r["decode_peak_bytes"] for r in sorted(rows, key=lambda r: r["context"])]
+    growth = peaks[-1] / peaks[0]
+    console.print(f"batch {batch}: converted decode peak memory {peaks[0] / 2**30:.2f} -> {peaks[-1] / 2**30:.2f} GiB "
+                  f"from {rows[0]['context']} to {rows[-1]['context']} tokens (x{growth:.3f}): "
+                  f"{'flat' if growth < 1.05 else 'NOT flat'}")
+    longest = max(r["context"] for r in rows)
+    ref = next((r for r in report["rows"] if r["model"] == "reference" and r["batch"] == batch and r["context"] == longest), None)
+    ratio = speedups(report).get((batch, longest))
+    if ref is not None and ref["status"] != "ok":
+        console.print(f"batch {batch}, context {longest}: softmax reference ran out of memory; converted decodes "
+                      f"{next(r for r in rows if r['context'] == longest)['decode_tok_s']:,.0f} tok/s")
+    elif ratio is not None:
+        console.print(f"batch {batch}, context {longest}: decode {ratio:.2f}x the softmax model's tokens/s "
+                      f"(target >= 4x: {'met' if ratio >= 4 else 'NOT met'})")
+    for r in rows:
+        console.print(f"batch {batch}, context {r['context']}: decode step {r['decode_step_ms']:.2f} ms = "
+                      f"{r['floor_ratio']:.2f}x the weight-read floor (target <= 1.5x: "
+                      f"{'met' if r['floor_ratio'] <= 1.5 else 'NOT met'})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--batch", default="16")
+    parser.add_argument("--context", default="1k,4k,16k,32k")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prefill-chunk", type=int, default=4096)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--keep-attention", default="", help="layers left as softmax, e.g. 0,16")
+    parser.add_argument("--no-reference", action="store_true", help="skip the softmax teacher rows")
+    parser.add_argument("--torch-kernels", action="store_true",
+                        help="run converted layers on the plain-PyTorch kernels instead of Triton (a baseline, or a workaround)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/decode.py measures a GPU: no CUDA device here")
+
+    device = torch.device("cuda")
+    if args.torch_kernels:
+        import linearize.kernels
+
+        linearize.kernels._triton_ops = lambda: None  # the dispatcher's "auto" then picks PyTorch
+    keep = [int(x) for x in args.keep_attention.split(",") if x.strip()]
+    model = build(args.shape, torch.bfloat16, args.window, keep)
+    opts = BenchOptions(checkpoint=f"random {args.shape}", teacher=not args.no_reference,
+                        batches=parse_sizes(args.batch, "--batch"), contexts=parse_sizes(args.context, "--context"),
+                        new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk, device="cuda", dtype="bfloat16")
+    sides = [Side("model", f"random {args.shape}, converted", model, nullcontext, softmax=False)]
+    if not args.no_reference:
+        sides.append(Side("reference", "teacher (softmax)", model, lambda: teacher(model), softmax=True))
+    report = bench_sides(sides, opts, device)
+    report["meta"]["shape"] = args.shape
+    report["meta"]["kernels"] = "torch" if args.torch_kernels else "auto (triton on CUDA)"
+    console = Console(width=160)
+    render(report, console)
+    for batch in opts.batches:
+        verdicts(report, batch, console)
+    if args.json:
+        write_json(report, args.json)
+    if args.plot:
+        plot(report, args.plot)
+
+
+if __name__ == "__main__":
+    main()

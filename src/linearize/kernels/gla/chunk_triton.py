@@ -1,0 +1,260 @@
+"""Gated linear attention in Triton, with the Liger feature maps and sliding window fused in.
+
+One program owns one (sequence, query head, block of BV value columns) and walks the
+sequence in blocks of BT = 16 steps, carrying the state S [K, BV] in fp32 registers. Per
+block it
+
+1. loads raw q, k [BT, K] and v [BT, BV] once (bf16/fp16/fp32 I/O, fp32 maths);
+2. with FEATURE_MAP, builds phi(q) = softmax(q), phi(k) = softmax(k) and the log-gate
+   logsigmoid(k) / gate_normalizer in registers (none of it is written to HBM); otherwise
+   reads a given log-gate g (plain `chunk_gla`, q scaled by `scale`);
+3. forms the cumulative log-gate b inside the block and, with m the value of b at the middle
+   row, the decayed scores A[i, j] = sum_d q_id k_jd exp(b_id - b_jd) (j <= i) as one matrix
+   product of q exp(b - m) and k exp(m - b). Each exponent spans at most BT/2 = 8 steps and
+   is clamped at 60, so nothing overflows: exact while 8 consecutive log-gates of a channel
+   sum to more than -60 (a mean log-gate above -7.5 per step; Liger's logsigmoid(k)/16 gets
+   there only for raw keys below -120). fp16 runs this product in fp32 (exp(60) > fp16 max);
+4. o = (phi(q) exp(b)) S + A v and S <- exp(b_last) S + (k exp(b_last - b))^T v, where all
+   the other exponents are <= 0, as in kernels/gla/chunk.py;
+5. with WINDOW > 0, softmax attention with RoPE (rotate-half, scale K^-1/2) of the block's
+   queries over keys t - WINDOW + 1 .. t: the rotated keys and the values of the previous
+   4 blocks stay in registers (so WINDOW <= 4 BT = 64), each key rotated once; then
+   o = mix * o_win + (1 - mix) * o_gla, written once.
+
+Packed sequences (cu_seqlens, FlashAttention-style offsets) are native: program (n, h)
+reads rows cu_seqlens[n] .. cu_seqlens[n + 1] of the packed [1, sum T, H, D] tensors, and
+the RoPE tables are indexed by packed position.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BT = 16  # block length (the state is carried from block to block)
+MAX_WINDOW = 4 * BT  # window keys come from this block and the 4 before it
+LOG2E = 1.4426950408889634
+# Tests and benchmarks/kernel_check.py set this to fill outputs with NaN before each launch,
+# so that an element the kernel fails to write shows up.
+POISON_OUTPUTS = False
+
+
+@triton.jit
+def gla_fwd_kernel(
+    q, k, v, g, cos, sin, h0, ht, o, cu_seqlens,
+    T, scale, gate_mult, mix, win_scale, s_cos_b,
+    HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, WINDOW: tl.constexpr,
+    FEATURE_MAP: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
+):
+    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hk = i_h // (HQ // HKV)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        i_b = 0
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+        i_b = i_n
+    L = (eos - bos).to(tl.int32)
+    dot_t = q.dtype.element_ty if LOW_PRECISION else tl.float32
+    # the diagonal block's factors reach exp(60): beyond fp16's range, so fp16 runs it in fp32
+    diag_t = tl.float32 if DIAG_F32 else dot_t
+
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, K)
+    cv = i_v * BV + tl.arange(0, BV)
+    ck_swap = (ck + K // 2) % K
+    sign = tl.where(ck < K // 2, -1.0, 1.0)
+    causal = rows[None, :] <= rows[:, None]
+    MID: tl.constexpr = BT // 2 - 1
+    NWB: tl.constexpr = (WINDOW + BT - 1) // BT
+
+    p_state = (i_n * HQ + i_h).to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    if USE_H0:
+        S = tl.load(h0 + p_state).to(tl.float32)
+    else:
+        S = tl.zeros([K, BV], dtype=tl.float32)
+    # rotated keys / values of the previous 4 blocks (oldest first), for the window
+    kw0 = tl.zeros([BT, K], dtype=dot_t)
+    kw1 = tl.zeros([BT, K], dtype=dot_t)
+    kw2 = tl.zeros([BT, K], dtype=dot_t)
+    kw3 = tl.zeros([BT, K], dtype=dot_t)
+    vw0 = tl.zeros([BT, BV], dtype=dot_t)
+    vw1 = tl.zeros([BT, BV], dtype=dot_t)
+    vw2 = tl.zeros([BT, BV], dtype=dot_t)
+    vw3 = tl.zeros([BT, BV], dtype=dot_t)
+
+    for i_c in range(0, tl.cdiv(L, BT)):
+        t = i_c * BT + rows
+        m_t = t < L
+        p_q = q + ((bos + t) * HQ + i_h)[:, None] * K
+        p_k = k + ((bos + t) * HKV + i_hk)[:, None] * K
+        b_q = tl.load(p_q + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_k = tl.load(p_k + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_v = tl.load(v + ((bos + t) * HKV + i_hk)[:, None] * V + cv[None, :], mask=m_t[:, None], other=0.0)
+        b_v = b_v.to(dot_t)
+        if FEATURE_MAP:
+            # logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|))
+            b_g = (tl.minimum(b_k, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_k)))) * gate_mult
+            x_q = b_q - tl.max(b_q, axis=1)[:, None]
+            x_k = b_k - tl.max(b_k, axis=1)[:, None]
+            n_q = 1.0 / tl.sum(tl.exp(x_q), axis=1)
+            n_k = 1.0 / tl.sum(tl.exp(x_k), axis=1)
+        else:
+            b_g = tl.load(g + ((bos + t) * HQ + i_h)[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
+            b_g = b_g.to(tl.float32)
+        b_g = tl.where(m_t[:, None], b_g, 0.0)
+        b_b = tl.cumsum(b_g, axis=0)
+        b_last = tl.sum(b_g, axis=0)
+        b_m = tl.sum(tl.where(rows[:, None] == MID, b_b, 0.0), axis=0)
+        # exp(b_i - m), exp(m - b_j) span at most BT/2 steps each; clamped so nothing overflows
+        d_q = tl.minimum(b_b - b_m[None, :], 60.0)
+        d_k = tl.minimum(b_m[None, :] - b_b, 60.0)
+        d_o = b_last[None, :] - b_b
+        if FEATURE_MAP:
+            q_in = tl.exp(x_q + b_b) * n_q[:, None]
+            q_mid = tl.exp(x_q + d_q) * n_q[:, None]
+            k_mid = tl.exp(x_k + d_k) * n_k[:, None]
+            k_out = tl.exp(x_k + d_o) * n_k[:, None]
+        else:
+            q_in = b_q * scale * tl.exp(b_b)
+            q_mid = b_q * scale * tl.exp(d_q)
+            k_mid = b_k * tl.exp(d_k)
+            k_out = b_k * tl.exp(d_o)
+        k_mid = tl.where(m_t[:, None], k_mid, 0.0)
+        k_out = tl.where(m_t[:, None], k_out, 0.0)
+
+        b_o = tl.dot(q_in.to(dot_t), S.to(dot_t), input_precision="ieee")
+        b_A = tl.dot(q_mid.to(diag_t), tl.trans(k_mid.to(diag_t)), input_precision="ieee")
+        b_A = tl.where(causal, b_A, 0.0)
+        b_o += tl.dot(b_A.to(dot_t), b_v, input_precision="ieee")
+        S = S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(k_out.to(dot_t)), b_v, input_precision="ieee")
+
+        if WINDOW > 0:
+            # rotary rows: packed position for varlen input, else position in the sequence
+            pos = (bos + t) if IS_VARLEN else t
+            c_t = tl.load(cos + i_b * s_cos_b + pos[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
+            s_t = tl.load(sin + i_b * s_cos_b + pos[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
+            c_t = c_t.to(tl.float32)
+            s_t = s_t.to(tl.float32)
+            q_sw = tl.load(p_q + ck_swap[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+            k_sw = tl.load(p_k + ck_swap[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+            q_rot = ((b_q * c_t + sign[None, :] * q_sw * s_t) * (win_scale * 1.4426950408889634)).to(dot_t)
+            k_rot = (b_k * c_t + sign[None, :] * k_sw * s_t).to(dot_t)
+            # scores of this block against the 4 before it and itself; key position t - d
+            s_c = tl.dot(q_rot, tl.trans(k_rot), input_precision="ieee")
+            s_c = tl.where(causal & (rows[:, None] - rows[None, :] < WINDOW), s_c, -float("inf"))
+            m_i = tl.max(s_c, axis=1)
+            # earlier blocks: block 3 is the one just before, block 0 four back (only the
+            # NWB = ceil(WINDOW / BT) most recent ones can hold keys inside the window)
+            dist = rows[:, None] - rows[None, :]  # query row - key row (+ BT per block back)
+            if NWB >= 4:
+                s0 = tl.dot(q_rot, tl.trans(kw0), input_precision="ieee")
+                s0 = tl.where((dist + 4 * BT < WINDOW) & (i_c >= 4), s0, -float("inf"))
+                m_i = tl.maximum(m_i, tl.max(s0, axis=1))
+            if NWB >= 3:
+                s1 = tl.dot(q_rot, tl.trans(kw1), input_precision="ieee")
+                s1 = tl.where((dist + 3 * BT < WINDOW) & (i_c >= 3), s1, -float("inf"))
+                m_i = tl.maximum(m_i, tl.max(s1, axis=1))
+            if NWB >= 2:
+                s2 = tl.dot(q_rot, tl.trans(kw2), input_precision="ieee")
+                s2 = tl.where((dist + 2 * BT < WINDOW) & (i_c >= 2), s2, -float("inf"))
+                m_i = tl.maximum(m_i, tl.max(s2, axis=1))
+            if NWB >= 1:
+                s3 = tl.dot(q_rot, tl.trans(kw3), input_precision="ieee")
+                s3 = tl.where((dist + BT < WINDOW) & (i_c >= 1), s3, -float("inf"))
+                m_i = tl.maximum(m_i, tl.max(s3, axis=1))
+            m_i = tl.where(m_t, m_i, 0.0)
+            p_c = tl.exp2(s_c - m_i[:, None])
+            l_i = tl.sum(p_c, axis=1)
+            acc = tl.dot(p_c.to(dot_t), b_v, input_precision="ieee")
+            if NWB >= 4:
+                p0 = tl.exp2(s0 - m_i[:, None])
+                l_i += tl.sum(p0, axis=1)
+                acc += tl.dot(p0.to(dot_t), vw0, input_precision="ieee")
+            if NWB >= 3:
+                p1 = tl.exp2(s1 - m_i[:, None])
+                l_i += tl.sum(p1, axis=1)
+                acc += tl.dot(p1.to(dot_t), vw1, input_precision="ieee")
+            if NWB >= 2:
+                p2 = tl.exp2(s2 - m_i[:, None])
+                l_i += tl.sum(p2, axis=1)
+                acc += tl.dot(p2.to(dot_t), vw2, input_precision="ieee")
+            if NWB >= 1:
+                p3 = tl.exp2(s3 - m_i[:, None])
+                l_i += tl.sum(p3, axis=1)
+                acc += tl.dot(p3.to(dot_t), vw3, input_precision="ieee")
+            o_win = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            b_o = mix * o_win + (1.0 - mix) * b_o
+            kw0, kw1, kw2, kw3 = kw1, kw2, kw3, k_rot
+            vw0, vw1, vw2, vw3 = vw1, vw2, vw3, b_v
+
+        p_o = o + ((bos + t) * HQ + i_h)[:, None] * V + cv[None, :]
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None])
+
+    if STORE_HT:
+        tl.store(ht + p_state, S)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
+def supported(head_dim: int, value_dim: int | None = None) -> bool:
+    """Shapes the kernel handles: power-of-two head sizes from 16 to 256."""
+    dims = (head_dim, head_dim if value_dim is None else value_dim)
+    return all(16 <= d <= 256 and d == _next_pow2(d) for d in dims)
+
+
+def gla_fwd(
+    q, k, v, g=None, *, scale=1.0, gate_mult=1.0, feature_map=False, window=0, mix=0.0,
+    cos=None, sin=None, initial_state=None, output_final_state=False, cu_seqlens=None,
+    block_v: int | None = None, num_warps: int | None = None, num_stages: int = 1, block_t: int | None = None,
+):
+    """Launch gla_fwd_kernel. q [B, T, Hq, K]; k [B, T, Hkv, K]; v [B, T, Hkv, V] (Hkv = Hq
+    for plain chunk_gla); g [B, T, Hq, K] unless feature_map. Returns (o, final state)."""
+    import torch  # noqa: PLC0415
+
+    B, T, HQ, K = q.shape
+    HKV, V = k.shape[2], v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if g is not None:
+        g = g.contiguous()
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
+    ht = torch.empty(N, HQ, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    if POISON_OUTPUTS:
+        o.fill_(float("nan"))
+        if ht is not None:
+            ht.fill_(float("nan"))
+    h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+    s_cos_b = 0
+    if window > 0:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        s_cos_b = 0 if cos.shape[0] == 1 else T * K
+    if block_t is None:
+        block_t = BT
+    if window > 4 * block_t:
+        raise ValueError(f"the Triton kernel handles windows up to {4 * block_t}, got {window}")
+    if block_v is None:
+        block_v = min(V, 128)
+    if num_warps is None:
+        num_warps = 8 if K * block_v >= 128 * 128 else 4
+    grid = (triton.cdiv(V, block_v), HQ, N)
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    gla_fwd_kernel[grid](
+        q, k, v, g if g is not None else q, cos if cos is not None else q, sin if sin is not None else q,
+        h0 if h0 is not None else o, ht if ht is not None else o, o,
+        cu_seqlens if cu_seqlens is not None else o,
+        T, float(scale), float(gate_mult), float(mix), float(K) ** -0.5, s_cos_b,
+        HQ=HQ, HKV=HKV, K=K, V=V, BT=block_t, BV=block_v, WINDOW=int(window),
+        FEATURE_MAP=feature_map, USE_H0=h0 is not None, STORE_HT=output_final_state,
+        IS_VARLEN=cu_seqlens is not None, LOW_PRECISION=low, DIAG_F32=q.dtype == torch.float16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return o, ht

@@ -1,0 +1,120 @@
+"""One Liger decode step in a single Triton kernel (see liger_decode_step_torch for the maths).
+
+Program (value block, query head, batch row) reads its [K, BV] tile of the fp32 state once,
+decays and updates it, writes it back in place and reads the GLA output off it; with a window
+it also attends over the ring buffer [W, K] of rotated keys. The new token's rotated key and
+value are written into ring slot position % W by the first query head of each kv group (and
+the first value block for the key); every program uses the new key/value from registers for
+that slot, so no program depends on another program's write. ring_valid[b, slot] is set by
+program (0, 0, b).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gla import chunk_triton
+from .naive import liger_decode_step_torch
+
+
+@triton.jit
+def liger_decode_kernel(
+    q, k, v, state, k_ring, v_ring, ring_valid, cos, sin, o,
+    slot, gate_mult, mix, win_scale, s_cos_b,
+    HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
+    W: tl.constexpr, BW: tl.constexpr,
+):
+    i_v, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    G: tl.constexpr = HQ // HKV
+    i_hk = i_h // G
+    ck = tl.arange(0, K)
+    cv = i_v * BV + tl.arange(0, BV)
+    b_q = tl.load(q + (i_b * HQ + i_h) * K + ck).to(tl.float32)
+    b_k = tl.load(k + (i_b * HKV + i_hk) * K + ck).to(tl.float32)
+    b_v = tl.load(v + (i_b * HKV + i_hk) * K + cv).to(tl.float32)
+    p_s = state + (i_b * HQ + i_h).to(tl.int64) * K * K + ck[:, None] * K + cv[None, :]
+    S = tl.load(p_s)
+
+    e_q = tl.exp(b_q - tl.max(b_q, axis=0))
+    f_q = e_q / tl.sum(e_q, axis=0)
+    e_k = tl.exp(b_k - tl.max(b_k, axis=0))
+    f_k = e_k / tl.sum(e_k, axis=0)
+    gate = tl.exp((tl.minimum(b_k, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_k)))) * gate_mult)
+    S = S * gate[:, None] + f_k[:, None] * b_v[None, :]
+    tl.store(p_s, S)
+    b_o = tl.sum(f_q[:, None] * S, axis=0)
+
+    if W > 0:
+        ck_swap = (ck + K // 2) % K
+        sign = tl.where(ck < K // 2, -1.0, 1.0)
+        c = tl.load(cos + i_b * s_cos_b + ck).to(tl.float32)
+        s = tl.load(sin + i_b * s_cos_b + ck).to(tl.float32)
+        q_sw = tl.load(q + (i_b * HQ + i_h) * K + ck_swap).to(tl.float32)
+        k_sw = tl.load(k + (i_b * HKV + i_hk) * K + ck_swap).to(tl.float32)
+        q_rot = b_q * c + sign * q_sw * s
+        k_rot = b_k * c + sign * k_sw * s
+        cw = tl.arange(0, BW)
+        m_w = cw < W
+        p_kr = k_ring + ((i_b * HKV + i_hk) * W + cw)[:, None].to(tl.int64) * K + ck[None, :]
+        p_vr = v_ring + ((i_b * HKV + i_hk) * W + cw)[:, None].to(tl.int64) * K + cv[None, :]
+        kr = tl.load(p_kr, mask=m_w[:, None], other=0.0)
+        vr = tl.load(p_vr, mask=m_w[:, None], other=0.0)
+        new = (cw == slot)[:, None]
+        k_new = k_rot.to(kr.dtype)
+        v_new = b_v.to(vr.dtype)
+        kr = tl.where(new, k_new[None, :], kr).to(tl.float32)
+        vr = tl.where(new, v_new[None, :], vr).to(tl.float32)
+        valid = tl.load(ring_valid + i_b * W + cw, mask=m_w, other=0) != 0
+        valid = (valid | (cw == slot)) & m_w
+        sc = tl.sum(kr * q_rot[None, :], axis=1) * win_scale
+        sc = tl.where(valid, sc, -float("inf"))
+        p = tl.exp(sc - tl.max(sc, axis=0))
+        p = p / tl.sum(p, axis=0)
+        o_win = tl.sum(p[:, None] * vr, axis=0)
+        b_o = mix * o_win + (1.0 - mix) * b_o
+        if i_h % G == 0:
+            p_slot = (i_b * HKV + i_hk) * W + slot
+            tl.store(v_ring + p_slot.to(tl.int64) * K + cv, v_new)
+            if i_v == 0:
+                tl.store(k_ring + p_slot.to(tl.int64) * K + ck, k_new)
+                if i_h == 0:
+                    tl.store(ring_valid + i_b * W + slot, 1)
+    tl.store(o + (i_b * HQ + i_h) * K + cv, b_o.to(o.dtype.element_ty))
+
+
+def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position, *, window, mix, gate_normalizer,
+                      cos=None, sin=None, block_v: int | None = None, num_warps: int = 4):
+    """Triton form of liger_decode_step_torch (same arguments; updates state and ring in place)."""
+    B, _, HQ, K = q.shape
+    HKV = k.shape[2]
+    W = int(window)
+    rings_ok = W == 0 or (k_ring.is_contiguous() and v_ring.is_contiguous() and ring_valid.is_contiguous())
+    if (state.dtype != torch.float32 or not state.is_contiguous() or not rings_ok or K != 1 << (K - 1).bit_length()
+            or not 16 <= K <= 256 or HQ % HKV != 0):
+        # shapes/layouts the kernel does not take (it updates state and rings in place, so they
+        # must be contiguous, state fp32; power-of-two head size): the PyTorch step
+        return liger_decode_step_torch(q, k, v, state, k_ring, v_ring, ring_valid, position, window=window, mix=mix,
+                                       gate_normalizer=gate_normalizer, cos=cos, sin=sin)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    if chunk_triton.POISON_OUTPUTS:
+        o.fill_(float("nan"))
+    s_cos_b = 0
+    if W > 0:
+        cos, sin = cos.reshape(cos.shape[0], -1)[:, -K:].contiguous(), sin.reshape(sin.shape[0], -1)[:, -K:].contiguous()
+        s_cos_b = 0 if cos.shape[0] == 1 else K
+        valid_u8 = ring_valid.view(torch.uint8)
+    if block_v is None:
+        block_v = min(K, 32)
+    BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
+    grid = (triton.cdiv(K, block_v), HQ, B)
+    liger_decode_kernel[grid](
+        q, k, v, state,
+        k_ring if W > 0 else q, v_ring if W > 0 else q, valid_u8 if W > 0 else q,
+        cos if W > 0 else q, sin if W > 0 else q, o,
+        (position % W) if W > 0 else 0, 1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b,
+        HQ=HQ, HKV=HKV, K=K, BV=block_v, W=W, BW=max(BW, 16), num_warps=num_warps,
+    )
+    return o

@@ -1,0 +1,14 @@
+"""Triton forms of the kernels, called by linearize.kernels when backend is "triton"/"auto".
+
+Importing this module needs triton; linearize.kernels falls back to PyTorch when it cannot.
+Functions take the same arguments as their dispatchers in linearize/kernels/__init__.py.
+"""
+
+from __future__ import annotations
+
+import triton  # noqa: F401  - fail the import here (not at first call) when Triton is missing
+
+from .liger.decode_triton import liger_decode_step
+from .liger.fused_triton import chunk_gla, liger_attention
+
+__all__ = ["chunk_gla", "liger_attention", "liger_decode_step"]

@@ -1,0 +1,153 @@
+"""`linearize bench` on CPU: schema, cache sizes against what the cache really holds, OOM rows, errors.
+
+Nothing here asserts a speed: timings on a shared CPU say nothing; the GPU figures come from
+benchmarks/decode.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from linearize.bench import BenchOptions, Run, Side, bench_sides, parse_sizes, render, speedups
+from linearize.errors import LinearizeError
+from linearize.loading import load_causal_lm
+
+from .helpers import run_cli
+
+STORIES = Path(__file__).parent / "fixtures" / "stories260k"
+CPU = torch.device("cpu")
+
+
+def small(**kw) -> BenchOptions:
+    return BenchOptions(checkpoint=str(STORIES), **{"batches": [1, 2], "contexts": [8, 40], "new_tokens": 3,
+                                                     "prefill_chunk": 16, **kw})
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from linearize.convert import convert
+
+    return convert(str(STORIES), tmp_path_factory.mktemp("bench") / "conv", console=Console(quiet=True))
+
+
+def test_parse_sizes():
+    assert parse_sizes("1k, 4k,16,32K", "--context") == [1024, 4096, 16, 32768]
+    for bad in ("", "x", "0", "1k,-2"):
+        with pytest.raises(LinearizeError):
+            parse_sizes(bad, "--context")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_model_kv_bytes_match_its_cache(dtype):
+    model = load_causal_lm(str(STORIES), dtype, CPU)
+    opts = small()
+    report = bench_sides([Side("model", "stories", model, nullcontext, softmax=True)], opts, CPU)
+    rows = report["rows"]
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 8), (1, 40), (2, 8), (2, 40)]
+    cfg, item = model.config, torch.finfo(dtype).bits // 8
+    for r in rows:
+        assert r["status"] == "ok"
+        tokens = r["context"] + opts.new_tokens  # prefill + every decoded step stays in the cache
+        # 5 layers x (K and V) x 4 kv heads x head_dim 8 per token, computed by hand from config.json
+        assert r["kv_bytes"] == r["batch"] * tokens * cfg.num_hidden_layers * 2 * 4 * 8 * item
+        assert r["cache_bytes_measured"] == r["kv_bytes"] and r["state_bytes"] == 0
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_step_ms"] > 0
+        assert r["prefill_peak_bytes"] > 0 and r["decode_peak_bytes"] > 0
+    meta = report["meta"]
+    assert meta["device"].startswith("cpu") and meta["dtype"] == str(dtype).removeprefix("torch.")
+    assert meta["bandwidth_bytes_s"] > 0 and report["models"]["model"]["floor_ms"] > 0
+
+
+def test_converted_state_is_flat_and_teacher_keeps_kv(converted):
+    from linearize import teacher
+
+    model = load_causal_lm(str(converted), torch.float32, CPU)
+    sides = [Side("model", "conv", model, nullcontext, softmax=False),
+             Side("reference", "teacher", model, lambda: teacher(model), softmax=True)]
+    report = bench_sides(sides, small(), CPU)
+    by = {(r["model"], r["batch"], r["context"]): r for r in report["rows"]}
+    assert len(by) == 8
+    for batch in (1, 2):
+        short, long = by[("model", batch, 8)], by[("model", batch, 40)]
+        # per sequence and layer: fp32 state 8 heads x 8 x 8 x 4 B, plus a 64-slot ring of K and V
+        # (4 kv heads x 8 x 4 B each) and its validity byte per slot
+        per_layer = 8 * 8 * 8 * 4 + 64 * (2 * 4 * 8 * 4 + 1)
+        assert short["state_bytes"] == long["state_bytes"] == batch * 5 * per_layer
+        assert short["kv_bytes"] == long["kv_bytes"] == 0
+        assert short["cache_bytes_measured"] == long["cache_bytes_measured"] == short["state_bytes"]
+        ref = by[("reference", batch, 40)]
+        assert ref["state_bytes"] == 0 and ref["kv_bytes"] == ref["cache_bytes_measured"] > 0
+    assert set(speedups(report)) == {(1, 8), (1, 40), (2, 8), (2, 40)}
+
+
+def test_out_of_memory_is_a_row_not_a_crash(monkeypatch):
+    model = load_causal_lm(str(STORIES), torch.float32, CPU)
+    forward = model.forward
+
+    def limited(*args, **kwargs):  # pretend the device runs out beyond 20 cached tokens
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 20:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", limited)
+    report = bench_sides([Side("model", "stories", model, nullcontext, softmax=True)], small(batches=[1]), CPU)
+    ok, oom = report["rows"]
+    assert ok["status"] == "ok" and ok["context"] == 8
+    assert oom["status"] == "OOM" and oom["decode_tok_s"] is None
+    console = Console(record=True, width=200)
+    render(report, console)
+    assert "OOM" in console.export_text()
+
+
+def test_options_errors():
+    with pytest.raises(LinearizeError, match="pass one of them"):
+        small(teacher=True, compare="x")
+    with pytest.raises(LinearizeError, match=r"ending in \.png"):
+        small(plot_out=Path("out.jpg"))
+
+
+def test_cli_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code, stdout, stderr = run_cli(["bench", STORIES, "--compare", STORIES, "--batch", "1", "--context", "8,24",
+                                    "--new-tokens", "2", "--json", out], capsys)
+    assert code == 0, stderr
+    report = json.loads(out.read_text())
+    assert set(report) == {"rows", "models", "meta"}
+    assert {r["model"] for r in report["rows"]} == {"model", "reference"} and len(report["rows"]) == 4
+    assert report["models"]["reference"]["source"] == str(STORIES)
+    assert "device" in report["meta"] and "weight-read floor" in stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch", "one"], "--batch 'one' is not a number"),
+    (["--teacher"], "teacher mode needs a model converted by linearize"),
+    (["--plot", "x.png"], "--plot needs matplotlib"),
+])
+def test_cli_bad_input_is_one_line(args, message, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as on a machine without it
+    code, _, stderr = run_cli(["bench", STORIES, "--context", "8", "--batch", "1", "--new-tokens", "1", *args], capsys)
+    assert code == 2
+    lines = [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and message in lines[0], stderr
+
+
+def test_decode_holds_no_prefill_logits(converted):
+    """Prefill asks for the last position's logits only, and decode keeps just [B, vocab] of them:
+    full-chunk logits held through decode once made a converted model's memory grow with context."""
+    model = load_causal_lm(str(converted), torch.float32, CPU)
+    run = Run(model)
+    assert run.extra == {"logits_to_keep": 1}  # reaches the source forward through the converted class's **kwargs
+    with torch.inference_mode():
+        run.prefill(torch.zeros(2, 24, dtype=torch.long), chunk=16)
+        assert run.logits.shape == (2, 512)
+        assert run.logits.untyped_storage().nbytes() == 2 * 512 * 4
+        run.decode(2)
+    assert run.cache.get_seq_length() == 26

@@ -1,0 +1,256 @@
+"""PyTorch kernels (chunked GLA, sliding window, Liger) against float64 step-by-step references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linearize.kernels import chunk_gla, liger_attention, liger_decode_step
+from linearize.kernels.gla.chunk import chunk_gla_torch
+from linearize.kernels.gla.naive import naive_recurrent_gla
+from linearize.kernels.liger.naive import (
+    apply_rope,
+    liger_attention_torch,
+    liger_decode_step_torch,
+    repeat_heads,
+    sliding_window_attention,
+)
+
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def rope_tables(B: int, T: int, D: int, offset: int = 0, dtype=F64):
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=F64) / D))
+    ang = (torch.arange(T, dtype=F64) + offset)[:, None] * inv[None, :]
+    emb = torch.cat([ang, ang], -1)[None].expand(B, T, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def brute_window(q, k, v, window, scale, valid=None):
+    """Softmax attention over keys t - window + 1 .. t, one query at a time (float64)."""
+    B, T, Hq, D = q.shape
+    k, v = repeat_heads(k, Hq), repeat_heads(v, Hq)
+    out = torch.empty_like(q)
+    for t in range(T):
+        lo = max(0, t - window + 1)
+        s = torch.einsum("bhd,bshd->bhs", q[:, t], k[:, lo : t + 1]) * scale
+        if valid is not None:
+            ok = valid[:, lo : t + 1].clone()
+            ok[:, -1] = True
+            s = s.masked_fill(~ok[:, None, :], float("-inf"))
+        out[:, t] = torch.einsum("bhs,bshd->bhd", s.softmax(-1), v[:, lo : t + 1])
+    return out
+
+
+def naive_liger(q, k, v, *, window, mix, gate_normalizer, cos, sin, initial_state=None):
+    """Liger attention from its definition: recurrent GLA on feature maps + brute-force window."""
+    Hq, D = q.shape[2], q.shape[3]
+    phi_q, phi_k = q.softmax(-1), k.softmax(-1)
+    g = F.logsigmoid(k) / gate_normalizer
+    o, s = naive_recurrent_gla(
+        phi_q, repeat_heads(phi_k, Hq), repeat_heads(v, Hq), repeat_heads(g, Hq), scale=1.0,
+        initial_state=initial_state, output_final_state=True,
+    )
+    if window > 0:
+        ow = brute_window(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window, D**-0.5)
+        o = mix * ow + (1 - mix) * o
+    return o, s
+
+
+def gates(shape, strength):
+    x = torch.randn(shape, dtype=F64)
+    return F.logsigmoid(x) / 16 if strength == "weak" else F.logsigmoid(3 * x) * 4  # down to ~ -40 per step
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("strength", ["weak", "strong"])
+def test_chunk_gla_matches_recurrence(T, strength):
+    torch.manual_seed(T)
+    B, H, K, V = 2, 3, 8, 12
+    q, k = torch.randn(B, T, H, K, dtype=F64), torch.randn(B, T, H, K, dtype=F64)
+    v = torch.randn(B, T, H, V, dtype=F64)
+    g = gates((B, T, H, K), strength)
+    h0 = torch.randn(B, H, K, V, dtype=F64)
+    o, s = chunk_gla_torch(q, k, v, g, scale=0.3, initial_state=h0, output_final_state=True)
+    r, rs = naive_recurrent_gla(q, k, v, g, scale=0.3, initial_state=h0, output_final_state=True)
+    assert torch.isfinite(o).all()
+    assert rel(o, r) < 1e-12 and rel(s, rs) < 1e-12
+
+
+def test_chunk_gla_float32_strong_gates_are_finite():
+    torch.manual_seed(0)
+    B, T, H, K = 1, 300, 2, 16
+    q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
+    g = (F.logsigmoid(torch.randn(B, T, H, K) * 10) * 10).float()  # exp(sum) underflows, never overflows
+    o, s = chunk_gla_torch(q, k, v, g, scale=1.0, output_final_state=True)
+    r, rs = naive_recurrent_gla(q.double(), k.double(), v.double(), g.double(), scale=1.0, output_final_state=True)
+    assert torch.isfinite(o).all() and rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
+
+
+@pytest.mark.parametrize("T,window", [(1, 4), (63, 64), (64, 64), (65, 64), (200, 64), (50, 7), (130, 100)])
+def test_sliding_window_matches_brute_force(T, window):
+    torch.manual_seed(T + window)
+    B, Hq, Hkv, D = 2, 4, 2, 8
+    q = torch.randn(B, T, Hq, D, dtype=F64)
+    k, v = torch.randn(B, T, Hkv, D, dtype=F64), torch.randn(B, T, Hkv, D, dtype=F64)
+    out = sliding_window_attention(q, k, v, window=window, scale=0.4)
+    assert rel(out, brute_window(q, k, v, window, 0.4)) < 1e-12
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 1), (6, 2)])
+@pytest.mark.parametrize("window", [0, 64])
+def test_liger_torch_matches_definition(T, Hq, Hkv, window):
+    torch.manual_seed(T * 7 + Hq)
+    B, D = 2, 8
+    q = torch.randn(B, T, Hq, D, dtype=F64)
+    k, v = torch.randn(B, T, Hkv, D, dtype=F64) * 2, torch.randn(B, T, Hkv, D, dtype=F64)
+    cos, sin = rope_tables(B, T, D)
+    h0 = torch.randn(B, Hq, D, D, dtype=F64)
+    kw = dict(window=window, mix=0.3, gate_normalizer=4.0, cos=cos, sin=sin, initial_state=h0)
+    o, s = liger_attention_torch(q, k, v, output_final_state=True, **kw)
+    r, rs = naive_liger(q, k, v, **kw)
+    assert rel(o, r) < 1e-12 and rel(s, rs) < 1e-12
+
+
+def test_liger_packed_matches_separate_sequences():
+    torch.manual_seed(1)
+    D, Hq, Hkv, lens = 8, 4, 2, [5, 64, 70, 1]
+    T = sum(lens)
+    cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    q = torch.randn(1, T, Hq, D, dtype=F64)
+    k, v = torch.randn(1, T, Hkv, D, dtype=F64), torch.randn(1, T, Hkv, D, dtype=F64)
+    cos, sin = torch.cat([rope_tables(1, n, D)[0] for n in lens], 1), torch.cat([rope_tables(1, n, D)[1] for n in lens], 1)
+    h0 = torch.randn(len(lens), Hq, D, D, dtype=F64)
+    o, s = liger_attention(q, k, v, cos=cos, sin=sin, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                           backend="torch")
+    for i, n in enumerate(lens):
+        lo = sum(lens[:i])
+        sl = slice(lo, lo + n)
+        r, rs = naive_liger(q[:, sl], k[:, sl], v[:, sl], window=64, mix=0.5, gate_normalizer=16.0,
+                            cos=cos[:, sl], sin=sin[:, sl], initial_state=h0[i : i + 1])
+        assert rel(o[:, sl], r) < 1e-12 and rel(s[i : i + 1], rs) < 1e-12
+
+
+def test_liger_left_padding_matches_unpadded():
+    torch.manual_seed(2)
+    B, T, Hq, Hkv, D = 2, 70, 4, 2, 8
+    pad = [0, 9]
+    q = torch.randn(B, T, Hq, D, dtype=F64)
+    k, v = torch.randn(B, T, Hkv, D, dtype=F64), torch.randn(B, T, Hkv, D, dtype=F64)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, : pad[1]] = False
+    # rotary positions count real tokens only
+    pos = (mask.cumsum(1) - 1).clamp_min(0).to(F64)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=F64) / D))
+    ang = pos[..., None] * inv
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+    o, s = liger_attention(q, k, v, cos=cos, sin=sin, attention_mask=mask, output_final_state=True, backend="torch")
+    for b in range(B):
+        sl = slice(pad[b], T)
+        r, rs = naive_liger(q[b : b + 1, sl], k[b : b + 1, sl], v[b : b + 1, sl], window=64, mix=0.5,
+                            gate_normalizer=16.0, cos=cos[b : b + 1, sl], sin=sin[b : b + 1, sl])
+        assert rel(o[b : b + 1, sl], r) < 1e-12 and rel(s[b : b + 1], rs) < 1e-12
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2)])
+def test_decode_steps_continue_prefill(Hq, Hkv):
+    torch.manual_seed(3)
+    B, T, D, W, extra = 2, 70, 8, 16, 5
+    q = torch.randn(B, T + extra, Hq, D, dtype=F64)
+    k, v = torch.randn(B, T + extra, Hkv, D, dtype=F64), torch.randn(B, T + extra, Hkv, D, dtype=F64)
+    cos, sin = rope_tables(B, T + extra, D)
+    kw = dict(window=W, mix=0.4, gate_normalizer=8.0)
+    full, _ = liger_attention_torch(q, k, v, cos=cos, sin=sin, **kw)
+    _, state = liger_attention_torch(q[:, :T], k[:, :T], v[:, :T], cos=cos[:, :T], sin=sin[:, :T],
+                                     output_final_state=True, **kw)
+    k_rot = apply_rope(k[:, :T], cos[:, :T], sin[:, :T])
+    k_ring = torch.zeros(B, Hkv, W, D, dtype=F64)
+    v_ring = torch.zeros(B, Hkv, W, D, dtype=F64)
+    valid = torch.zeros(B, W, dtype=torch.bool)
+    for t in range(T - W, T):
+        k_ring[:, :, t % W], v_ring[:, :, t % W], valid[:, t % W] = k_rot[:, t], v[:, t], True
+    for t in range(T, T + extra):
+        sl = slice(t, t + 1)
+        o = liger_decode_step(q[:, sl], k[:, sl], v[:, sl], state, k_ring, v_ring, valid, t,
+                              cos=cos[:, sl], sin=sin[:, sl], backend="torch", **kw)
+        assert rel(o, full[:, sl]) < 1e-12
+
+
+def test_gradients_chunk_matches_recurrence():
+    torch.manual_seed(4)
+    B, T, H, K, V = 1, 37, 2, 4, 5
+    q, k, v = (torch.randn(B, T, H, d, dtype=F64, requires_grad=True) for d in (K, K, V))
+    g = gates((B, T, H, K), "strong").requires_grad_()
+    h0 = torch.randn(B, H, K, V, dtype=F64, requires_grad=True)
+    do, dh = torch.randn(B, T, H, V, dtype=F64), torch.randn(B, H, K, V, dtype=F64)
+
+    def grads(fn):
+        o, s = fn(q, k, v, g, scale=0.5, initial_state=h0, output_final_state=True)
+        return torch.autograd.grad((o * do).sum() + (s * dh).sum(), (q, k, v, g, h0))
+
+    for a, b in zip(grads(chunk_gla_torch), grads(naive_recurrent_gla), strict=True):
+        assert rel(a, b) < 1e-10
+
+
+def test_gradcheck_liger_torch():
+    torch.manual_seed(5)
+    B, T, Hq, Hkv, D = 1, 20, 2, 1, 4
+    q = torch.randn(B, T, Hq, D, dtype=F64, requires_grad=True)
+    k = torch.randn(B, T, Hkv, D, dtype=F64, requires_grad=True)
+    v = torch.randn(B, T, Hkv, D, dtype=F64, requires_grad=True)
+    h0 = torch.randn(B, Hq, D, D, dtype=F64, requires_grad=True)
+    cos, sin = rope_tables(B, T, D)
+
+    def fn(q, k, v, h0):
+        o, s = liger_attention_torch(q, k, v, window=6, mix=0.5, gate_normalizer=2.0, cos=cos, sin=sin,
+                                     initial_state=h0, output_final_state=True)
+        return o, s
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, h0), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_dispatch_packed_chunk_gla():
+    torch.manual_seed(6)
+    lens, H, K = [3, 64, 66], 2, 8
+    cu = torch.tensor([0, 3, 67, 133], dtype=torch.int32)
+    q, k, v = (torch.randn(1, sum(lens), H, K, dtype=F64) for _ in range(3))
+    g = gates((1, sum(lens), H, K), "weak")
+    o, s = chunk_gla(q, k, v, g, scale=1 / math.sqrt(K), output_final_state=True, cu_seqlens=cu, backend="torch")
+    for i in range(3):
+        sl = slice(int(cu[i]), int(cu[i + 1]))
+        r, rs = naive_recurrent_gla(q[:, sl], k[:, sl], v[:, sl], g[:, sl], scale=1 / math.sqrt(K),
+                                    output_final_state=True)
+        assert rel(o[:, sl], r) < 1e-12 and rel(s[i : i + 1], rs) < 1e-12
+
+
+def test_decode_torch_reference_matches_prefill_one_token():
+    """liger_decode_step_torch on an empty cache equals the one-token forward."""
+    torch.manual_seed(7)
+    B, Hq, Hkv, D, W = 2, 4, 2, 8, 4
+    q, k, v = torch.randn(B, 1, Hq, D, dtype=F64), torch.randn(B, 1, Hkv, D, dtype=F64), torch.randn(B, 1, Hkv, D, dtype=F64)
+    cos, sin = rope_tables(B, 1, D)
+    state = torch.zeros(B, Hq, D, D, dtype=F64)
+    kr, vr = torch.zeros(B, Hkv, W, D, dtype=F64), torch.zeros(B, Hkv, W, D, dtype=F64)
+    valid = torch.zeros(B, W, dtype=torch.bool)
+    o = liger_decode_step_torch(q, k, v, state, kr, vr, valid, 0, window=W, mix=0.5, gate_normalizer=16.0, cos=cos, sin=sin)
+    r, rs = liger_attention_torch(q, k, v, window=W, cos=cos, sin=sin, output_final_state=True)
+    assert rel(o, r) < 1e-12 and rel(state, rs) < 1e-12 and bool(valid[:, 0].all())
+
+
+def test_packed_input_with_an_empty_segment_keeps_its_state():
+    from linearize.kernels import chunk_gla
+
+    q = torch.randn(1, 10, 2, 8, dtype=torch.float64)
+    g = -torch.rand(1, 10, 2, 8, dtype=torch.float64)
+    h0 = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    cu = torch.tensor([0, 4, 4, 10])
+    o, state = chunk_gla(q, q, q, g, scale=1.0, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="torch")
+    assert o.shape == q.shape and torch.equal(state[1], h0[1])

@@ -1,0 +1,269 @@
+"""Triton kernels against the float64 references, run on the CPU by Triton's interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is first imported, so the checks run in one
+worker process (this file run as a script, with the variable set) and each pytest test reads
+its own check's result. Shapes are tiny (the interpreter runs each program in numpy);
+benchmarks/kernel_check.py runs the full table on a GPU. Outputs are filled with NaN before
+every launch (chunk_triton.POISON_OUTPUTS), so an unwritten element fails its check.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linearize.kernels.gla.naive import naive_recurrent_gla
+from linearize.kernels.liger.naive import liger_decode_step_torch
+
+F64 = torch.float64
+CHECKS = {}  # name -> function(ops), filled by @check below
+
+
+def check(name):
+    def deco(fn):
+        CHECKS[name] = fn
+        return fn
+
+    return deco
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite (unwritten?) output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def rope(B, T, D, offset=0):
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=F64) / D))
+    ang = (torch.arange(T, dtype=F64) + offset)[:, None] * inv[None, :]
+    emb = torch.cat([ang, ang], -1)[None].expand(B, T, D).contiguous()
+    return emb.cos().float(), emb.sin().float()
+
+
+def liger_grads(q, k, v, h0, do, dh, backend, **kw):
+    cast = F64 if backend == "torch" else torch.float32
+    xs = [x.detach().to(cast).requires_grad_() for x in (q, k, v, h0)]
+    cos, sin = kw.pop("cos"), kw.pop("sin")
+    o, s = kernels().liger_attention(*xs[:3], initial_state=xs[3], output_final_state=True, cos=cos.to(cast),
+                             sin=sin.to(cast), backend=backend, **kw)
+    loss = (o * do.to(cast)).sum() + (s * dh.to(s.dtype)).sum()
+    return (o, s), torch.autograd.grad(loss, xs)
+
+
+CASES = [  # (T, Hq, Hkv, window, strong)
+    (1, 2, 2, 64, False),
+    (17, 4, 2, 64, True),
+    (64, 2, 1, 64, False),
+    (65, 2, 2, 64, True),
+    (70, 4, 1, 5, False),
+    (33, 2, 2, 0, False),
+    (40, 2, 2, 100, False),  # window beyond the kernel's 64: PyTorch fallback
+]
+
+
+def liger_case(T, Hq, Hkv, window, strong):
+    torch.manual_seed(T + 10 * Hq + window)
+    B, D = 2, 16
+    q, v = torch.randn(B, T, Hq, D), torch.randn(B, T, Hkv, D)
+    k = torch.randn(B, T, Hkv, D) * (3.0 if strong else 1.0)
+    h0 = torch.randn(B, Hq, D, D) * 0.3
+    do, dh = torch.randn(B, T, Hq, D), torch.randn(B, Hq, D, D)
+    cos, sin = rope(B, T, D)
+    kw = dict(window=window, mix=0.3, gate_normalizer=1.0 if strong else 16.0, cos=cos, sin=sin)
+    (o, s), got = liger_grads(q, k, v, h0, do, dh, "triton", **dict(kw))
+    (r, rs), ref = liger_grads(q, k, v, h0, do, dh, "torch", **dict(kw))
+    assert o.dtype == torch.float32 and s.dtype == torch.float32
+    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
+    for name, a, b in zip(("dq", "dk", "dv", "dh0"), got, ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
+@check("liger_packed")
+def liger_packed():
+    torch.manual_seed(11)
+    D, Hq, Hkv, lens = 16, 4, 2, [5, 33, 1, 20]
+    T = sum(lens)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    q, k, v = torch.randn(1, T, Hq, D), torch.randn(1, T, Hkv, D), torch.randn(1, T, Hkv, D)
+    cos, sin = torch.cat([rope(1, n, D)[0] for n in lens], 1), torch.cat([rope(1, n, D)[1] for n in lens], 1)
+    h0 = torch.randn(len(lens), Hq, D, D) * 0.3
+    do, dh = torch.randn(1, T, Hq, D), torch.randn(len(lens), Hq, D, D)
+    kw = dict(window=64, cos=cos, sin=sin, cu_seqlens=cu)
+    (o, s), got = liger_grads(q, k, v, h0, do, dh, "triton", **dict(kw))
+    (r, rs), ref = liger_grads(q, k, v, h0, do, dh, "torch", **dict(kw))
+    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
+    for name, a, b in zip(("dq", "dk", "dv", "dh0"), got, ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
+@check("liger_fp16")
+def liger_fp16():
+    """Half-precision I/O. (fp16, not bf16: the interpreter's numpy has no bfloat16 maths, so
+    bf16 runs are checked on the GPU by benchmarks/kernel_check.py.)"""
+    torch.manual_seed(12)
+    B, T, Hq, Hkv, D = 1, 40, 2, 1, 32
+    q, k, v = (torch.randn(B, T, h, D).to(torch.float16) for h in (Hq, Hkv, Hkv))
+    cos, sin = rope(B, T, D)
+    o, s = kernels().liger_attention(q, k, v, cos=cos, sin=sin, output_final_state=True, backend="triton")
+    r, rs = kernels().liger_attention(q.double(), k.double(), v.double(), cos=cos.double(), sin=sin.double(),
+                              output_final_state=True, backend="torch")
+    assert o.dtype == torch.float16
+    assert rel(o, r) < 5e-3 and rel(s, rs) < 5e-3
+
+
+@check("liger_fp16_strong_gates")
+def liger_fp16_strong():
+    """Strong gates put exp(60)-sized factors in the diagonal block: fp16 must not overflow."""
+    torch.manual_seed(14)
+    B, T, H, D = 1, 40, 2, 16
+    q, v = torch.randn(B, T, H, D).half(), torch.randn(B, T, H, D).half()
+    k = torch.randn(B, T, H, D).half()
+    k[:, :, :, 0] = -40.0  # channel 0 decays by exp(-40) per step at gate_normalizer 1
+    cos, sin = rope(B, T, D)
+    kw = dict(cos=cos, sin=sin, gate_normalizer=1.0, output_final_state=True)
+    o, s = kernels().liger_attention(q, k, v, backend="triton", **kw)
+    r, rs = kernels().liger_attention(q.double(), k.double(), v.double(), backend="torch",
+                                      **dict(kw, cos=cos.double(), sin=sin.double()))
+    assert rel(o, r) < 5e-3 and rel(s, rs) < 5e-3
+
+
+@check("unsupported_head_size_falls_back")
+def unsupported_head_size():
+    torch.manual_seed(15)
+    B, T, H, D = 1, 9, 2, 24  # not a power of two: PyTorch path, same results
+    q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+    cos, sin = rope(B, T, D)
+    o, _ = kernels().liger_attention(q, k, v, cos=cos, sin=sin, backend="triton")
+    r, _ = kernels().liger_attention(q, k, v, cos=cos, sin=sin, backend="torch")
+    assert rel(o, r) < 1e-6
+    state = torch.zeros(B, H, D, D)
+    kr, vr, valid = torch.zeros(B, H, 4, D), torch.zeros(B, H, 4, D), torch.zeros(B, 4, dtype=torch.bool)
+    o = kernels().liger_decode_step(q[:, :1], k[:, :1], v[:, :1], state, kr, vr, valid, 0, window=4,
+                                    cos=cos[:, :1], sin=sin[:, :1], backend="triton")
+    assert rel(o, r[:, :1]) < 1e-6 and bool(valid[:, 0].all())
+
+
+@check("liger_left_padding_falls_back")
+def liger_left_padding():
+    torch.manual_seed(13)
+    B, T, H, D = 2, 20, 2, 16
+    q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :6] = False
+    cos, sin = rope(B, T, D)
+    o, _ = kernels().liger_attention(q, k, v, cos=cos, sin=sin, attention_mask=mask, backend="triton")
+    r, _ = kernels().liger_attention(q.double(), k.double(), v.double(), cos=cos.double(), sin=sin.double(),
+                             attention_mask=mask, backend="torch")
+    assert rel(o, r) < 1e-4
+
+
+def chunk_gla_case(T, packed):
+    torch.manual_seed(T + packed)
+    H, Dk, Dv = 2, 16, 32
+    B, cu = (1, torch.tensor([0, max(T // 3, 1), T + 1], dtype=torch.int32)) if packed else (2, None)
+    T = T + 1 if packed else T  # packed: two non-empty sequences
+    q, k = torch.randn(B, T, H, Dk), torch.randn(B, T, H, Dk)
+    v = torch.randn(B, T, H, Dv)
+    g = F.logsigmoid(torch.randn(B, T, H, Dk) * 3)
+    h0 = torch.randn(2, H, Dk, Dv)
+    do, dh = torch.randn(B, T, H, Dv), torch.randn(2, H, Dk, Dv)
+
+    def run(backend, cast):
+        xs = [x.detach().to(cast).requires_grad_() for x in (q, k, v, g, h0)]
+        o, s = kernels().chunk_gla(*xs[:4], scale=0.5, initial_state=xs[4], output_final_state=True, cu_seqlens=cu,
+                           backend=backend)
+        return (o, s), torch.autograd.grad((o * do.to(cast)).sum() + (s * dh.to(cast)).sum(), xs)
+
+    (o, s), got = run("triton", torch.float32)
+    (r, rs), ref = run("torch", F64)
+    if not packed:
+        r2, rs2 = naive_recurrent_gla(q.double(), k.double(), v.double(), g.double(), scale=0.5,
+                                      initial_state=h0.double(), output_final_state=True)
+        assert rel(r, r2) < 1e-12
+    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), got, ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
+def decode_case(Hq, Hkv, W, position):
+    torch.manual_seed(Hq + W)
+    B, D = 3, 16
+    q, k, v = torch.randn(B, 1, Hq, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
+    state = torch.randn(B, Hq, D, D)
+    kr, vr = torch.randn(B, Hkv, max(W, 1), D), torch.randn(B, Hkv, max(W, 1), D)
+    valid = torch.rand(B, max(W, 1)) > 0.5
+    cos, sin = rope(B, 1, D, offset=position)
+    s2, kr2, vr2, valid2 = state.double(), kr.double(), vr.double(), valid.clone()
+    kw = dict(window=W, mix=0.4, gate_normalizer=16.0)
+    o = kernels().liger_decode_step(q, k, v, state, kr if W else None, vr if W else None, valid if W else None, position,
+                            cos=cos, sin=sin, backend="triton", **kw)
+    r = liger_decode_step_torch(q.double(), k.double(), v.double(), s2, kr2 if W else None, vr2 if W else None,
+                                valid2 if W else None, position, cos=cos.double(), sin=sin.double(), **kw)
+    assert o.shape == (B, 1, Hq, D)
+    assert rel(o, r) < 1e-4 and rel(state, s2) < 1e-5
+    if W:
+        assert rel(kr, kr2) < 1e-5 and rel(vr, vr2) < 1e-6 and bool((valid == valid2).all())
+
+
+for _c in CASES:
+    CHECKS["liger_T{}_Hq{}_Hkv{}_W{}_{}".format(*_c[:4], "strong" if _c[4] else "weak")] = (
+        lambda c=_c: liger_case(*c))
+for _T, _p in itertools.product((1, 17, 65), (False, True)):
+    CHECKS[f"chunk_gla_T{_T}_{'packed' if _p else 'batched'}"] = lambda T=_T, p=_p: chunk_gla_case(T, p)
+for _d in [(2, 2, 8, 13), (4, 1, 6, 2), (4, 2, 0, 5)]:
+    CHECKS["decode_Hq{}_Hkv{}_W{}_pos{}".format(*_d)] = lambda d=_d: decode_case(*d)
+
+
+def kernels():
+    import linearize.kernels as k  # noqa: PLC0415
+
+    return k
+
+
+def worker(out_path: str) -> None:
+    """Run every check under the interpreter; write {name: "ok" | error text} as JSON."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import linearize.kernels.triton_ops  # noqa: F401, PLC0415 - must import: the checks exercise it
+    from linearize.kernels.gla import chunk_triton  # noqa: PLC0415
+
+    chunk_triton.POISON_OUTPUTS = True
+    results = {}
+    for name, fn in CHECKS.items():
+        try:
+            fn()
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - recorded and asserted by the pytest side
+            results[name] = traceback.format_exc(limit=4)
+    Path(out_path).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    out = tmp_path_factory.mktemp("triton_interp") / "results.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_triton_interpreter(results, name):
+    assert results[name] == "ok", results[name]
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
