@@ -245,3 +245,12 @@ def test_cli_bad_input_is_one_line(args, message, capsys, monkeypatch):
     assert code == 2
     lines = [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], stderr
+
+
+def test_recovered_percent_of_a_zero_score_is_zero():
+    from linearize.evaluate.report import recovered
+
+    assert recovered("acc", 0.0, 0.5) == 0.0
+    assert recovered("acc", 0.25, 0.5) == 50.0
+    assert recovered("ppl", 20.0, 10.0) == 50.0
+    assert recovered("acc", 0.3, 0.0) is None and recovered("ppl", 0.0, 3.0) is None

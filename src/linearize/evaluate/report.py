@@ -22,9 +22,11 @@ LOWER_IS_BETTER = {"ppl", "perplexity", "word_perplexity", "byte_perplexity", "b
 
 def recovered(metric: str, model: float | None, reference: float | None) -> float | None:
     """How much of the reference's quality the model keeps, in percent."""
-    if model is None or reference is None or model == 0 or reference == 0:
+    if model is None or reference is None:
         return None
-    return 100.0 * (reference / model if metric in LOWER_IS_BETTER else model / reference)
+    if metric in LOWER_IS_BETTER:
+        return None if model == 0 else 100.0 * reference / model
+    return None if reference == 0 else 100.0 * model / reference  # a score of 0 keeps 0% of a nonzero reference
 
 
 def rows(result: dict[str, Any]) -> list[tuple[str, float | None, float | None, float | None]]:
