@@ -167,6 +167,37 @@ def liger_left_padding():
     assert rel(o, r) < 1e-4
 
 
+@check("model_decode_matches_parallel_gqa3")
+def model_through_triton():
+    """A converted model (GQA ratio 3, like SmolLM2) forced onto the Triton kernels: its prefill +
+    decode agrees with the PyTorch path's parallel pass."""
+    from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: PLC0415
+
+    from linearize.families import family_for  # noqa: PLC0415
+    from linearize.modeling import default_settings, linearize_model  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    linearize_model(model, family_for("llama"), default_settings(family="llama", window=16))
+    ids = torch.randint(0, 128, (2, 50))
+    with torch.no_grad():
+        os.environ["LINEARIZE_KERNELS"] = "torch"
+        reference = model(ids, use_cache=False).logits
+        os.environ["LINEARIZE_KERNELS"] = "triton"
+        try:
+            parallel = model(ids, use_cache=False).logits
+            out = model(ids[:, :30], use_cache=True)
+            steps = [out.logits]
+            for t in range(30, 50):
+                steps.append(model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits)
+        finally:
+            del os.environ["LINEARIZE_KERNELS"]
+    assert rel(parallel, reference) < 1e-4
+    assert rel(torch.cat(steps, 1), reference) < 1e-4
+
+
 def chunk_gla_case(T, packed):
     torch.manual_seed(T + packed)
     H, Dk, Dv = 2, 16, 32
