@@ -136,3 +136,23 @@ def test_gate_ablations_decode_like_they_train(stories_path, tmp_path, gate):
     assert relative_error(prefill_then_decode(model, ids, prompt_len=50), parallel) < 1e-4
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()  # gate_proj weights are saved, not redrawn
     assert torch.equal(reloaded(ids, use_cache=False).logits, parallel)
+
+
+@pytest.mark.parametrize("target", ["mamba2", "hgrn2"])
+@pytest.mark.parametrize("window", [16, 0])
+@torch.no_grad()
+def test_other_targets_decode_like_they_train(stories_path, tmp_path, tokenizer, target, window):
+    out = convert(str(stories_path), tmp_path / "out", target=target, window=window, keep_attention=[2])
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.linearize["target"] == target
+    ids = torch.randint(3, 512, (2, 90), generator=torch.Generator().manual_seed(0))
+    parallel = model(ids, use_cache=False).logits
+    assert relative_error(prefill_then_decode(model, ids, prompt_len=60), parallel) < 1e-4
+    source = AutoModelForCausalLM.from_pretrained(stories_path).eval()
+    with linearize.teacher(model):
+        assert (model(ids).logits - source(ids).logits).abs().max() < 1e-5
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    together = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, batch.input_ids.shape[1] :]
+    alone_inputs = tokenizer(PROMPTS[1], return_tensors="pt")
+    alone = model.generate(**alone_inputs, max_new_tokens=8, do_sample=False)[0, alone_inputs.input_ids.shape[1] :]
+    assert together[1].tolist() == alone.tolist()

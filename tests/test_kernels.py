@@ -254,3 +254,33 @@ def test_packed_input_with_an_empty_segment_keeps_its_state():
     cu = torch.tensor([0, 4, 4, 10])
     o, state = chunk_gla(q, q, q, g, scale=1.0, initial_state=h0, output_final_state=True, cu_seqlens=cu, backend="torch")
     assert o.shape == q.shape and torch.equal(state[1], h0[1])
+
+
+@pytest.mark.parametrize("target", ["mamba2", "hgrn2"])
+def test_target_feature_maps(target):
+    from linearize.kernels.liger.naive import feature_maps
+
+    q, k, v = (torch.randn(2, 5, 3, 8, dtype=torch.float64) for _ in range(3))
+    phi_q, phi_k, _, log_gate = feature_maps(q, k, v, 16.0, None, target=target)
+    torch.testing.assert_close(phi_q.sum(-1), torch.ones(2, 5, 3, dtype=torch.float64))
+    assert (log_gate <= 0).all()
+    if target == "mamba2":  # one decay per head: every channel of a head decays alike
+        assert torch.equal(log_gate, log_gate[..., :1].expand_as(log_gate))
+        torch.testing.assert_close(phi_k.sum(-1), torch.ones(2, 5, 3, dtype=torch.float64))
+    else:  # hgrn2: the key is the input gate tied to the forget gate
+        torch.testing.assert_close(phi_k, 1 - log_gate.exp())
+
+
+@pytest.mark.parametrize("target", ["mamba2", "hgrn2"])
+def test_target_chunked_form_matches_the_materialised_matrix(target):
+    from linearize.kernels.liger.naive import liger_attention_torch, liger_mixing_matrix, repeat_heads
+
+    B, T, Hq, Hkv, D = 2, 70, 4, 2, 8
+    q, k = torch.randn(B, T, Hq, D, dtype=torch.float64) * 3, torch.randn(B, T, Hkv, D, dtype=torch.float64) * 3
+    v = torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    ang = torch.randn(1, T, D // 2, dtype=torch.float64)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    mixing = liger_mixing_matrix(q, k, window=8, cos=cos, sin=sin, target=target)
+    expected = torch.einsum("bhts,bshd->bthd", mixing, repeat_heads(v, Hq))
+    got, _ = liger_attention_torch(q, k, v, window=8, cos=cos, sin=sin, target=target)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)

@@ -18,6 +18,11 @@ def conversion_card(config: Any, command: str, seconds: float) -> str:
         if s["window"]
         else "pure gated linear attention (no sliding window)"
     )
+    feature = {
+        "gla": "feature maps softmax(q) and softmax(k) over the head dimension",
+        "mamba2": "feature maps softmax(q) and softmax(k), one scalar decay per head (Mamba-2-style)",
+        "hgrn2": "feature map softmax(q); the key becomes the input gate 1 - a (Liger-HGRN2)",
+    }[s["target"]]
     gate = {
         "key": f"forget gate log a = logsigmoid(k) / {s['gate_normalizer']:g} per key channel",
         "none": "no forget gate (ablation: plain linear attention with softmax feature maps)",
@@ -38,7 +43,7 @@ Made by [linearize](https://pypi.org/project/linearize/) {s['version']} with
 ```
 
 - Method: Liger (arXiv 2503.01496). Each converted attention layer reuses the source's q/k/v/o
-  projections: feature maps softmax(q) and softmax(k) over the head dimension, {gate}.
+  projections: {feature}, {gate}.
 - Mixer: {branch}.
 - Layers: {layers}.
 - Source family: {s['family']}; the source's tensors are unchanged.

@@ -19,9 +19,8 @@ from .cache import LigerCache, LigerCacheLayer
 from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
-from .kernels.liger.naive import apply_rope, liger_attention_torch
+from .kernels.liger.naive import TARGETS, apply_rope, liger_attention_torch
 
-TARGETS = ("gla",)
 GATES = ("key", "none", "projection")  # where the forget gate comes from; "key" is Liger, the others ablations
 
 
@@ -70,7 +69,8 @@ class LigerAttentionMixin:
         q, k, v = self.family.project_qkv(self, hidden_states)
         B, T = q.shape[:2]
         window = s["window"]
-        opts = dict(mix=s["mix"], gate_normalizer=s["gate_normalizer"], log_gate=self.ablated_log_gate(hidden_states, k))
+        opts = dict(mix=s["mix"], gate_normalizer=s["gate_normalizer"], log_gate=self.ablated_log_gate(hidden_states, k),
+                    target=s["target"])
         cos, sin = position_embeddings
         valid = None if padding_mask is None else padding_mask[:, -T:]
 

@@ -15,7 +15,7 @@ class ConvertOptions(BaseModel):
 
     source: str = Field(description="Hub id, local model folder, or .gguf file")
     out: Path = Field(description="output folder (must not exist unless overwrite)")
-    to: str = Field("gla", description="target structure")
+    to: str = Field("gla", description="target structure: gla (Liger), mamba2 (scalar decay per head), hgrn2")
     window: int = Field(64, ge=0, description="sliding-window size in tokens; 0 = pure GLA (--no-window)")
     keep_attention: list[int] = Field([], description="layers kept as softmax attention, e.g. 0,8,16")
     keep_attention_every: int | None = Field(None, ge=1, description="keep every N-th layer (0, N, 2N, ...)")

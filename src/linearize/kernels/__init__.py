@@ -100,20 +100,23 @@ def liger_attention(
     cu_seqlens: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     log_gate: torch.Tensor | None = None,
+    target: str = "gla",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Liger Attention (see kernels/liger/naive.py for the exact definition).
 
     q [B, T, Hq, D]; k, v [B, T, Hkv, D] raw projections; cos, sin [B or 1, T, D] (RoPE on
     the window branch only); window = 0 is pure GLA; attention_mask [B, T] bool marks real
-    tokens (False = padding). `log_gate` [B, T, Hkv, D] replaces the key-derived gate (ablations;
-    PyTorch path only). Returns o in q's dtype and the final state [B, Hq, D, D] fp32.
+    tokens (False = padding). `log_gate` [B, T, Hkv, D] replaces the key-derived gate (ablations),
+    `target` picks the feature maps (mamba2, hgrn2: see liger/naive.py); both run on the PyTorch
+    path. Returns o in q's dtype and the final state [B, Hq, D, D] fp32.
     """
     kwargs = dict(window=window, mix=mix, gate_normalizer=gate_normalizer)
-    if log_gate is not None:
+    if log_gate is not None or target != "gla":
         if backend == "triton":
-            raise ValueError("the fused Triton kernel derives the gate from k: use backend='torch' with log_gate")
+            raise ValueError("the fused Triton kernel is Liger's gla with the gate from k: use backend='torch'")
         backend = "torch"
+        kwargs["target"] = target
     if _pick(backend, q, q.shape[-1]) == "triton":
         return _triton_ops().liger_attention(
             q, k, v, cos=cos, sin=sin, initial_state=initial_state, output_final_state=output_final_state,
@@ -155,12 +158,15 @@ def liger_decode_step(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     log_gate: torch.Tensor | None = None,
+    target: str = "gla",
     backend: str = "auto",
 ) -> torch.Tensor:
     """One decode step; updates `state` and the window ring buffer in place (see naive.py)."""
     kwargs = dict(window=window, mix=mix, gate_normalizer=gate_normalizer, cos=cos, sin=sin)
-    if log_gate is not None:
-        return liger_decode_step_torch(q, k, v, state, k_ring, v_ring, ring_valid, position, log_gate=log_gate, **kwargs)
+    if log_gate is not None or target != "gla":
+        return liger_decode_step_torch(
+            q, k, v, state, k_ring, v_ring, ring_valid, position, log_gate=log_gate, target=target, **kwargs
+        )
     if _pick(backend, q, q.shape[-1]) == "triton":
         return _triton_ops().liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position, **kwargs)
     return liger_decode_step_torch(q, k, v, state, k_ring, v_ring, ring_valid, position, **kwargs)

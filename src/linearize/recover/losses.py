@@ -102,7 +102,7 @@ def orient_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = No
         q, k, _ = layer.family.project_qkv(layer, hidden)
         mixing = liger_mixing_matrix(
             q, k, window=s["window"], mix=s["mix"], gate_normalizer=s["gate_normalizer"], cos=cos, sin=sin,
-            log_gate=layer.ablated_log_gate(hidden, k),
+            log_gate=layer.ablated_log_gate(hidden, k), target=s["target"],
         )
         # Scale by T so the loss reads as a per-row error, not shrinking with sequence length.
         losses.append(F.mse_loss(mixing, target) * q.shape[1])

@@ -37,6 +37,9 @@ def repeat_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)
 
 
+TARGETS = ("gla", "mamba2", "hgrn2")
+
+
 def feature_maps(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -44,14 +47,25 @@ def feature_maps(
     gate_normalizer: float,
     valid: torch.Tensor | None,
     log_gate: torch.Tensor | None = None,
+    target: str = "gla",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """phi(q), phi(k), v, log-gate in the compute dtype, padded steps neutralised.
 
-    The gate comes from the key unless `log_gate` [B, T, Hkv, D] is given (the ablations)."""
+    Every target reads its forget gate log a = logsigmoid(k) / gate_normalizer off the key:
+    - gla (Liger): phi(k) = softmax(k), one gate per key channel;
+    - mamba2: phi(k) = softmax(k), one scalar gate per head (the channel gates' mean in log space);
+    - hgrn2 (Liger-HGRN2): the key becomes the input gate 1 - a, tied to the forget gate.
+    phi(q) = softmax(q) for all. `log_gate` [B, T, Hkv, D] replaces the gate (the ablations)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}: one of {', '.join(TARGETS)}")
     dt = compute_dtype(q)
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
-    phi_q, phi_k = q.softmax(-1), k.softmax(-1)
-    log_gate = F.logsigmoid(k) / gate_normalizer if log_gate is None else log_gate.to(dt)
+    forget = F.logsigmoid(k) / gate_normalizer
+    if target == "mamba2":
+        forget = forget.mean(-1, keepdim=True).expand_as(forget)
+    phi_q = q.softmax(-1)
+    phi_k = -torch.expm1(forget) if target == "hgrn2" else k.softmax(-1)
+    log_gate = forget if log_gate is None else log_gate.to(dt)
     if valid is not None:
         keep = valid[:, :, None, None]
         phi_k = torch.where(keep, phi_k, 0.0)
@@ -124,6 +138,7 @@ def liger_attention_torch(
     attention_mask: torch.Tensor | None = None,
     window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     log_gate: torch.Tensor | None = None,
+    target: str = "gla",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Liger Attention on [B, T, H, D] inputs; returns (o in q's dtype, final state or None).
 
@@ -131,7 +146,7 @@ def liger_attention_torch(
     cached sliding window (used when a forward pass extends an existing cache).
     """
     Hq, D = q.shape[2], q.shape[3]
-    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, attention_mask, log_gate)
+    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, attention_mask, log_gate, target)
     o, state = chunk_gla_torch(
         phi_q,
         repeat_heads(phi_k, Hq),
@@ -174,6 +189,7 @@ def liger_decode_step_torch(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     log_gate: torch.Tensor | None = None,
+    target: str = "gla",
 ) -> torch.Tensor:
     """One token of Liger Attention, updating the cache in place.
 
@@ -182,7 +198,7 @@ def liger_decode_step_torch(
     [B, window] which slots hold real tokens. `position` counts the tokens already cached.
     """
     Hq, D = q.shape[2], q.shape[3]
-    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None, log_gate)
+    phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None, log_gate, target)
     phi_k, v_lin, log_gate = (repeat_heads(x, Hq)[:, 0] for x in (phi_k, v_lin, log_gate))
     state.mul_(log_gate.exp().to(state.dtype)[..., None])
     state.add_((phi_k[..., :, None] * v_lin[..., None, :]).to(state.dtype))
@@ -212,13 +228,14 @@ def liger_mixing_matrix(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     log_gate: torch.Tensor | None = None,
+    target: str = "gla",
 ) -> torch.Tensor:
     """The [B, Hq, T, T] matrix M with Liger Attention's output o = M v, materialised (short T only).
 
     Used by the orient stage (MOHAWK's matrix orientation) and to check the fast forms.
     """
     B, T, Hq, D = q.shape
-    phi_q, phi_k, _, log_gate = feature_maps(q, k, k, gate_normalizer, None, log_gate)
+    phi_q, phi_k, _, log_gate = feature_maps(q, k, k, gate_normalizer, None, log_gate, target)
     phi_k, log_gate = repeat_heads(phi_k, Hq), repeat_heads(log_gate, Hq)
     b = log_gate.cumsum(1)  # [B, T, H, D]
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
