@@ -19,7 +19,7 @@ from .cache import LigerCache, LigerCacheLayer
 from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
-from .kernels.liger.naive import apply_rope, liger_attention_torch
+from .kernels.liger.naive import TARGETS, apply_rope, liger_attention_torch  # noqa: F401 - TARGETS re-exported
 
 GATES = ("key", "none", "projection")  # where the forget gate comes from; "key" is Liger, the others ablations
 
