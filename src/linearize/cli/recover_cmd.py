@@ -45,6 +45,7 @@ def recover(
     merge: bool = typer.Option(D["merge"], help=H["merge"]),
     overwrite: bool = typer.Option(D["overwrite"], help=H["overwrite"]),
     nproc: int = typer.Option(D["nproc"], help=H["nproc"]),
+    fsdp: bool = typer.Option(D["fsdp"], help=H["fsdp"]),
 ) -> None:
     """Recover a converted model's quality with LoRA (Liger's recipe by default)."""
     from pydantic import ValidationError

@@ -1,9 +1,13 @@
-"""Data parallelism for recovery: one process per GPU under torchrun (gloo on CPU).
+"""Several processes for recovery: one per GPU under torchrun (gloo on CPU).
 
-Only LoRA weights train, so each rank holds the whole model and the gradients to share are
-tiny: ranks split each optimizer step's blocks and sum their gradients with one all-reduce
-per parameter, which is what DDP would do, without wrapping the model (the loss functions
-reach into it for teacher passes and hooks).
+Replicated (the default, for models that fit one GPU): only LoRA weights train, so each rank
+holds the whole model and the gradients to share are tiny: ranks split each optimizer step's
+blocks and sum their gradients with one all-reduce per parameter, which is what DDP would do,
+without wrapping the model (the loss functions reach into it for teacher passes and hooks).
+
+Sharded (`fsdp`, for models too large for one GPU): FSDP2's `fully_shard` on every decoder
+layer and the root spreads the frozen weights over the ranks and reduce-scatters gradients;
+checkpoints gather the trainable tensors to rank 0.
 """
 
 from __future__ import annotations
@@ -54,6 +58,44 @@ def all_reduce_sum(world: World, tensor: torch.Tensor) -> torch.Tensor:
     if world.size > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(world: World, value: int, device: torch.device) -> int:
+    if world.size == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def shard(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device) -> None:
+    """FSDP2: shard each decoder layer, then what is left (embeddings, head), across the ranks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # bf16 compute on GPUs while the LoRA weights keep their fp32 masters; fp32 gradient reduction.
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name: whole tensor on CPU} of what trains; under FSDP every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put whole tensors from `trainable_state` back, sharding them again where the model is sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def shutdown(world: World) -> None:

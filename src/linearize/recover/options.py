@@ -44,6 +44,7 @@ class RecoverOptions(BaseModel):
     seed: int = Field(0, description="data order and initialisation seed")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     nproc: int = Field(1, ge=1, description="processes (GPUs) to train on: relaunched under torchrun")
+    fsdp: bool = Field(False, description="with several processes, shard the model (FSDP2) instead of replicating it")
     resume: bool = Field(False, description="continue an interrupted run in OUT")
     merge: bool = Field(False, description="also write a merged standalone checkpoint to OUT/merged")
     overwrite: bool = Field(False, description="replace OUT if it exists")

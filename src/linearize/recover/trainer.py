@@ -25,7 +25,16 @@ from ..checkpoint import check_output
 from ..errors import LinearizeError
 from ..loading import load_causal_lm, load_tokenizer, resolve_device
 from .data import Blocks, DataReport, prepare
-from .distributed import all_reduce_sum, barrier, init_world, shutdown
+from .distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    init_world,
+    load_trainable_state,
+    shard,
+    shutdown,
+    trainable_state,
+)
 from .losses import lm_loss, training_loss
 from .options import RecoverOptions
 
@@ -81,6 +90,11 @@ def make_scheduler(optimizer, opts: RecoverOptions, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training_dtype(device: torch.device) -> torch.dtype:
+    """Frozen weights in bf16 on GPUs (LoRA weights stay fp32), fp32 on CPUs."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -103,6 +117,7 @@ class Recovery:
         self.work = workdir_for(self.out)
         self.world, self.device = init_world(resolve_device(opts.device))
         self.main = self.world.is_main
+        self.sharded = opts.fsdp and self.world.size > 1
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_folders(self) -> Position | None:
@@ -130,8 +145,7 @@ class Recovery:
         from .. import is_converted
 
         torch.manual_seed(self.opts.seed)
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        model = load_causal_lm(self.opts.ckpt, dtype, self.device)
+        model = load_causal_lm(self.opts.ckpt, training_dtype(self.device), self.device)
         if not is_converted(model):
             raise LinearizeError(f"{self.opts.ckpt} is not a converted checkpoint: run `linearize convert` first")
         self.tokenizer = load_tokenizer(self.opts.ckpt)
@@ -148,6 +162,8 @@ class Recovery:
         if self.opts.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
+        if self.sharded:
+            shard(self.model, list(model.model.layers), self.device)
         self.model.train()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -161,6 +177,8 @@ class Recovery:
     def save_checkpoint(self, pos: Position, optimizer, scheduler, sync: bool = True) -> Path:
         folder = self.work / CHECKPOINTS
         name = f"step-{pos.stage:02d}-{pos.step:07d}"
+        # Whole tensors, gathered from the shards where the model is sharded (a collective: every rank).
+        weights, optim = trainable_state(self.model), self.optimizer_state(optimizer)
         if not self.main:  # rank 0 writes; the others wait so nobody reads a half-written checkpoint
             if sync:
                 barrier(self.world)
@@ -168,8 +186,8 @@ class Recovery:
         tmp = folder / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        self.model.save_pretrained(tmp / "adapter", state_dict=weights)
+        torch.save({"weights": weights, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "trainer.pt")
         (tmp / "position.json").write_text(json.dumps(pos.__dict__))
         final = folder / name
@@ -182,16 +200,26 @@ class Recovery:
         return final
 
     def restore(self, pos: Position, optimizer, scheduler) -> None:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
         folder = self.work / CHECKPOINTS / f"step-{pos.stage:02d}-{pos.step:07d}"
-        weights = load_file(folder / "adapter" / "adapter_model.safetensors", device=str(self.device))
-        set_peft_model_state_dict(self.model, weights)
-        state = torch.load(folder / "trainer.pt", weights_only=False, map_location=self.device)
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(folder / "trainer.pt", weights_only=False, map_location="cpu")
+        load_trainable_state(self.model, state["weights"])
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+
+    def optimizer_state(self, optimizer) -> dict:
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                        cpu_offload=True))
 
     # -- training ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -254,8 +282,9 @@ class Recovery:
                     if pos.step % opts.save_every == 0:
                         self.save_checkpoint(pos, optimizer, scheduler)
             except KeyboardInterrupt:
-                if self.world.size > 1 and not self.main:
-                    raise Interrupted("interrupted: rank 0 saves the checkpoint") from None
+                if self.world.size > 1 and (self.sharded or not self.main):
+                    # Gathering shards needs every rank, and they are all stopping: the periodic checkpoint stays.
+                    raise Interrupted("interrupted: rerun with --resume to continue from the last checkpoint") from None
                 saved = self.save_checkpoint(pos, optimizer, scheduler, sync=False)  # the other ranks are stopping too
                 raise Interrupted(
                     f"interrupted at {stage} step {pos.step}: checkpoint saved in {saved}; rerun with --resume"
@@ -278,20 +307,24 @@ class Recovery:
             group = mine[i : i + opts.micro_batch]
             for n in sorted({n for _, n in group}, reverse=True):  # a cut-short block rides alone
                 rows = [b for b, m in group if m == n]
-                micro.append((train.input_ids[rows, :n], train.labels[rows, :n]))
+                micro.append((train.input_ids[rows, :n], train.labels[rows, :n], 1.0))
+        if self.sharded:  # every rank must run as many forward/backward passes (they are collectives)
+            most = all_reduce_max(world, len(micro), self.device)
+            spare = micro[0] if micro else (train.input_ids[:1, :seq], train.labels[:1, :seq], 0.0)
+            micro += [(spare[0], spare[1], 0.0)] * (most - len(micro))  # weight 0: no effect on the step
         optimizer.zero_grad(set_to_none=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         loss_sum = torch.zeros(3, device=self.device)  # sum of losses, micro-batches, non-finite count
-        for ids, labels in micro:
+        for ids, labels, weight in micro:
             ids, labels = ids.to(self.device), labels.to(self.device)
             with self.autocast():
                 loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
             if not torch.isfinite(loss):
                 loss_sum[2] += 1
                 break
-            loss.backward()
-            loss_sum[0] += loss.detach().float()
-            loss_sum[1] += 1
+            (loss * weight).backward()
+            loss_sum[0] += loss.detach().float() * weight
+            loss_sum[1] += weight
         all_reduce_sum(world, loss_sum)
         if loss_sum[2] > 0:
             last = self.latest_checkpoint()
@@ -300,8 +333,13 @@ class Recovery:
             raise LinearizeError(
                 f"loss is nan at {stage} step {pos.step + 1}: stopped; {where} (lower --lr or check the data, then --resume)"
             )
-        # Gradients of the mean loss over the step's micro-batches, on every rank alike.
+        # Gradients of the mean loss over the step's micro-batches, on every rank alike. FSDP has
+        # already averaged them over the ranks (reduce-scatter); replicated ranks sum them here.
         for p in params:
+            if self.sharded:
+                if p.grad is not None:
+                    p.grad.mul_(world.size / loss_sum[1])
+                continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             all_reduce_sum(world, p.grad).div_(loss_sum[1])
@@ -335,23 +373,30 @@ class Recovery:
             if self.main:
                 (self.work / "stages.json").write_text(json.dumps(results, indent=1))
         report = data.get(self.opts.seq_len, next(iter(data.values())))[2]
+        weights = trainable_state(self.model)  # gathered from the shards: every rank takes part
         if self.main:
-            self.finish(results, report)
+            self.finish(results, report, weights)
         barrier(self.world)
         shutdown(self.world)
         return self.out
 
-    def finish(self, results: list[dict], report: DataReport) -> None:
+    def finish(self, results: list[dict], report: DataReport, weights: dict[str, torch.Tensor]) -> None:
         from .card import adapter_card
 
-        self.model.save_pretrained(self.work)
+        self.model.save_pretrained(self.work, state_dict=weights)
         self.tokenizer.save_pretrained(self.work)
         card = adapter_card(self.opts, results, report)
         (self.work / "README.md").write_text(card)
         if self.opts.merge:
             from ..convert import write_checkpoint
 
-            merged = self.model.merge_and_unload()
+            if self.sharded:  # fold the adapter into a fresh, whole copy of the model on the CPU
+                from peft import PeftModel
+
+                base = load_causal_lm(self.opts.ckpt, training_dtype(self.device), torch.device("cpu"))
+                merged = PeftModel.from_pretrained(base, self.work).merge_and_unload()
+            else:
+                merged = self.model.merge_and_unload()
             merged.eval()
             write_checkpoint(merged, self.tokenizer, self.work / "merged", card)
         shutil.rmtree(self.work / CHECKPOINTS, ignore_errors=True)
