@@ -35,8 +35,9 @@ def run_command(
                                           "output layout) and stop.")] = False,
 ) -> None:
     """Run convert -> recover -> eval (-> bench) in one run folder; a rerun skips finished stages and resumes a cut one."""
+    from ..plan import print_plan
     from ..recipe import load_recipe
-    from ..run import Run, print_plan
+    from ..run import Run
 
     loaded = load_recipe(recipe, overrides or [])
     console = Console(stderr=True, record=not dry_run, highlight=False)
