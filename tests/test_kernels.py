@@ -284,3 +284,39 @@ def test_target_chunked_form_matches_the_materialised_matrix(target):
     expected = torch.einsum("bhts,bshd->bthd", mixing, repeat_heads(v, Hq))
     got, _ = liger_attention_torch(q, k, v, window=8, cos=cos, sin=sin, target=target)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("window", [0, 8])
+def test_hedgehog_matches_its_definition(window):
+    """The blocked form against the dense formula: window softmax terms and linear terms of the tokens that
+    left the window, over one shared normaliser; GQA, left padding."""
+    from linearize.kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch
+    from linearize.kernels.liger.naive import apply_rope, repeat_heads
+
+    torch.manual_seed(window)
+    B, T, Hq, Hkv, D = 2, 37, 4, 2, 8
+    q, k = torch.randn(B, T, Hq, D, dtype=torch.float64), torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    v = torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    fq, fk = HedgehogFeatureMap(Hq, D).double(), HedgehogFeatureMap(Hkv, D).double()
+    with torch.no_grad():
+        fq.weight.add_(0.3 * torch.randn_like(fq.weight))
+        fk.weight.add_(0.3 * torch.randn_like(fk.weight))
+        phi_q, phi_k = fq(q), fk(k)
+    ang = torch.randn(1, T, D // 2, dtype=torch.float64)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :5] = False
+    got, _ = hedgehog_attention_torch(q, k, v, phi_q, phi_k, window=window, cos=cos, sin=sin, attention_mask=valid)
+
+    kr, vr, pk = repeat_heads(apply_rope(k, cos, sin), Hq), repeat_heads(v, Hq), repeat_heads(phi_k, Hq)
+    qr = apply_rope(q, cos, sin)
+    t, s = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    in_window = (s <= t) & (s > t - window)
+    linear = s <= t - window
+    soft = torch.einsum("bthd,bshd->bhts", qr, kr).mul(D**-0.5).exp()
+    lin = torch.einsum("bthf,bshf->bhts", phi_q, pk)
+    seen = valid[:, None, None, :]
+    weights = torch.where(in_window & seen, soft, 0.0) + torch.where(linear & seen, lin, 0.0)
+    expected = torch.einsum("bhts,bshd->bthd", weights / weights.sum(-1, keepdim=True), vr)
+    real = valid[:, :, None, None].expand_as(got)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)

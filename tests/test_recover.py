@@ -296,3 +296,17 @@ def test_fsdp_two_processes_match_one(converted_dir, tmp_path, capsys):
         m1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "merged")(ids).logits
         m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "merged")(ids).logits
     torch.testing.assert_close(m1, m2, rtol=1e-4, atol=1e-4)
+
+
+def test_align_trains_hedgehog_feature_maps_and_they_travel(stories_path, tmp_path):
+    ckpt = convert(str(stories_path), tmp_path / "conv", target="hedgehog", window=16)
+    before = {k: v for k, v in load_file(ckpt / "model.safetensors").items() if "hedgehog" in k}
+    assert before and all(torch.equal(w, torch.eye(8).repeat(w.shape[0], 1, 1)) for w in before.values())
+    out = recover(options(ckpt, tmp_path / "out", stages=["align", "lm"], stage_tokens="align=512,lm=256", merge=True))
+    saved = {k: v for k, v in adapter_weights(out).items() if "hedgehog" in k}
+    assert len(saved) == len(before)
+    merged = {k: v for k, v in load_file(out / "merged" / "model.safetensors").items() if "hedgehog" in k}
+    assert merged.keys() == before.keys()
+    assert any(not torch.equal(merged[k], before[k]) for k in before), "the feature maps should have trained"
+    with pytest.raises(LinearizeError, match="orient"):
+        recover(options(ckpt, tmp_path / "out2", stages=["orient"], stage_tokens="orient=64", orient_seq_len=32))

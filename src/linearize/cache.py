@@ -22,17 +22,23 @@ from transformers.cache_utils import (
 class LigerCacheLayer(LinearAttentionLayer):
     is_compileable = False
 
-    def __init__(self, window: int):
-        super().__init__(number_of_states=1)
+    def __init__(self, window: int, number_of_states: int = 1):
+        super().__init__(number_of_states=number_of_states)
         self.window = window
         self.seen = 0  # tokens consumed so far, padding included
         self.k_ring: torch.Tensor | None = None  # [B, Hkv, window, D]
         self.v_ring: torch.Tensor | None = None
+        self.f_ring: torch.Tensor | None = None  # feature-mapped keys [B, Hkv, window, F] (hedgehog)
         self.ring_valid: torch.Tensor | None = None  # [B, window] bool
 
     @property
     def state(self) -> torch.Tensor | None:
         return self.recurrent_states[0]
+
+    @property
+    def norm(self) -> torch.Tensor | None:
+        """The normaliser z of targets that keep one (hedgehog)."""
+        return self.recurrent_states.get(1)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -40,40 +46,45 @@ class LigerCacheLayer(LinearAttentionLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
 
-    def window_prefix(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The ring in time order, oldest first, as [B, W, Hkv, D] x2 and [B, W]."""
+    def window_prefix(self) -> tuple[torch.Tensor, ...]:
+        """The ring in time order, oldest first: rotated keys, values ([B, W, Hkv, D]), then feature-mapped
+        keys if kept, and validity [B, W]."""
         order = (torch.arange(self.window, device=self.k_ring.device) + self.seen) % self.window
-        return (
-            self.k_ring[:, :, order].transpose(1, 2),
-            self.v_ring[:, :, order].transpose(1, 2),
-            self.ring_valid[:, order],
-        )
+        rings = [r for r in (self.k_ring, self.v_ring, self.f_ring) if r is not None]
+        return (*(r[:, :, order].transpose(1, 2) for r in rings), self.ring_valid[:, order])
 
     def store(
         self,
-        state: torch.Tensor,
+        state: torch.Tensor | tuple[torch.Tensor, ...],
         n_new: int,
         k_rot: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
+        phi_k: torch.Tensor | None = None,
     ) -> None:
         """Record a forward pass over `n_new` tokens: the state after them and, for a window,
         the rotated keys, values and validity of the last of them ([B, n, Hkv, D] x2 and [B, n]
         or None = all real, n <= n_new), of which the last `window` go into the ring."""
-        self.update_recurrent_state(state)
-        self.has_previous_state[0] = True
-        self.batch_size = state.shape[0]
+        states = state if isinstance(state, tuple) else (state,)
+        for i, s in enumerate(states):
+            self.update_recurrent_state(s, state_idx=i)
+            self.has_previous_state[i] = True
+        self.batch_size = states[0].shape[0]
         if self.window > 0:
             B, tail, H, D = k_rot.shape
             if self.k_ring is None:
                 self.k_ring = k_rot.new_zeros(B, H, self.window, D)
                 self.v_ring = v.new_zeros(B, H, self.window, D)
                 self.ring_valid = torch.zeros(B, self.window, dtype=torch.bool, device=k_rot.device)
+                if phi_k is not None:
+                    self.f_ring = phi_k.new_zeros(B, H, self.window, phi_k.shape[-1])
             n = min(tail, self.window)
             first = self.seen + n_new - n  # absolute position of the first token kept
             slots = (torch.arange(n, device=k_rot.device) + first) % self.window
             self.k_ring[:, :, slots] = k_rot[:, tail - n :].transpose(1, 2).to(self.k_ring.dtype)
             self.v_ring[:, :, slots] = v[:, tail - n :].transpose(1, 2).to(self.v_ring.dtype)
+            if self.f_ring is not None:
+                self.f_ring[:, :, slots] = phi_k[:, tail - n :].transpose(1, 2).to(self.f_ring.dtype)
             self.ring_valid[:, slots] = True if valid is None else valid[:, tail - n :]
         self.seen += n_new
 
@@ -81,7 +92,7 @@ class LigerCacheLayer(LinearAttentionLayer):
         self.seen += n_tokens
 
     def _rings(self) -> list[str]:
-        return [name for name in ("k_ring", "v_ring", "ring_valid") if getattr(self, name) is not None]
+        return [name for name in ("k_ring", "v_ring", "f_ring", "ring_valid") if getattr(self, name) is not None]
 
     def reset(self) -> None:
         super().reset()
@@ -115,10 +126,10 @@ class LigerCacheLayer(LinearAttentionLayer):
 class LigerCache(DynamicCache):
     """One cache layer per decoder layer: `LigerCacheLayer` for converted ones, the source's for kept ones."""
 
-    def __init__(self, config, converted: list[bool], window: int):
+    def __init__(self, config, converted: list[bool], window: int, number_of_states: int = 1):
         layer_types, layer_kwargs = get_layer_types_and_kwargs(config)
         layers = [
-            LigerCacheLayer(window) if is_converted else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            LigerCacheLayer(window, number_of_states) if is_converted else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
             for is_converted, kind, kwargs in zip(converted, layer_types, layer_kwargs, strict=True)
         ]
         Cache.__init__(self, layers=layers)  # DynamicCache's own __init__ would rebuild the layers

@@ -18,12 +18,18 @@ def conversion_card(config: Any, command: str, seconds: float) -> str:
         if s["window"]
         else "pure gated linear attention (no sliding window)"
     )
+    if s["target"] == "hedgehog":
+        branch = (f"softmax attention over a {s['window']}-token window (RoPE) and linear attention over older "
+                  "tokens, one shared normaliser" if s["window"] else "normalised linear attention")
     feature = {
         "gla": "feature maps softmax(q) and softmax(k) over the head dimension",
         "mamba2": "feature maps softmax(q) and softmax(k), one scalar decay per head (Mamba-2-style)",
         "hgrn2": "feature map softmax(q); the key becomes the input gate 1 - a (Liger-HGRN2)",
+        "hedgehog": "learnable per-head feature maps [softmax(xW), softmax(-xW)] (LoLCATs' Hedgehog; new "
+        "hedgehog_q/hedgehog_k weights set to the identity, trained by `recover --stages align,lm`), window and "
+        "linear part sharing one normaliser, no forget gate",
     }[s["target"]]
-    gate = {
+    gate = "no forget gate" if s["target"] == "hedgehog" else {
         "key": f"forget gate log a = logsigmoid(k) / {s['gate_normalizer']:g} per key channel",
         "none": "no forget gate (ablation: plain linear attention with softmax feature maps)",
         "projection": "forget gate from a new, randomly initialised projection (ablation; adds gate_proj weights)",

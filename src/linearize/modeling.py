@@ -19,7 +19,11 @@ from .cache import LigerCache, LigerCacheLayer
 from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
-from .kernels.liger.naive import TARGETS, apply_rope, liger_attention_torch  # noqa: F401 - TARGETS re-exported
+from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch, hedgehog_decode_step_torch
+from .kernels.liger.naive import TARGETS as LIGER_TARGETS
+from .kernels.liger.naive import apply_rope, liger_attention_torch
+
+TARGETS = (*LIGER_TARGETS, "hedgehog")  # hedgehog: LoLCATs' learnable feature map (kernels/hedgehog)
 
 GATES = ("key", "none", "projection")  # where the forget gate comes from; "key" is Liger, the others ablations
 
@@ -69,6 +73,9 @@ class LigerAttentionMixin:
         q, k, v = self.family.project_qkv(self, hidden_states)
         B, T = q.shape[:2]
         window = s["window"]
+        if s["target"] == "hedgehog":
+            o = self.hedgehog_forward(q, k, v, position_embeddings, layer_cache, padding_mask)
+            return self.o_proj(o.reshape(B, T, -1)), None
         opts = dict(mix=s["mix"], gate_normalizer=s["gate_normalizer"], log_gate=self.ablated_log_gate(hidden_states, k),
                     target=s["target"])
         cos, sin = position_embeddings
@@ -98,6 +105,32 @@ class LigerAttentionMixin:
                 layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail])
         return self.o_proj(o.reshape(B, T, -1)), None
 
+    def hedgehog_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
+        """The hedgehog target (PyTorch path): learnable feature maps, window and linear part sharing one
+        normaliser; the cache keeps S, z and rings of rotated keys, values and feature-mapped keys."""
+        window, T = self.config.linearize["window"], q.shape[1]
+        cos, sin = position_embeddings
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        phi_q, phi_k = self.hedgehog_q(q.to(dt)), self.hedgehog_k(k.to(dt))
+        valid = None if padding_mask is None else padding_mask[:, -T:]
+        if layer_cache is not None and layer_cache.seen > 0 and T == 1:
+            rings = (layer_cache.k_ring, layer_cache.v_ring, layer_cache.f_ring, layer_cache.ring_valid)
+            o = hedgehog_decode_step_torch(q, k, v, phi_q, phi_k, layer_cache.state, layer_cache.norm,
+                                           rings if window else None, layer_cache.seen, window=window, cos=cos, sin=sin)
+            layer_cache.advance(1)
+            return o
+        resumed = layer_cache is not None and layer_cache.seen > 0
+        o, state = hedgehog_attention_torch(
+            q, k, v, phi_q, phi_k, window=window, cos=cos, sin=sin, attention_mask=valid,
+            initial_state=(layer_cache.state, layer_cache.norm) if resumed else None,
+            window_prefix=layer_cache.window_prefix() if resumed and window else None,
+        )
+        if layer_cache is not None:
+            tail = slice(max(T - window, 0), T)
+            k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
+            layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail], phi_k[:, tail])
+        return o
+
     def ablated_log_gate(self, hidden_states: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         """None for Liger's key-derived gate (computed inside the kernels); else the ablation's log-gate."""
         s = self.config.linearize
@@ -123,7 +156,8 @@ class LinearizedCausalLM:
 
     def make_cache(self) -> LigerCache:
         converted = [a.linearize_kind == "liger" and not a.linearize_teacher for a in self.decoder_attention_layers()]
-        return LigerCache(self.config, converted, self.config.linearize["window"])
+        states = 2 if self.config.linearize["target"] == "hedgehog" else 1  # hedgehog keeps a normaliser too
+        return LigerCache(self.config, converted, self.config.linearize["window"], states)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
         if use_cache is None:
@@ -154,6 +188,11 @@ def install_liger_attention(model: torch.nn.Module) -> None:
         attn.__class__ = model.liger_attention_class
         attn.linearize_kind = "softmax" if i in keep else "liger"
         attn.linearize_teacher = False
+        if settings["target"] == "hedgehog" and i not in keep and not hasattr(attn, "hedgehog_q"):
+            # LoLCATs' new parameters: per-head feature maps starting at the identity, trained by the align stage.
+            ref = attn.q_proj.weight
+            attn.hedgehog_q = HedgehogFeatureMap(model.config.num_attention_heads, attn.head_dim, ref.device, ref.dtype)
+            attn.hedgehog_k = HedgehogFeatureMap(model.config.num_key_value_heads, attn.head_dim, ref.device, ref.dtype)
         if settings.get("gate") == "projection" and i not in keep and not hasattr(attn, "gate_proj"):
             # The ablation's new parameters: a random projection, as the paper's "gate from a new projection".
             ref = attn.k_proj.weight

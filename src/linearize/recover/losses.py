@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..errors import LinearizeError
 from ..kernels.liger.naive import liger_mixing_matrix, softmax_attention_matrix
 from ..modeling import LigerAttentionMixin, teacher
 
@@ -93,6 +94,8 @@ def orient_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = No
     calls = _capture_layer_inputs(model, input_ids)
     losses = []
     for layer, (args, kwargs, _) in calls.items():
+        if layer.config.linearize["target"] == "hedgehog":
+            raise LinearizeError("the orient stage materialises gated mixing matrices: use align for hedgehog")
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cos, sin = kwargs["position_embeddings"]
         s = layer.config.linearize

@@ -149,8 +149,10 @@ class Recovery:
         if not is_converted(model):
             raise LinearizeError(f"{self.opts.ckpt} is not a converted checkpoint: run `linearize convert` first")
         self.tokenizer = load_tokenizer(self.opts.ckpt)
-        # New parameters a target brings (the gate_proj ablation) train in full and travel with the adapter.
-        new_modules = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name.endswith("gate_proj")})
+        # New parameters a target brings (hedgehog's feature maps, the gate_proj ablation) train in full and
+        # travel with the adapter.
+        new_modules = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
+                              if name.endswith(("gate_proj", "hedgehog_q", "hedgehog_k"))})
         lora = LoraConfig(
             r=self.opts.lora_r, lora_alpha=self.opts.lora_alpha, target_modules=self.opts.lora_targets,
             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", modules_to_save=new_modules or None,
