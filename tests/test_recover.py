@@ -232,6 +232,19 @@ def test_cli_recover_errors(converted_dir, tmp_path, capsys):
     assert code == 2 and "not found" in err
 
 
+def assert_same_training(one_dir, two_dir) -> None:
+    """Same tokens and losses step by step (to 1e-4), and the same adapter."""
+    one = [json.loads(line) for line in (one_dir / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (two_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+    a, b = adapter_weights(one_dir), adapter_weights(two_dir)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
 def test_two_processes_match_one_at_equal_global_batch(converted_dir, tmp_path, capsys):
     """torchrun with 2 CPU ranks (gloo), grad-accum 1, against 1 process with grad-accum 2."""
     common = ["recover", converted_dir, "--data", STORIES_TEXT, "--seq-len", "64", "--micro-batch", "1",
@@ -240,14 +253,7 @@ def test_two_processes_match_one_at_equal_global_batch(converted_dir, tmp_path, 
     assert code == 0, err
     code, _, err = run_cli([*common, "-o", tmp_path / "two", "--grad-accum", "1", "--nproc", "2"], capsys)
     assert code == 0, err
-    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
-    for a, b in zip(one, two, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-4
-    a, b = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
 def test_new_gate_projection_trains_and_travels_with_the_adapter(stories_path, tmp_path):
@@ -282,15 +288,7 @@ def test_fsdp_two_processes_match_one(converted_dir, tmp_path, capsys):
     assert code == 0, err
     code, _, err = run_cli([*common, "-o", tmp_path / "two", "--grad-accum", "1", "--nproc", "2", "--fsdp"], capsys)
     assert code == 0, err
-    one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
-    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
-    for a, b in zip(one, two, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-4
-    a, b = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    assert_same_training(tmp_path / "one", tmp_path / "two")
     ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         m1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "merged")(ids).logits
