@@ -138,7 +138,7 @@ def test_gate_ablations_decode_like_they_train(stories_path, tmp_path, gate):
     assert torch.equal(reloaded(ids, use_cache=False).logits, parallel)
 
 
-@pytest.mark.parametrize("target", ["mamba2", "hgrn2", "hedgehog"])
+@pytest.mark.parametrize("target", ["mamba2", "hgrn2", "hedgehog", "gdn"])
 @pytest.mark.parametrize("window", [16, 0])
 @torch.no_grad()
 def test_other_targets_decode_like_they_train(stories_path, tmp_path, tokenizer, target, window):

@@ -320,3 +320,33 @@ def test_hedgehog_matches_its_definition(window):
     expected = torch.einsum("bhts,bshd->bthd", weights / weights.sum(-1, keepdim=True), vr)
     real = valid[:, :, None, None].expand_as(got)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)
+
+
+def test_gated_delta_rule_matches_its_matrix_form():
+    """gdn's in-place step against S_t = diag(a_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T written with
+    explicit matrices (float64, GQA, a left-padded row that must start from an empty state)."""
+    import torch.nn.functional as F
+
+    from linearize.kernels.gdn.naive import gdn_attention_torch
+
+    torch.manual_seed(3)
+    B, T, Hq, Hkv, D = 2, 12, 4, 2, 8
+    q, k = torch.randn(B, T, Hq, D, dtype=torch.float64), torch.randn(B, T, Hkv, D, dtype=torch.float64) * 2
+    v = torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :3] = False
+    got, state = gdn_attention_torch(q, k, v, window=0, attention_mask=valid)
+    eye = torch.eye(D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            S = torch.zeros(D, D, dtype=torch.float64)
+            for t in range(T):
+                if valid[b, t]:
+                    kt = F.normalize(k[b, t, g], dim=0)
+                    a = torch.exp(F.logsigmoid(k[b, t, g]) / 16)
+                    beta = torch.sigmoid(k[b, t, g].mean())
+                    S = torch.diag(a) @ (eye - beta * torch.outer(kt, kt)) @ S + beta * torch.outer(kt, v[b, t, g])
+                    expected = F.normalize(q[b, t, h], dim=0) @ S
+                    torch.testing.assert_close(got[b, t, h], expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(state[b, h], S, rtol=1e-12, atol=1e-12)

@@ -19,11 +19,13 @@ from .cache import LigerCache, LigerCacheLayer
 from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
+from .kernels.gdn.naive import gdn_attention_torch, gdn_decode_step_torch
 from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch, hedgehog_decode_step_torch
 from .kernels.liger.naive import TARGETS as LIGER_TARGETS
 from .kernels.liger.naive import apply_rope, liger_attention_torch
 
-TARGETS = (*LIGER_TARGETS, "hedgehog")  # hedgehog: LoLCATs' learnable feature map (kernels/hedgehog)
+# hedgehog: LoLCATs' learnable feature map (kernels/hedgehog); gdn: the gated delta rule (kernels/gdn)
+TARGETS = (*LIGER_TARGETS, "hedgehog", "gdn")
 
 GATES = ("key", "none", "projection")  # where the forget gate comes from; "key" is Liger, the others ablations
 
@@ -73,8 +75,9 @@ class LigerAttentionMixin:
         q, k, v = self.family.project_qkv(self, hidden_states)
         B, T = q.shape[:2]
         window = s["window"]
-        if s["target"] == "hedgehog":
-            o = self.hedgehog_forward(q, k, v, position_embeddings, layer_cache, padding_mask)
+        if s["target"] in ("hedgehog", "gdn"):
+            forward = self.hedgehog_forward if s["target"] == "hedgehog" else self.gdn_forward
+            o = forward(q, k, v, position_embeddings, layer_cache, padding_mask)
             return self.o_proj(o.reshape(B, T, -1)), None
         opts = dict(mix=s["mix"], gate_normalizer=s["gate_normalizer"], log_gate=self.ablated_log_gate(hidden_states, k),
                     target=s["target"])
@@ -129,6 +132,28 @@ class LigerAttentionMixin:
             tail = slice(max(T - window, 0), T)
             k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
             layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail], phi_k[:, tail])
+        return o
+
+    def gdn_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
+        """The gdn target (PyTorch reference path): the gated delta rule plus the window branch."""
+        s, T = self.config.linearize, q.shape[1]
+        window, cos, sin = s["window"], *position_embeddings
+        opts = dict(window=window, mix=s["mix"], gate_normalizer=s["gate_normalizer"], cos=cos, sin=sin)
+        valid = None if padding_mask is None else padding_mask[:, -T:]
+        if layer_cache is not None and layer_cache.seen > 0 and T == 1:
+            o = gdn_decode_step_torch(q, k, v, layer_cache.state, layer_cache.k_ring, layer_cache.v_ring,
+                                      layer_cache.ring_valid, layer_cache.seen, **opts)
+            layer_cache.advance(1)
+            return o
+        resumed = layer_cache is not None and layer_cache.seen > 0
+        o, state = gdn_attention_torch(
+            q, k, v, attention_mask=valid, initial_state=layer_cache.state if resumed else None,
+            window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts,
+        )
+        if layer_cache is not None:
+            tail = slice(max(T - window, 0), T)
+            k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
+            layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail])
         return o
 
     def ablated_log_gate(self, hidden_states: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

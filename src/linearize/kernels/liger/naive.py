@@ -197,25 +197,43 @@ def liger_decode_step_torch(
     [B, Hkv, window, D] hold rotated keys and values at slot (position % window), ring_valid
     [B, window] which slots hold real tokens. `position` counts the tokens already cached.
     """
-    Hq, D = q.shape[2], q.shape[3]
+    Hq = q.shape[2]
     phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None, log_gate, target)
     phi_k, v_lin, log_gate = (repeat_heads(x, Hq)[:, 0] for x in (phi_k, v_lin, log_gate))
     state.mul_(log_gate.exp().to(state.dtype)[..., None])
     state.add_((phi_k[..., :, None] * v_lin[..., None, :]).to(state.dtype))
     o = torch.einsum("bhk,bhkv->bhv", phi_q[:, 0].to(state.dtype), state)
     if window > 0:
-        slot = position % window
-        k_ring[:, :, slot] = apply_rope(k, cos, sin)[:, 0].to(k_ring.dtype)
-        v_ring[:, :, slot] = v[:, 0].to(v_ring.dtype)
-        ring_valid[:, slot] = True
-        q_rot = apply_rope(q, cos, sin)[:, 0].to(state.dtype)  # [B, Hq, D]
-        kr = repeat_heads(k_ring.transpose(1, 2), Hq).transpose(1, 2).to(state.dtype)  # [B, Hq, W, D]
-        vr = repeat_heads(v_ring.transpose(1, 2), Hq).transpose(1, 2).to(state.dtype)
-        scores = torch.einsum("bhd,bhwd->bhw", q_rot, kr) * D**-0.5
-        scores = scores.masked_fill(~ring_valid[:, None, :], float("-inf"))
-        o_win = torch.einsum("bhw,bhwd->bhd", scores.softmax(-1), vr)
+        o_win = window_decode_step(q, k, v, k_ring, v_ring, ring_valid, position, cos, sin, state.dtype)
         o = mix * o_win + (1.0 - mix) * o
     return o[:, None].to(q.dtype)
+
+
+def window_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_ring: torch.Tensor,
+    v_ring: torch.Tensor,
+    ring_valid: torch.Tensor,
+    position: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The sliding-window branch of one decode step: write the token into ring slot position % W
+    (in place), then softmax attention over the valid slots. Returns [B, Hq, D] in `dtype`."""
+    Hq, D = q.shape[2], q.shape[3]
+    slot = position % k_ring.shape[2]
+    k_ring[:, :, slot] = apply_rope(k, cos, sin)[:, 0].to(k_ring.dtype)
+    v_ring[:, :, slot] = v[:, 0].to(v_ring.dtype)
+    ring_valid[:, slot] = True
+    q_rot = apply_rope(q, cos, sin)[:, 0].to(dtype)  # [B, Hq, D]
+    kr = repeat_heads(k_ring.transpose(1, 2), Hq).transpose(1, 2).to(dtype)  # [B, Hq, W, D]
+    vr = repeat_heads(v_ring.transpose(1, 2), Hq).transpose(1, 2).to(dtype)
+    scores = torch.einsum("bhd,bhwd->bhw", q_rot, kr) * D**-0.5
+    scores = scores.masked_fill(~ring_valid[:, None, :], float("-inf"))
+    return torch.einsum("bhw,bhwd->bhd", scores.softmax(-1), vr)
 
 
 def liger_mixing_matrix(

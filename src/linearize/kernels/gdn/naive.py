@@ -1,0 +1,94 @@
+"""Gated DeltaNet on the pretrained projections (target `gdn`), step by step in plain PyTorch.
+
+    S_t = diag(a_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,     o_t = q_t S_t
+
+with q, k L2-normalised per head, the forget gate read off the key as in Liger
+(log a_t = logsigmoid(k_t) / gate_normalizer, one per key channel) and the write strength
+b_t = sigmoid(mean of k_t over the head dimension): a pooled key projection, no new parameters.
+With a window, o = mix * (softmax attention over the last `window` tokens, RoPE) + (1 - mix) * o.
+This is the reference and the only path so far: a chunked (WY) form and its Triton kernel are
+still to come, so training runs one step per token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..gla.naive import compute_dtype
+from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention, window_decode_step
+
+
+def delta_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate_normalizer: float, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """Normalised q, k, values, log-gates and write strengths in the compute dtype; padded steps
+    write nothing and forget nothing."""
+    dt = compute_dtype(q)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    log_gate = F.logsigmoid(k) / gate_normalizer
+    beta = torch.sigmoid(k.mean(-1))  # [B, T, Hkv]
+    if valid is not None:
+        log_gate = torch.where(valid[:, :, None, None], log_gate, 0.0)
+        beta = torch.where(valid[:, :, None], beta, 0.0)
+    return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, log_gate, beta
+
+
+def delta_step(state: torch.Tensor, q, k, v, log_gate, beta) -> torch.Tensor:
+    """One step in place on state [B, H, D, D]; q, k, v, log_gate [B, H, D], beta [B, H]. Returns o [B, H, D]."""
+    erase = torch.einsum("bhk,bhkv->bhv", k, state)  # k^T S: what the key currently reads
+    state.sub_(beta[..., None, None] * k[..., :, None] * erase[..., None, :])
+    state.mul_(log_gate.exp()[..., None])
+    state.add_(beta[..., None, None] * k[..., :, None] * v[..., None, :])
+    return torch.einsum("bhk,bhkv->bhv", q, state)
+
+
+def gdn_attention_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    mix: float = 0.5,
+    gate_normalizer: float = 16.0,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> (o in q's dtype, final state [B, Hq, D, D])."""
+    B, T, Hq, D = q.shape
+    qn, kn, vv, log_gate, beta = delta_inputs(q, k, v, gate_normalizer, attention_mask)
+    kn, vv, log_gate = (repeat_heads(x, Hq) for x in (kn, vv, log_gate))
+    beta = repeat_heads(beta[..., None], Hq)[..., 0]
+    state = qn.new_zeros(B, Hq, D, D) if initial_state is None else initial_state.to(qn.dtype).clone()
+    o = torch.stack([delta_step(state, qn[:, t], kn[:, t], vv[:, t], log_gate[:, t], beta[:, t]) for t in range(T)], 1)
+    if window > 0:
+        dt = o.dtype
+        q_rot, k_rot, v_win, valid = apply_rope(q.to(dt), cos, sin), apply_rope(k.to(dt), cos, sin), v.to(dt), attention_mask
+        if window_prefix is not None:
+            pk, pv, pvalid = window_prefix
+            valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
+            k_rot, v_win = torch.cat([pk.to(dt), k_rot], 1), torch.cat([pv.to(dt), v_win], 1)
+            valid = torch.cat([pvalid, valid], 1)
+        o_win = sliding_window_attention(q_rot, k_rot, v_win, window=window, scale=D**-0.5, key_valid=valid)
+        o = mix * o_win + (1.0 - mix) * o
+    return o.to(q.dtype), state
+
+
+def gdn_decode_step_torch(
+    q, k, v, state, k_ring, v_ring, ring_valid, position: int, *, window: int, mix: float = 0.5,
+    gate_normalizer: float = 16.0, cos=None, sin=None,
+) -> torch.Tensor:
+    """One token: the delta-rule update of `state` and the window ring, in place. Returns [B, 1, Hq, D]."""
+    Hq = q.shape[2]
+    qn, kn, vv, log_gate, beta = delta_inputs(q, k, v, gate_normalizer, None)
+    kn, vv, log_gate = (repeat_heads(x, Hq)[:, 0] for x in (kn, vv, log_gate))
+    beta = repeat_heads(beta[..., None], Hq)[:, 0, :, 0]
+    o = delta_step(state, qn[:, 0].to(state.dtype), kn.to(state.dtype), vv.to(state.dtype),
+                   log_gate.to(state.dtype), beta.to(state.dtype))
+    if window > 0:
+        o_win = window_decode_step(q, k, v, k_ring, v_ring, ring_valid, position, cos, sin, state.dtype)
+        o = mix * o_win + (1.0 - mix) * o
+    return o[:, None].to(q.dtype)
