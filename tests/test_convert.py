@@ -180,3 +180,9 @@ def test_gguf_source_converts(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "linearize_llama" and config["num_hidden_layers"] == 30
     assert (out / "tokenizer.json").exists()
+
+
+def test_gsa_slots_must_divide_the_head_dimension(stories_path, tmp_path):
+    with pytest.raises(LinearizeError, match="--slots must divide the head dimension 8"):
+        convert(str(stories_path), tmp_path / "out", target="gsa", slots=3)
+    assert not (tmp_path / "out").exists()

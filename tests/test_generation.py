@@ -138,11 +138,11 @@ def test_gate_ablations_decode_like_they_train(stories_path, tmp_path, gate):
     assert torch.equal(reloaded(ids, use_cache=False).logits, parallel)
 
 
-@pytest.mark.parametrize("target", ["mamba2", "hgrn2", "hedgehog", "gdn"])
+@pytest.mark.parametrize("target", ["mamba2", "hgrn2", "hedgehog", "gdn", "gsa"])
 @pytest.mark.parametrize("window", [16, 0])
 @torch.no_grad()
 def test_other_targets_decode_like_they_train(stories_path, tmp_path, tokenizer, target, window):
-    out = convert(str(stories_path), tmp_path / "out", target=target, window=window, keep_attention=[2])
+    out = convert(str(stories_path), tmp_path / "out", target=target, window=window, keep_attention=[2], slots=4)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert model.config.linearize["target"] == target
     ids = torch.randint(3, 512, (2, 90), generator=torch.Generator().manual_seed(0))

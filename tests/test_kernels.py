@@ -350,3 +350,32 @@ def test_gated_delta_rule_matches_its_matrix_form():
                     expected = F.normalize(q[b, t, h], dim=0) @ S
                     torch.testing.assert_close(got[b, t, h], expected, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(state[b, h], S, rtol=1e-12, atol=1e-12)
+
+
+def test_gated_slot_attention_matches_its_definition():
+    """gsa's in-place step against the slot recurrences written out per head (float64, GQA, left padding)."""
+    import torch.nn.functional as F
+
+    from linearize.kernels.gsa.naive import gsa_attention_torch
+
+    torch.manual_seed(4)
+    B, T, Hq, Hkv, D, m = 2, 10, 4, 2, 8, 4
+    q, k = torch.randn(B, T, Hq, D, dtype=torch.float64), torch.randn(B, T, Hkv, D, dtype=torch.float64) * 2
+    v = torch.randn(B, T, Hkv, D, dtype=torch.float64)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[0, :2] = False
+    got, (keys, values) = gsa_attention_torch(q, k, v, window=0, slots=m, attention_mask=valid)
+    for b in range(B):
+        for h in range(Hq):
+            g = h // (Hq // Hkv)
+            K, V = torch.zeros(m, D, dtype=torch.float64), torch.zeros(m, D, dtype=torch.float64)
+            for t in range(T):
+                if not valid[b, t]:
+                    continue
+                a = torch.exp(F.logsigmoid(k[b, t, g]).view(m, D // m).mean(-1) / 16)[:, None]
+                K = a * K + (1 - a) * k[b, t, g].softmax(0)[None, :]
+                V = a * V + (1 - a) * v[b, t, g][None, :]
+                expected = V.T @ (K @ q[b, t, h].softmax(0)).softmax(0)
+                torch.testing.assert_close(got[b, t, h], expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(keys[b, h], K)
+            torch.testing.assert_close(values[b, h], V)

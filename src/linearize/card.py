@@ -18,8 +18,8 @@ def conversion_card(config: Any, command: str, seconds: float) -> str:
         if s["window"]
         else "pure gated linear attention (no sliding window)"
     )
-    if s["target"] == "gdn":
-        branch = branch.replace("GLA", "gated delta rule")
+    if s["target"] in ("gdn", "gsa"):
+        branch = branch.replace("GLA", {"gdn": "gated delta rule", "gsa": "gated slot attention"}[s["target"]])
     if s["target"] == "hedgehog":
         branch = (f"softmax attention over a {s['window']}-token window (RoPE) and linear attention over older "
                   "tokens, one shared normaliser" if s["window"] else "normalised linear attention")
@@ -29,6 +29,8 @@ def conversion_card(config: Any, command: str, seconds: float) -> str:
         "hgrn2": "feature map softmax(q); the key becomes the input gate 1 - a (Liger-HGRN2)",
         "gdn": "the gated delta rule S = diag(a)(I - b k k^T) S + b k v^T on L2-normalised q and k, b = sigmoid(mean "
         "of k) (Gated DeltaNet)",
+        "gsa": f"gated slot attention: {s.get('slots', 64)} slots of keys and values per head written with a "
+        "forget gate pooled from the key, read through a softmax over slots",
         "hedgehog": "learnable per-head feature maps [softmax(xW), softmax(-xW)] (LoLCATs' Hedgehog; new "
         "hedgehog_q/hedgehog_k weights set to the identity, trained by `recover --stages align,lm`), window and "
         "linear part sharing one normaliser, no forget gate",

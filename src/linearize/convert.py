@@ -40,7 +40,8 @@ def convert_with(opts: ConvertOptions, command: str | None = None, console: Cons
     """`convert` from validated options (the CLI and recipes come this way)."""
     return convert(
         opts.source, opts.out, target=opts.to, window=opts.window, keep_attention=opts.keep_attention,
-        keep_attention_every=opts.keep_attention_every, gate=opts.gate, dtype=opts.dtype, overwrite=opts.overwrite,
+        keep_attention_every=opts.keep_attention_every, gate=opts.gate, slots=opts.slots, dtype=opts.dtype,
+        overwrite=opts.overwrite,
         command=command, console=console,
     )
 
@@ -54,6 +55,7 @@ def convert(
     keep_attention: list[int] | None = None,
     keep_attention_every: int | None = None,
     gate: str = D["gate"],
+    slots: int = D["slots"],
     dtype: str = D["dtype"],
     overwrite: bool = False,
     command: str | None = None,
@@ -88,7 +90,7 @@ def convert(
                 del model.config.quantization_config
         tokenizer = load_tokenizer(source)
     settings = default_settings(
-        target=target, window=window, keep_attention=keep, gate=gate, source=source, family=family.name,
+        target=target, window=window, keep_attention=keep, gate=gate, slots=slots, source=source, family=family.name,
         version=__version__,
     )
     linearize_model(model, family, settings)

@@ -20,12 +20,15 @@ from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
 from .kernels.gdn.naive import gdn_attention_torch, gdn_decode_step_torch
+from .kernels.gsa.naive import gsa_attention_torch, gsa_decode_step_torch
 from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch, hedgehog_decode_step_torch
 from .kernels.liger.naive import TARGETS as LIGER_TARGETS
 from .kernels.liger.naive import apply_rope, liger_attention_torch
 
-# hedgehog: LoLCATs' learnable feature map (kernels/hedgehog); gdn: the gated delta rule (kernels/gdn)
-TARGETS = (*LIGER_TARGETS, "hedgehog", "gdn")
+# hedgehog: LoLCATs' learnable feature map (kernels/hedgehog); gdn: the gated delta rule (kernels/gdn);
+# gsa: gated slot attention (kernels/gsa)
+TARGETS = (*LIGER_TARGETS, "hedgehog", "gdn", "gsa")
+TWO_STATES = ("hedgehog", "gsa")  # targets whose cache keeps a second state (normaliser, slot values)
 
 GATES = ("key", "none", "projection")  # where the forget gate comes from; "key" is Liger, the others ablations
 
@@ -38,6 +41,7 @@ def default_settings(**overrides: Any) -> dict[str, Any]:
         "mix": 0.5,  # weight of the sliding-window branch
         "gate_normalizer": 16.0,  # log alpha = logsigmoid(k) / gate_normalizer
         "gate": "key",  # "none": no forgetting; "projection": a new random gate_proj (the paper's ablations)
+        "slots": 64,  # memory slots per head of the gsa target
         "keep_attention": [],  # layer indices left as softmax attention
         "source": None,
         "family": None,
@@ -75,8 +79,8 @@ class LigerAttentionMixin:
         q, k, v = self.family.project_qkv(self, hidden_states)
         B, T = q.shape[:2]
         window = s["window"]
-        if s["target"] in ("hedgehog", "gdn"):
-            forward = self.hedgehog_forward if s["target"] == "hedgehog" else self.gdn_forward
+        if s["target"] in ("hedgehog", "gdn", "gsa"):
+            forward = self.hedgehog_forward if s["target"] == "hedgehog" else self.stepwise_forward
             o = forward(q, k, v, position_embeddings, layer_cache, padding_mask)
             return self.o_proj(o.reshape(B, T, -1)), None
         opts = dict(mix=s["mix"], gate_normalizer=s["gate_normalizer"], log_gate=self.ablated_log_gate(hidden_states, k),
@@ -134,22 +138,26 @@ class LigerAttentionMixin:
             layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail], phi_k[:, tail])
         return o
 
-    def gdn_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
-        """The gdn target (PyTorch reference path): the gated delta rule plus the window branch."""
+    def stepwise_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
+        """The gdn and gsa targets (step-by-step PyTorch references) plus the window branch."""
         s, T = self.config.linearize, q.shape[1]
         window, cos, sin = s["window"], *position_embeddings
         opts = dict(window=window, mix=s["mix"], gate_normalizer=s["gate_normalizer"], cos=cos, sin=sin)
+        if s["target"] == "gsa":
+            attention, decode, opts["slots"] = gsa_attention_torch, gsa_decode_step_torch, s["slots"]
+        else:
+            attention, decode = gdn_attention_torch, gdn_decode_step_torch
         valid = None if padding_mask is None else padding_mask[:, -T:]
-        if layer_cache is not None and layer_cache.seen > 0 and T == 1:
-            o = gdn_decode_step_torch(q, k, v, layer_cache.state, layer_cache.k_ring, layer_cache.v_ring,
-                                      layer_cache.ring_valid, layer_cache.seen, **opts)
+        resumed = layer_cache is not None and layer_cache.seen > 0
+        if resumed:  # gdn keeps one state, gsa two (slot keys, slot values)
+            states = layer_cache.state if s["target"] == "gdn" else (layer_cache.state, layer_cache.norm)
+        if resumed and T == 1:
+            o = decode(q, k, v, states, layer_cache.k_ring, layer_cache.v_ring, layer_cache.ring_valid,
+                       layer_cache.seen, **opts)
             layer_cache.advance(1)
             return o
-        resumed = layer_cache is not None and layer_cache.seen > 0
-        o, state = gdn_attention_torch(
-            q, k, v, attention_mask=valid, initial_state=layer_cache.state if resumed else None,
-            window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts,
-        )
+        o, state = attention(q, k, v, attention_mask=valid, initial_state=states if resumed else None,
+                             window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts)
         if layer_cache is not None:
             tail = slice(max(T - window, 0), T)
             k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
@@ -181,7 +189,7 @@ class LinearizedCausalLM:
 
     def make_cache(self) -> LigerCache:
         converted = [a.linearize_kind == "liger" and not a.linearize_teacher for a in self.decoder_attention_layers()]
-        states = 2 if self.config.linearize["target"] == "hedgehog" else 1  # hedgehog keeps a normaliser too
+        states = 2 if self.config.linearize["target"] in TWO_STATES else 1
         return LigerCache(self.config, converted, self.config.linearize["window"], states)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
@@ -209,6 +217,9 @@ def install_liger_attention(model: torch.nn.Module) -> None:
     if settings.get("gate", "key") not in GATES:
         raise LinearizeError(f"unknown gate {settings['gate']!r}: choose one of {', '.join(GATES)}")
     keep = set(settings["keep_attention"])
+    head_dim = model.decoder_attention_layers()[0].head_dim
+    if settings["target"] == "gsa" and (settings["slots"] < 1 or head_dim % settings["slots"]):
+        raise LinearizeError(f"--slots must divide the head dimension {head_dim}, got {settings['slots']}")
     for i, attn in enumerate(model.decoder_attention_layers()):
         attn.__class__ = model.liger_attention_class
         attn.linearize_kind = "softmax" if i in keep else "liger"

@@ -41,6 +41,7 @@ def convert(
     keep_attention: str | None = typer.Option(None, help=H["keep_attention"]),
     keep_attention_every: int | None = typer.Option(D["keep_attention_every"], help=H["keep_attention_every"]),
     gate: str = typer.Option(D["gate"], help=H["gate"]),
+    slots: int = typer.Option(D["slots"], help=H["slots"]),
     dtype: str = typer.Option(D["dtype"], help=H["dtype"]),
     overwrite: bool = typer.Option(D["overwrite"], help=H["overwrite"]),
 ) -> None:
@@ -54,7 +55,8 @@ def convert(
     try:
         opts = ConvertOptions(
             source=source, out=out, to=to, window=0 if no_window else window, keep_attention=_int_list(keep_attention) or [],
-            keep_attention_every=keep_attention_every, gate=gate, dtype=dtype, overwrite=overwrite,
+            keep_attention_every=keep_attention_every, gate=gate, slots=slots, dtype=dtype,
+            overwrite=overwrite,
         )
     except ValidationError as e:
         first = e.errors()[0]

@@ -94,7 +94,7 @@ def orient_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = No
     calls = _capture_layer_inputs(model, input_ids)
     losses = []
     for layer, (args, kwargs, _) in calls.items():
-        if layer.config.linearize["target"] in ("hedgehog", "gdn"):
+        if layer.config.linearize["target"] in ("hedgehog", "gdn", "gsa"):
             raise LinearizeError("the orient stage materialises gla/mamba2/hgrn2 mixing matrices: use align for "
                                  f"{layer.config.linearize['target']}")
         hidden = kwargs.get("hidden_states", args[0] if args else None)

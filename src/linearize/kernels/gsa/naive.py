@@ -1,0 +1,84 @@
+"""Gated slot attention on the pretrained projections (target `gsa`), step by step in plain PyTorch.
+
+Each head keeps m slots of keys and values, written with a forget gate pooled from the key
+(log a_t = logsigmoid of k_t averaged over D/m channel groups, / gate_normalizer):
+
+    Kt = diag(a_t) K_{t-1} + (1 - a_t) phi(k_t)^T,   Vt = diag(a_t) V_{t-1} + (1 - a_t) v_t^T   [m, D]
+    o_t = Vt^T softmax(Kt phi(q_t))
+
+with phi = softmax over the head dimension, as in Liger. With a window, o = mix * (softmax
+attention over the last `window` tokens, RoPE) + (1 - mix) * o. No new parameters. This is the
+reference and the only path so far (a two-pass chunked form and its Triton kernel are to come).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..gla.naive import compute_dtype
+from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention, window_decode_step
+
+
+def slot_inputs(q, k, v, slots: int, gate_normalizer: float, valid):
+    """phi(q), phi(k), v and per-slot log-gates [B, T, H, m]; padded steps write and forget nothing."""
+    dt = compute_dtype(q)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    D = k.shape[-1]
+    if D % slots:
+        raise ValueError(f"the head dimension {D} must be a multiple of the slot count {slots}")
+    log_gate = F.logsigmoid(k).unflatten(-1, (slots, D // slots)).mean(-1) / gate_normalizer
+    if valid is not None:
+        log_gate = torch.where(valid[:, :, None, None], log_gate, 0.0)
+    return q.softmax(-1), k.softmax(-1), v, log_gate
+
+
+def slot_step(keys: torch.Tensor, values: torch.Tensor, q, k, v, log_gate) -> torch.Tensor:
+    """One step in place on the slot memories [B, H, m, D]; q, k, v [B, H, D], log_gate [B, H, m]."""
+    a = log_gate.exp()[..., None]
+    keys.mul_(a).add_((1 - a) * k[..., None, :])
+    values.mul_(a).add_((1 - a) * v[..., None, :])
+    weights = torch.einsum("bhmd,bhd->bhm", keys, q).softmax(-1)
+    return torch.einsum("bhm,bhmd->bhd", weights, values)
+
+
+def gsa_attention_torch(
+    q, k, v, *, window: int, slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
+    attention_mask=None, initial_state: tuple[torch.Tensor, torch.Tensor] | None = None, window_prefix=None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> (o in q's dtype, (slot keys, slot values) [B, Hq, m, D])."""
+    B, T, Hq, D = q.shape
+    fq, fk, vv, log_gate = slot_inputs(q, k, v, slots, gate_normalizer, attention_mask)
+    fk, vv, log_gate = (repeat_heads(x, Hq) for x in (fk, vv, log_gate))
+    if initial_state is None:
+        keys, values = fq.new_zeros(B, Hq, slots, D), fq.new_zeros(B, Hq, slots, D)
+    else:
+        keys, values = (x.to(fq.dtype).clone() for x in initial_state)
+    o = torch.stack([slot_step(keys, values, fq[:, t], fk[:, t], vv[:, t], log_gate[:, t]) for t in range(T)], 1)
+    if window > 0:
+        dt = o.dtype
+        q_rot, k_rot, v_win, valid = apply_rope(q.to(dt), cos, sin), apply_rope(k.to(dt), cos, sin), v.to(dt), attention_mask
+        if window_prefix is not None:
+            pk, pv, pvalid = window_prefix
+            valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
+            k_rot, v_win = torch.cat([pk.to(dt), k_rot], 1), torch.cat([pv.to(dt), v_win], 1)
+            valid = torch.cat([pvalid, valid], 1)
+        o_win = sliding_window_attention(q_rot, k_rot, v_win, window=window, scale=D**-0.5, key_valid=valid)
+        o = mix * o_win + (1.0 - mix) * o
+    return o.to(q.dtype), (keys, values)
+
+
+def gsa_decode_step_torch(
+    q, k, v, states: tuple[torch.Tensor, torch.Tensor], k_ring, v_ring, ring_valid, position: int, *, window: int,
+    slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
+) -> torch.Tensor:
+    """One token: slot memories and the window ring updated in place. Returns [B, 1, Hq, D]."""
+    Hq = q.shape[2]
+    keys, values = states
+    fq, fk, vv, log_gate = slot_inputs(q, k, v, slots, gate_normalizer, None)
+    fk, vv, log_gate = (repeat_heads(x, Hq)[:, 0].to(keys.dtype) for x in (fk, vv, log_gate))
+    o = slot_step(keys, values, fq[:, 0].to(keys.dtype), fk, vv, log_gate)
+    if window > 0:
+        o_win = window_decode_step(q, k, v, k_ring, v_ring, ring_valid, position, cos, sin, keys.dtype)
+        o = mix * o_win + (1.0 - mix) * o
+    return o[:, None].to(q.dtype)
