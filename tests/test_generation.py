@@ -156,3 +156,20 @@ def test_other_targets_decode_like_they_train(stories_path, tmp_path, tokenizer,
     alone_inputs = tokenizer(PROMPTS[1], return_tensors="pt")
     alone = model.generate(**alone_inputs, max_new_tokens=8, do_sample=False)[0, alone_inputs.input_ids.shape[1] :]
     assert together[1].tolist() == alone.tolist()
+
+
+@pytest.mark.parametrize("target", ["gla", "hedgehog", "gsa"])
+@pytest.mark.parametrize("window", [16, 0])
+@torch.no_grad()
+def test_footprint_is_what_the_cache_holds(stories_path, tmp_path, target, window):
+    from linearize.bench import tensor_bytes
+    from linearize.footprint import footprint
+
+    out = convert(str(stories_path), tmp_path / "out", target=target, window=window, keep_attention=[1], slots=4)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = model(ids, use_cache=True).past_key_values
+    fp = footprint(model.config)
+    state_layers = [layer for i, layer in enumerate(cache.layers) if i != 1]
+    assert tensor_bytes(state_layers) == fp.state_bytes
+    assert tensor_bytes(cache.layers[1]) == 40 * fp.kv_bytes_per_token

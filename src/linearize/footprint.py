@@ -34,6 +34,14 @@ def footprint(config: Any) -> Footprint:
     settings = getattr(config, "linearize", None)
     if settings is None:
         return Footprint(0, n, 0, n * kv_per_token_layer, n * kv_per_token_layer)
-    kept = len(settings["keep_attention"])
-    per_layer_state = hq * head_dim * head_dim * STATE_BYTES + settings["window"] * (kv_per_token_layer + 1)
+    kept, window, target = len(settings["keep_attention"]), settings["window"], settings.get("target", "gla")
+    ring = window * (kv_per_token_layer + 1)  # rotated keys, values and a validity byte per slot
+    if target == "hedgehog":  # S [2D, D] and z [2D] per head; the ring also keeps feature-mapped keys [2D]
+        state = hq * (2 * head_dim * head_dim + 2 * head_dim) * STATE_BYTES
+        ring += window * hkv * 2 * head_dim * item
+    elif target == "gsa":  # slot keys and slot values [m, D] per head
+        state = hq * 2 * settings["slots"] * head_dim * STATE_BYTES
+    else:  # gla, mamba2, hgrn2, gdn: one [D, D] state per head
+        state = hq * head_dim * head_dim * STATE_BYTES
+    per_layer_state = state + ring
     return Footprint(n - kept, kept, (n - kept) * per_layer_state, kept * kv_per_token_layer, n * kv_per_token_layer)
