@@ -9,7 +9,6 @@ every launch (chunk_triton.POISON_OUTPUTS), so an unwritten element fails its ch
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -280,8 +279,7 @@ def worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
+    pytest.importorskip("triton")
     out = tmp_path_factory.mktemp("triton_interp") / "results.json"
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
     src = str(Path(__file__).resolve().parents[1] / "src")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gla.naive import compute_dtype
-from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention, window_decode_step
+from ..liger.naive import mix_window_branch, repeat_heads, window_decode_step
 
 
 def slot_inputs(q, k, v, slots: int, gate_normalizer: float, valid):
@@ -56,15 +56,8 @@ def gsa_attention_torch(
         keys, values = (x.to(fq.dtype).clone() for x in initial_state)
     o = torch.stack([slot_step(keys, values, fq[:, t], fk[:, t], vv[:, t], log_gate[:, t]) for t in range(T)], 1)
     if window > 0:
-        dt = o.dtype
-        q_rot, k_rot, v_win, valid = apply_rope(q.to(dt), cos, sin), apply_rope(k.to(dt), cos, sin), v.to(dt), attention_mask
-        if window_prefix is not None:
-            pk, pv, pvalid = window_prefix
-            valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
-            k_rot, v_win = torch.cat([pk.to(dt), k_rot], 1), torch.cat([pv.to(dt), v_win], 1)
-            valid = torch.cat([pvalid, valid], 1)
-        o_win = sliding_window_attention(q_rot, k_rot, v_win, window=window, scale=D**-0.5, key_valid=valid)
-        o = mix * o_win + (1.0 - mix) * o
+        o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
+                              window_prefix=window_prefix)
     return o.to(q.dtype), (keys, values)
 
 

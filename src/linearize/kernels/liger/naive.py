@@ -145,7 +145,7 @@ def liger_attention_torch(
     window_prefix = (rotated keys, values, valid) [B, P, Hkv, D] x2 and [B, P] continues a
     cached sliding window (used when a forward pass extends an existing cache).
     """
-    Hq, D = q.shape[2], q.shape[3]
+    Hq = q.shape[2]
     phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, attention_mask, log_gate, target)
     o, state = chunk_gla_torch(
         phi_q,
@@ -157,20 +157,39 @@ def liger_attention_torch(
         output_final_state=output_final_state,
     )
     if window > 0:
-        if cos is None or sin is None:
-            raise ValueError("the sliding-window branch needs the rotary tables cos and sin")
-        dt = o.dtype
-        q_rot, k_rot = apply_rope(q.to(dt), cos, sin), apply_rope(k.to(dt), cos, sin)
-        v_win, valid = v.to(dt), attention_mask
-        if window_prefix is not None:
-            pk, pv, pvalid = window_prefix
-            if valid is None:
-                valid = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
-            k_rot, v_win = torch.cat([pk.to(dt), k_rot], 1), torch.cat([pv.to(dt), v_win], 1)
-            valid = torch.cat([pvalid, valid], 1)
-        o_win = sliding_window_attention(q_rot, k_rot, v_win, window=window, scale=D**-0.5, key_valid=valid)
-        o = mix * o_win + (1.0 - mix) * o
+        o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
+                              window_prefix=window_prefix)
     return o.to(q.dtype), state
+
+
+def mix_window_branch(
+    o: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    mix: float,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """mix * (softmax attention with RoPE over the last `window` keys, a cached prefix first) + (1 - mix) * o,
+    in o's dtype: the sliding-window half every recurrent target shares."""
+    if cos is None or sin is None:
+        raise ValueError("the sliding-window branch needs the rotary tables cos and sin")
+    dt = o.dtype
+    q_rot, k_rot = apply_rope(q.to(dt), cos, sin), apply_rope(k.to(dt), cos, sin)
+    v_win, valid = v.to(dt), attention_mask
+    if window_prefix is not None:
+        pk, pv, pvalid = window_prefix
+        if valid is None:
+            valid = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)
+        k_rot, v_win = torch.cat([pk.to(dt), k_rot], 1), torch.cat([pv.to(dt), v_win], 1)
+        valid = torch.cat([pvalid, valid], 1)
+    o_win = sliding_window_attention(q_rot, k_rot, v_win, window=window, scale=q.shape[-1] ** -0.5, key_valid=valid)
+    return mix * o_win + (1.0 - mix) * o
 
 
 def liger_decode_step_torch(
