@@ -198,7 +198,10 @@ class LinearizedCausalLM:
         if use_cache and past_key_values is None:
             past_key_values = self.make_cache()
         padding_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        # A decode step (one new token on a filled cache) never reads the mask: skip the device sync.
+        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0 and _new_tokens(
+            input_ids, kwargs) == 1
+        if attention_mask is not None and attention_mask.dim() == 2 and not decoding and not bool(attention_mask.all()):
             padding_mask = attention_mask.bool()
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
@@ -209,6 +212,11 @@ class LinearizedCausalLM:
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
             model_kwargs["past_key_values"] = self.make_cache()
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+
+def _new_tokens(input_ids: torch.Tensor | None, kwargs: dict) -> int:
+    embeds = kwargs.get("inputs_embeds")
+    return (input_ids if input_ids is not None else embeds).shape[1]
 
 
 def install_liger_attention(model: torch.nn.Module) -> None:

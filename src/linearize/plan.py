@@ -18,7 +18,6 @@ BYTES_PER_TOKEN = 4  # rough bytes of English text per token, to size local data
 # Activations a transformer layer keeps for backward, in bytes per token per hidden unit at 16 bits
 # (Korthikanti et al. 2022: 34·s·b·h, leaving out the 5·a·s²·b of softmax scores that converted layers lack).
 ACTIVATION_BYTES = 34
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 # Shapes of the shipped recipes' Hub models, for a plan made offline (the Hub's config.json wins when reachable).
@@ -83,9 +82,13 @@ def lora_count(cfg, targets: list[str], r: int) -> int:
 
 
 def _dtype_bytes(name: str, cfg) -> int:
+    import torch
+
+    from .loading import DTYPES
+
     if name == "auto":
         name = str(getattr(cfg, "dtype", None) or "float32").removeprefix("torch.")
-    return DTYPE_BYTES.get(name, 4)
+    return torch.finfo(DTYPES.get(name, torch.float32)).bits // 8
 
 
 def size(n: float) -> str:
@@ -97,6 +100,7 @@ def memory_plan(recipe: Recipe, cfg) -> list[tuple[str, int, str]]:
     import torch
 
     from .footprint import footprint
+    from .recover.trainer import training_dtype
 
     params, h, n, vocab = parameter_count(cfg), cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     out = []
@@ -105,7 +109,8 @@ def memory_plan(recipe: Recipe, cfg) -> list[tuple[str, int, str]]:
 
     rc = recipe.recover
     cuda = rc.device.startswith("cuda") or (rc.device == "auto" and torch.cuda.is_available())
-    train_b = 2 if cuda else 4  # recover trains in bfloat16 on a GPU, float32 on CPU (trainer.load)
+    train_dtype = training_dtype(torch.device("cuda" if cuda else "cpu"))
+    train_b = torch.finfo(train_dtype).bits // 8
     lora = lora_count(cfg, rc.lora_targets, rc.lora_r)
     tokens = rc.micro_batch * rc.seq_len
     act_per_layer = tokens * h * ACTIVATION_BYTES * train_b // 2
@@ -114,7 +119,7 @@ def memory_plan(recipe: Recipe, cfg) -> list[tuple[str, int, str]]:
     weights = params * train_b
     out.append(("recover", weights + lora * 16 + acts + logits,  # LoRA: fp32 weight + grad + two Adam moments
                 f"weights {size(weights)} + LoRA {lora / 1e6:.2f}M x 16 B {size(lora * 16)} + activations "
-                f"{size(acts)} + logits {size(logits)} ({'cuda, bfloat16' if cuda else 'cpu, float32'})"))
+                f"{size(acts)} + logits {size(logits)} ({'cuda' if cuda else 'cpu'}, {str(train_dtype).removeprefix('torch.')})"))
 
     ev = recipe.eval
     context = ev.context or min(1024, getattr(cfg, "max_position_embeddings", 1024) or 1024)

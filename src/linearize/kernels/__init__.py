@@ -7,6 +7,7 @@ shape, else PyTorch; "torch" and "triton" force one.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -20,6 +21,7 @@ __all__ = ["chunk_gla", "liger_attention", "liger_decode_step", "naive_recurrent
 BACKENDS = ("auto", "torch", "triton")
 
 
+@functools.cache  # asked on every call, decode steps included: import once
 def _triton_ops():
     """The Triton module, or None where Triton kernels are not available in this build."""
     try:
