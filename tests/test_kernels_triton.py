@@ -136,6 +136,76 @@ def liger_fp16_strong():
     assert rel(o, r) < 5e-3 and rel(s, rs) < 5e-3
 
 
+@check("liger_fp16_grads")
+def liger_fp16_grads():
+    """Half-precision gradients (products in fp16, the diagonal block in fp32) against float64:
+    relative error < 1e-2 (fp16 keeps 11 bits; the forward's bound is 5e-3)."""
+    torch.manual_seed(16)
+    B, T, Hq, Hkv, D = 1, 45, 4, 2, 16
+    q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
+    do = torch.randn(B, T, Hq, D)
+    cos, sin = rope(B, T, D)
+
+    def grads(cast, backend):
+        xs = [x.to(cast).requires_grad_() for x in (q, k, v)]
+        o, _ = kernels().liger_attention(*xs, cos=cos.to(cast), sin=sin.to(cast), gate_normalizer=4.0,
+                                         backend=backend)
+        return torch.autograd.grad((o.float() * do).sum(), xs)
+
+    for name, a, b in zip(("dq", "dk", "dv"), grads(torch.float16, "triton"), grads(F64, "torch"), strict=True):
+        assert a.dtype == torch.float16
+        assert rel(a, b) < 1e-2, name
+
+
+def composed_case(target, gate):
+    """Other targets' maps and the gate ablations: PyTorch maps + Triton chunk_gla + banded window."""
+    torch.manual_seed(18)
+    B, T, Hq, Hkv, D = 2, 37, 4, 2, 16
+    q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
+    log_gate = F.logsigmoid(torch.randn(B, T, Hkv, D)) / 4 if gate else None
+    h0, do, dh = torch.randn(B, Hq, D, D) * 0.3, torch.randn(B, T, Hq, D), torch.randn(B, Hq, D, D)
+    cos, sin = rope(B, T, D)
+
+    def run(backend, cast):
+        xs = [x.detach().to(cast).requires_grad_() for x in (q, k, v, h0)]
+        lg = None if log_gate is None else log_gate.to(cast)
+        o, s = kernels().liger_attention(*xs[:3], window=8, cos=cos.to(cast), sin=sin.to(cast), initial_state=xs[3],
+                                         output_final_state=True, log_gate=lg, target=target, backend=backend)
+        return (o, s), torch.autograd.grad((o * do.to(cast)).sum() + (s * dh.to(cast)).sum(), xs)
+
+    (o, s), got = run("triton", torch.float32)
+    (r, rs), ref = run("torch", F64)
+    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
+    for name, a, b in zip(("dq", "dk", "dv", "dh0"), got, ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
+for _target, _gate in (("mamba2", False), ("hgrn2", False), ("gla", True)):
+    CHECKS[f"composed_{_target}{'_log_gate' if _gate else ''}"] = lambda t=_target, g=_gate: composed_case(t, g)
+
+
+@check("chunk_gla_packed_with_empty_sequence")
+def chunk_gla_packed_empty():
+    torch.manual_seed(17)
+    H, D, lens = 2, 16, [7, 0, 23, 1]
+    T = sum(lens)
+    cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
+    q, k, v = (torch.randn(1, T, H, D) for _ in range(3))
+    g = F.logsigmoid(torch.randn(1, T, H, D) * 2)
+    h0, dh = torch.randn(len(lens), H, D, D), torch.randn(len(lens), H, D, D)
+    do = torch.randn(1, T, H, D)
+
+    def run(backend, cast):
+        xs = [x.detach().to(cast).requires_grad_() for x in (q, k, v, g, h0)]
+        o, s = kernels().chunk_gla(*xs[:4], scale=1.0, initial_state=xs[4], output_final_state=True, cu_seqlens=cu,
+                                   backend=backend)
+        return torch.autograd.grad((o * do.to(cast)).sum() + (s * dh.to(cast)).sum(), xs)
+
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), run("triton", torch.float32), run("torch", F64),
+                          strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
 @check("unsupported_head_size_falls_back")
 def unsupported_head_size():
     torch.manual_seed(15)
@@ -189,7 +259,9 @@ def model_through_triton():
             parallel = model(ids, use_cache=False).logits
             out = model(ids[:, :30], use_cache=True)
             steps = [out.logits]
-            for t in range(30, 50):
+            # a multi-token step on the cache (the recurrence on Triton, the window with the cached prefix)
+            steps.append(model(ids[:, 30:40], past_key_values=out.past_key_values, use_cache=True).logits)
+            for t in range(40, 50):
                 steps.append(model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits)
         finally:
             del os.environ["LINEARIZE_KERNELS"]

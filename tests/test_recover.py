@@ -261,13 +261,22 @@ def test_new_gate_projection_trains_and_travels_with_the_adapter(stories_path, t
     out = recover(options(ckpt, tmp_path / "out", tokens=4 * 2 * 64, merge=True))
     saved = adapter_weights(out)
     gate_keys = [k for k in saved if "gate_proj" in k]
-    assert gate_keys, sorted(saved)[:5]
+    assert gate_keys and all("self_attn.gate_proj" in k for k in gate_keys), sorted(saved)[:5]
+    assert not any(".mlp." in k for k in saved), "the MLP's gate_proj is not the attention gate: LoRA only there"
     before = load_file(ckpt / "model.safetensors")
     key = gate_keys[0]
     original = next(v for k, v in before.items() if k.endswith(key.split("base_model.model.")[-1].replace("modules_to_save.default.", "")))
     assert not torch.equal(saved[key], original), "gate_proj should have trained"
     merged = load_file(out / "merged" / "model.safetensors")
     assert any("gate_proj" in k for k in merged)
+
+
+def test_default_recovery_trains_lora_on_qkv_and_nothing_else(stories_path, tmp_path):
+    ckpt = convert(str(stories_path), tmp_path / "conv", window=16)
+    out = recover(options(ckpt, tmp_path / "out", tokens=2 * 2 * 64))
+    saved = adapter_weights(out)
+    assert saved and all("lora_" in k for k in saved), [k for k in saved if "lora_" not in k][:5]
+    assert {k.split(".")[-3] for k in saved} == {"q_proj", "k_proj", "v_proj"}
 
 
 def test_lm_loss_of_a_block_without_labels_is_zero_not_nan(peft_model):

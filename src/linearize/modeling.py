@@ -23,7 +23,7 @@ from .kernels.gdn.naive import gdn_attention_torch, gdn_decode_step_torch
 from .kernels.gsa.naive import gsa_attention_torch, gsa_decode_step_torch
 from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch, hedgehog_decode_step_torch
 from .kernels.liger.naive import TARGETS as LIGER_TARGETS
-from .kernels.liger.naive import apply_rope, liger_attention_torch
+from .kernels.liger.naive import apply_rope, mix_window_branch
 
 # hedgehog: LoLCATs' learnable feature map (kernels/hedgehog); gdn: the gated delta rule (kernels/gdn);
 # gsa: gated slot attention (kernels/gsa)
@@ -96,11 +96,19 @@ class LigerAttentionMixin:
             layer_cache.advance(1)
         else:
             if layer_cache is not None and layer_cache.seen > 0:  # a multi-token step on top of a cache
-                o, state = liger_attention_torch(
-                    q, k, v, window=window, cos=cos, sin=sin, initial_state=layer_cache.state,
-                    output_final_state=True, attention_mask=valid,
-                    window_prefix=layer_cache.window_prefix() if window else None, **opts,
+                # The recurrence goes through the dispatcher (the Triton kernel on CUDA: the PyTorch
+                # chunked form's pairwise decays need ~T * 16 * D floats per head, 17 GB for a 4K
+                # chunk of a batch-16 8B model); the window branch, which must see the cached
+                # prefix, is the banded PyTorch form, O(T * window).
+                o, state = liger_attention(
+                    q, k, v, window=0, initial_state=layer_cache.state, output_final_state=True,
+                    attention_mask=valid, **opts,
                 )
+                if window:
+                    o = mix_window_branch(
+                        o.to(torch.promote_types(o.dtype, torch.float32)), q, k, v, window=window, mix=opts["mix"], cos=cos, sin=sin, attention_mask=valid,
+                        window_prefix=layer_cache.window_prefix(),
+                    ).to(q.dtype)
             else:
                 o, state = liger_attention(
                     q, k, v, window=window, cos=cos, sin=sin, output_final_state=layer_cache is not None,

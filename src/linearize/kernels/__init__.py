@@ -13,8 +13,8 @@ import os
 import torch
 
 from .gla.chunk import chunk_gla_torch
-from .gla.naive import naive_recurrent_gla
-from .liger.naive import liger_attention_torch, liger_decode_step_torch
+from .gla.naive import compute_dtype, naive_recurrent_gla
+from .liger.naive import feature_maps, liger_attention_torch, liger_decode_step_torch, mix_window_branch, repeat_heads
 
 __all__ = ["chunk_gla", "liger_attention", "liger_decode_step", "naive_recurrent_gla"]
 
@@ -110,16 +110,24 @@ def liger_attention(
     q [B, T, Hq, D]; k, v [B, T, Hkv, D] raw projections; cos, sin [B or 1, T, D] (RoPE on
     the window branch only); window = 0 is pure GLA; attention_mask [B, T] bool marks real
     tokens (False = padding). `log_gate` [B, T, Hkv, D] replaces the key-derived gate (ablations),
-    `target` picks the feature maps (mamba2, hgrn2: see liger/naive.py); both run on the PyTorch
-    path. Returns o in q's dtype and the final state [B, Hq, D, D] fp32.
+    `target` picks the feature maps (mamba2, hgrn2: see liger/naive.py); with Triton these run
+    as PyTorch maps + Triton chunk_gla + the banded window (padded or packed input: PyTorch).
+    Returns o in q's dtype and the final state [B, Hq, D, D] fp32.
     """
     kwargs = dict(window=window, mix=mix, gate_normalizer=gate_normalizer)
+    picked = _pick(backend, q, q.shape[-1])
     if log_gate is not None or target != "gla":
-        if backend == "triton":
-            raise ValueError("the fused Triton kernel is Liger's gla with the gate from k: use backend='torch'")
-        backend = "torch"
+        # The fused kernel computes Liger's own maps and key gate in registers; other maps and
+        # gates (mamba2, hgrn2, the gate ablations) run as PyTorch maps + Triton chunk_gla + the
+        # banded window, or all in PyTorch.
+        if picked == "triton" and attention_mask is None and cu_seqlens is None:
+            return _composed_liger_attention(
+                q, k, v, cos=cos, sin=sin, initial_state=initial_state, output_final_state=output_final_state,
+                log_gate=log_gate, target=target, **kwargs,
+            )
+        picked = "torch"
         kwargs["target"] = target
-    if _pick(backend, q, q.shape[-1]) == "triton":
+    if picked == "triton":
         return _triton_ops().liger_attention(
             q, k, v, cos=cos, sin=sin, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, attention_mask=attention_mask, **kwargs,
@@ -142,6 +150,22 @@ def liger_attention(
         outs.append(o)
         states.append(s)
     return torch.cat(outs, 1), (torch.cat(states, 0) if output_final_state else None)
+
+
+def _composed_liger_attention(q, k, v, *, window, mix, gate_normalizer, cos, sin, initial_state, output_final_state,
+                              log_gate, target):
+    """Liger Attention with any target's maps: maps in PyTorch, the recurrence on Triton chunk_gla."""
+    Hq = q.shape[2]
+    phi_q, phi_k, v_lin, g = feature_maps(q, k, v, gate_normalizer, None, log_gate, target)
+    # maps and values in the I/O dtype (the kernel's matrix products run in it), gates in fp32
+    phi_q, phi_k, v_lin = (x.to(q.dtype) for x in (phi_q, phi_k, v_lin))
+    o, state = _triton_ops().chunk_gla(
+        phi_q, repeat_heads(phi_k, Hq), repeat_heads(v_lin, Hq), repeat_heads(g, Hq), scale=1.0,
+        initial_state=initial_state, output_final_state=output_final_state,
+    )
+    if window > 0:
+        o = mix_window_branch(o.to(compute_dtype(q)), q, k, v, window=window, mix=mix, cos=cos, sin=sin)
+    return o.to(q.dtype), state
 
 
 def liger_decode_step(

@@ -90,6 +90,22 @@ def make_scheduler(optimizer, opts: RecoverOptions, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+NEW_MODULES = ("gate_proj", "hedgehog_q", "hedgehog_k")
+
+
+def new_attention_modules(model: torch.nn.Module) -> list[str]:
+    """Names (as PEFT suffixes, "self_attn.gate_proj") of the modules a target adds to converted
+    attention layers — hedgehog's feature maps, the gate-projection ablation. They train in full and
+    travel with the adapter. The parent's name is part of the suffix: PEFT matches modules_to_save by
+    name ending, and a bare "gate_proj" would also catch every MLP's gate projection."""
+    found = set()
+    for name, module in model.named_modules():
+        if getattr(module, "linearize_kind", None) == "liger":
+            parent = name.rsplit(".", 1)[-1]
+            found.update(f"{parent}.{child}" for child in NEW_MODULES if hasattr(module, child))
+    return sorted(found)
+
+
 def training_dtype(device: torch.device) -> torch.dtype:
     """Frozen weights in bf16 on GPUs (LoRA weights stay fp32), fp32 on CPUs."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -149,10 +165,7 @@ class Recovery:
         if not is_converted(model):
             raise LinearizeError(f"{self.opts.ckpt} is not a converted checkpoint: run `linearize convert` first")
         self.tokenizer = load_tokenizer(self.opts.ckpt)
-        # New parameters a target brings (hedgehog's feature maps, the gate_proj ablation) train in full and
-        # travel with the adapter.
-        new_modules = sorted({name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
-                              if name.endswith(("gate_proj", "hedgehog_q", "hedgehog_k"))})
+        new_modules = new_attention_modules(model)
         lora = LoraConfig(
             r=self.opts.lora_r, lora_alpha=self.opts.lora_alpha, target_modules=self.opts.lora_targets,
             lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", modules_to_save=new_modules or None,

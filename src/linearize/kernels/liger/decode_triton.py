@@ -19,7 +19,9 @@ from ..gla import chunk_triton
 from .naive import liger_decode_step_torch
 
 
-@triton.jit
+# slot changes every step: unspecialised, else Triton compiles a variant for slot == 1 and for
+# slot % 16 == 0 in the middle of a timed generation
+@triton.jit(do_not_specialize=["slot"])
 def liger_decode_kernel(
     q, k, v, state, k_ring, v_ring, ring_valid, cos, sin, o,
     slot, gate_mult, mix, win_scale, s_cos_b,

@@ -1,66 +1,34 @@
-"""Liger Attention and chunked GLA on the fused Triton forward kernel, as autograd Functions.
+"""Liger Attention and chunked GLA on the Triton kernels, as autograd Functions.
 
 Forward: one pass of gla/chunk_triton.gla_fwd_kernel (feature maps, gates, chunked GLA,
 sliding window with RoPE, mixing; o written once).
 
-Backward (first version): recomputation through the PyTorch reference (kernels/gla/chunk.py,
-kernels/liger/naive.py) under autograd, one packed sequence at a time. It is exact but not
-fused; a Triton backward is future work (docs/kernels.md). The rotary tables get no gradient.
+Backward: the recurrence's gradients come from the two Triton sweeps of
+gla/backward_triton.py, on feature maps and gates recomputed in PyTorch; the chain rule
+through those maps (softmax, logsigmoid) and the sliding-window branch (banded, O(T * window),
+recomputed from q, k, v) run under PyTorch autograd. The rotary tables get no gradient.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from ..gla.chunk import chunk_gla_torch
+from ..gla.backward_triton import gla_bwd
 from ..gla.chunk_triton import MAX_WINDOW, gla_fwd, supported
-from .naive import liger_attention_torch
+from .naive import apply_rope, sliding_window_attention
 
 
-def _segments(cu_seqlens, B, T):
-    """(batch rows, state rows, first step, end step) per independent piece: the whole batch at
-    once for padded-free [B, T] input, one sequence at a time for packed input."""
+def _window_branch(q, k, v, cos, sin, window, cu_seqlens):
+    """The sliding-window half (before mixing), per packed sequence: windows stop at boundaries."""
+    scale = q.shape[-1] ** -0.5
+    q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cu_seqlens is None:
-        return [(slice(0, B), slice(0, B), 0, T)]
-    cu = cu_seqlens.tolist()
-    return [(slice(0, 1), slice(i, i + 1), cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
-
-
-def _recompute_grads(fn, cu_seqlens, inputs, needs, initial_state, need_h0, do, dht, seq_split):
-    """Gradients of sum(o * do) + sum(ht * dht) by re-running `fn` per sequence under autograd.
-
-    inputs: the tensors fn differentiates, [B, T, ...]; seq_split(i, lo, hi) -> per-sequence
-    slices (and extras) handed to fn; returns grads for inputs and initial_state.
-    """
-    grads = [torch.zeros_like(x) if need else None for x, need in zip(inputs, needs, strict=True)]
-    dh0 = torch.zeros_like(initial_state) if initial_state is not None and need_h0 else None
-    B, T = inputs[0].shape[:2]
-    for i, (bsel, hsel, lo, hi) in enumerate(_segments(cu_seqlens, B, T)):
-        if hi <= lo:
-            continue
-        with torch.enable_grad():
-            leaves = [x[bsel, lo:hi].detach().requires_grad_(need) for x, need in zip(inputs, needs, strict=True)]
-            h0 = None
-            if initial_state is not None:
-                h0 = initial_state[hsel].detach().requires_grad_(dh0 is not None)
-            o, ht = fn(*leaves, h0, seq_split(i, lo, hi))
-            loss = (o.float() * do[bsel, lo:hi].float()).sum()
-            if dht is not None and ht is not None:
-                loss = loss + (ht * dht[hsel]).sum()
-            wrt = [x for x in leaves if x.requires_grad] + ([h0] if dh0 is not None else [])
-            if not wrt:
-                continue
-            got = list(torch.autograd.grad(loss, wrt, allow_unused=True))
-        for j, x in enumerate(leaves):
-            if x.requires_grad:
-                gx = got.pop(0)
-                if gx is not None:
-                    grads[j][bsel, lo:hi] += gx.to(grads[j].dtype)
-        if dh0 is not None:
-            gh = got.pop(0)
-            if gh is not None:
-                dh0[hsel] += gh
-    return grads, dh0
+        return sliding_window_attention(q_rot, k_rot, v, window=window, scale=scale)
+    bounds = cu_seqlens.tolist()
+    parts = [sliding_window_attention(q_rot[:, lo:hi], k_rot[:, lo:hi], v[:, lo:hi], window=window, scale=scale)
+             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+    return torch.cat(parts, 1)
 
 
 class _LigerFunction(torch.autograd.Function):
@@ -70,29 +38,36 @@ class _LigerFunction(torch.autograd.Function):
             q, k, v, feature_map=True, gate_mult=1.0 / gate_normalizer, window=window, mix=mix, cos=cos, sin=sin,
             initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
         )
-        ctx.save_for_backward(q, k, v, initial_state, cos, sin, cu_seqlens)
-        ctx.cfg = (window, mix, gate_normalizer, output_final_state)
+        ctx.save_for_backward(q, k, v, initial_state, cos, sin, cu_seqlens, ht)
+        ctx.cfg = (window, mix, gate_normalizer)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, h0, cos, sin, cu = ctx.saved_tensors
-        window, mix, gn, ofs = ctx.cfg
-
-        def rope_slice(i, lo, hi):
-            if window <= 0:
-                return None, None
-            return cos[:, lo:hi], sin[:, lo:hi]
-
-        def fn(qi, ki, vi, h0i, cs):
-            return liger_attention_torch(
-                qi, ki, vi, window=window, mix=mix, gate_normalizer=gn, cos=cs[0], sin=cs[1],
-                initial_state=h0i, output_final_state=True,
-            )
-
-        (dq, dk, dv), dh0 = _recompute_grads(
-            fn, cu, (q, k, v), ctx.needs_input_grad[:3], h0, ctx.needs_input_grad[3], do, dht if ofs else None, rope_slice)
-        return dq, dk, dv, dh0, None, None, None, None, None, None, None
+        q, k, v, h0, cos, sin, cu, ht = ctx.saved_tensors
+        window, mix, gn = ctx.cfg
+        with torch.enable_grad():
+            q32, k32 = (x.detach().float().requires_grad_() for x in (q, k))
+            phi_q, phi_k, log_gate = q32.softmax(-1), k32.softmax(-1), F.logsigmoid(k32) / gn
+        linear_share = (1.0 - mix) if window > 0 else 1.0
+        dphi_q, dphi_k, dv, dg, dh0 = gla_bwd(
+            phi_q.detach(), phi_k.detach(), v, log_gate.detach(), do * linear_share, scale=1.0,
+            initial_state=h0, dht=dht if ht is not None else None, final_state=ht, cu_seqlens=cu,
+            need_dh0=h0 is not None and ctx.needs_input_grad[3],
+            low_precision=q.dtype in (torch.bfloat16, torch.float16),
+        )
+        outputs, grads = [phi_q, phi_k, log_gate], [dphi_q, dphi_k, dg]
+        v32 = None
+        if window > 0:
+            with torch.enable_grad():
+                v32 = v.detach().float().requires_grad_()
+                outputs.append(_window_branch(q32, k32, v32, cos.float(), sin.float(), window, cu))
+            grads.append(do.float() * mix)
+        torch.autograd.backward(outputs, grads)
+        if v32 is not None:
+            dv = dv + v32.grad
+        return (q32.grad.to(q.dtype), k32.grad.to(k.dtype), dv.to(v.dtype), dh0,
+                None, None, None, None, None, None, None)
 
 
 class _ChunkGLAFunction(torch.autograd.Function):
@@ -102,21 +77,18 @@ class _ChunkGLAFunction(torch.autograd.Function):
             q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
         )
-        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
-        ctx.cfg = (scale, output_final_state)
+        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, ht)
+        ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, h0, cu = ctx.saved_tensors
-        scale, ofs = ctx.cfg
-
-        def fn(qi, ki, vi, gi, h0i, _):
-            return chunk_gla_torch(qi, ki, vi, gi, scale=scale, initial_state=h0i, output_final_state=True)
-
-        (dq, dk, dv, dg), dh0 = _recompute_grads(
-            fn, cu, (q, k, v, g), ctx.needs_input_grad[:4], h0, ctx.needs_input_grad[4], do, dht if ofs else None, lambda *a: None)
-        return dq, dk, dv, dg, dh0, None, None, None
+        q, k, v, g, h0, cu, ht = ctx.saved_tensors
+        dq, dk, dv, dg, dh0 = gla_bwd(
+            q, k, v, g, do, scale=ctx.scale, initial_state=h0, dht=dht if ht is not None else None,
+            final_state=ht, cu_seqlens=cu, need_dh0=h0 is not None and ctx.needs_input_grad[4],
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0, None, None, None
 
 
 def _check(q, cu_seqlens):

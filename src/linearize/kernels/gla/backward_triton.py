@@ -1,0 +1,258 @@
+"""Backward of gated linear attention in Triton: two sequential sweeps over blocks of BT steps.
+
+Notation as in chunk_triton.py: per block, b is the inclusive cumulative log-gate, b_L its last
+row and m its middle row; S_0 and S_1 are the state before and after the block, dS_1 the
+gradient reaching S_1 from later blocks (dht for the last). Every exponent is either <= 0 or a
+half-block span clamped at 60, exactly as in the forward kernel.
+
+- dq sweep, forward in time. It carries S [BK, V] like the forward kernel (one program per block
+  of BK key channels, all value columns):
+      dq_i = scale * (exp(b_i) * (do_i S_0^T) + exp(b_i - m) * (D (k exp(m - b)))_i),
+      D_ij = do_i . v_j for j <= i.
+- dk/dv sweep, backward in time. It carries dS [K, BV] (one program per block of BV value
+  columns, all key channels):
+      dv_j = (A^T do)_j + (k_j exp(b_L - b_j)) dS_1,   A_ij = scale q_i . (k_j exp(b_i - b_j)), j <= i
+      dk_j = scale exp(m - b_j) * (D^T (q exp(b - m)))_j + exp(b_L - b_j) * (v_j dS_1^T)
+      dS_0 = exp(b_L) * dS_1 + scale (q exp(b))^T do.
+  dk is a partial sum over the program's value columns; the blocks are added afterwards.
+- the gate, in PyTorch: with B the cumulative log-gate over a whole sequence, q and k enter only
+  as q exp(B) and k exp(-B), and the final state carries a factor exp(B_T), so
+      dB_t = q_t dq_t - k_t dk_t  (+ sum_v S_T dS_T at the last step),
+  and dg is the reverse cumulative sum of dB within each sequence.
+
+GQA: k, v and g have HKV heads, q and do HQ; the kernels write dq, dk, dv per query head and
+the wrapper sums dk, dv and dg over each kv head's group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import chunk_triton
+
+
+@triton.jit
+def gla_bwd_dq_kernel(
+    k, v, g, do, h0, dq, cu_seqlens,
+    T, scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr,
+    USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
+):
+    i_k, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hk = i_h // (HQ // HKV)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    L = (eos - bos).to(tl.int32)
+    dot_t = do.dtype.element_ty if LOW_PRECISION else tl.float32
+    diag_t = tl.float32 if DIAG_F32 else dot_t
+
+    rows = tl.arange(0, BT)
+    ck = i_k * BK + tl.arange(0, BK)
+    cv = tl.arange(0, V)
+    causal = rows[None, :] <= rows[:, None]
+    MID: tl.constexpr = BT // 2 - 1
+
+    if USE_H0:
+        p_h0 = h0 + (i_n * HQ + i_h).to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+        S = tl.load(p_h0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, V], dtype=tl.float32)
+
+    for i_c in range(0, tl.cdiv(L, BT)):
+        t = i_c * BT + rows
+        m_t = t < L
+        kv_row = ((bos + t) * HKV + i_hk)[:, None]
+        q_row = ((bos + t) * HQ + i_h)[:, None]
+        b_k = tl.load(k + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_v = tl.load(v + kv_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
+        b_do = tl.load(do + q_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
+        b_b = tl.cumsum(b_g, axis=0)
+        b_last = tl.sum(b_g, axis=0)
+        b_m = tl.sum(tl.where(rows[:, None] == MID, b_b, 0.0), axis=0)
+        d_q = tl.minimum(b_b - b_m[None, :], 60.0)
+        d_k = tl.minimum(b_m[None, :] - b_b, 60.0)
+        k_mid = tl.where(m_t[:, None], b_k * tl.exp(d_k), 0.0)
+        k_out = tl.where(m_t[:, None], b_k * tl.exp(b_last[None, :] - b_b), 0.0)
+
+        b_D = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
+        b_D = tl.where(causal, b_D, 0.0)
+        b_dq = tl.exp(b_b) * tl.dot(b_do, tl.trans(S.to(dot_t)), input_precision="ieee")
+        b_dq += tl.exp(d_q) * tl.dot(b_D.to(diag_t), k_mid.to(diag_t), input_precision="ieee")
+        tl.store(dq + q_row * K + ck[None, :], b_dq * scale, mask=m_t[:, None])
+        S = S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(k_out.to(dot_t)), b_v, input_precision="ieee")
+
+
+@triton.jit
+def gla_bwd_dkv_kernel(
+    q, k, v, g, do, dht, dh0, dk, dv, cu_seqlens,
+    T, TOTAL, scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr,
+    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
+):
+    i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hk = i_h // (HQ // HKV)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    L = (eos - bos).to(tl.int32)
+    dot_t = do.dtype.element_ty if LOW_PRECISION else tl.float32
+    diag_t = tl.float32 if DIAG_F32 else dot_t
+
+    rows = tl.arange(0, BT)
+    ck = tl.arange(0, K)
+    cv = i_v * BV + tl.arange(0, BV)
+    causal = rows[None, :] <= rows[:, None]
+    MID: tl.constexpr = BT // 2 - 1
+
+    p_state = (i_n * HQ + i_h).to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    if USE_DHT:
+        dS = tl.load(dht + p_state).to(tl.float32)
+    else:
+        dS = tl.zeros([K, BV], dtype=tl.float32)
+    dk_part = dk + i_v.to(tl.int64) * TOTAL * HQ * K  # this value block's partial dk
+
+    n_blocks = tl.cdiv(L, BT)
+    for i_r in range(0, n_blocks):
+        i_c = n_blocks - 1 - i_r
+        t = i_c * BT + rows
+        m_t = t < L
+        kv_row = ((bos + t) * HKV + i_hk)[:, None]
+        q_row = ((bos + t) * HQ + i_h)[:, None]
+        b_q = tl.load(q + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_k = tl.load(k + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_v = tl.load(v + kv_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
+        b_do = tl.load(do + q_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
+        b_b = tl.cumsum(b_g, axis=0)
+        b_last = tl.sum(b_g, axis=0)
+        b_m = tl.sum(tl.where(rows[:, None] == MID, b_b, 0.0), axis=0)
+        d_q = tl.minimum(b_b - b_m[None, :], 60.0)
+        e_k = tl.exp(tl.minimum(b_m[None, :] - b_b, 60.0))
+        e_o = tl.exp(b_last[None, :] - b_b)
+        q_mid = b_q * (scale * tl.exp(d_q))
+        k_mid = tl.where(m_t[:, None], b_k * e_k, 0.0)
+        k_out = tl.where(m_t[:, None], b_k * e_o, 0.0)
+
+        b_A = tl.dot(q_mid.to(diag_t), tl.trans(k_mid.to(diag_t)), input_precision="ieee")
+        b_A = tl.where(causal, b_A, 0.0)  # [query i, key j]
+        b_dv = tl.dot(tl.trans(b_A).to(dot_t), b_do, input_precision="ieee")
+        b_dv += tl.dot(k_out.to(dot_t), dS.to(dot_t), input_precision="ieee")
+        b_D = tl.dot(b_do, tl.trans(b_v), input_precision="ieee")
+        b_D = tl.where(causal, b_D, 0.0)  # [query i, key j]
+        b_dk = e_k * tl.dot(tl.trans(b_D).to(diag_t), q_mid.to(diag_t), input_precision="ieee")
+        b_dk += e_o * tl.dot(b_v, tl.trans(dS.to(dot_t)), input_precision="ieee")
+        tl.store(dv + q_row * V + cv[None, :], b_dv, mask=m_t[:, None])
+        tl.store(dk_part + q_row * K + ck[None, :], b_dk, mask=m_t[:, None])
+        q_in = b_q * (scale * tl.exp(b_b))
+        dS = dS * tl.exp(b_last)[:, None] + tl.dot(tl.trans(q_in.to(dot_t)), b_do, input_precision="ieee")
+
+    if STORE_DH0:
+        tl.store(dh0 + p_state, dS)
+
+
+def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Sum over steps t' >= t of the same sequence, along dim 1 of [B, T, ...]."""
+    total = x.flip(1).cumsum(1).flip(1)
+    if cu_seqlens is None:
+        return total
+    # packed: subtract what the later sequences contribute (the suffix sum at this sequence's end)
+    ends = cu_seqlens.long()[1:]
+    lengths = ends - cu_seqlens.long()[:-1]
+    after = torch.cat([total[:, 1:], torch.zeros_like(total[:, :1])], 1)  # after[t] = suffix sum from t + 1
+    end_of_step = torch.repeat_interleave(ends, lengths)  # [T] each step's sequence end (exclusive)
+    return total - after[:, end_of_step - 1]
+
+
+def gla_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    do: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    dht: torch.Tensor | None = None,
+    final_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    need_dh0: bool = False,
+    low_precision: bool | None = None,
+    block_k: int | None = None,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of o = GLA(q, k, v, g) (and of the final state, via dht).
+
+    q [B, T, HQ, K]; k, g [B, T, HKV, K]; v [B, T, HKV, V]; do [B, T, HQ, V]; dht, final_state
+    (the forward's final state; needed with dht) [N, HQ, K, V]. Returns float32 dq [B, T, HQ, K],
+    dk, dg [B, T, HKV, K], dv [B, T, HKV, V] and dh0 [N, HQ, K, V] (None unless need_dh0).
+    `low_precision` (default: do is bf16/fp16) runs the matrix products in do's dtype.
+    """
+    B, T, HQ, K = q.shape
+    HKV, V = k.shape[2], v.shape[-1]
+    G = HQ // HKV
+    q, k, v, g, do = (x.contiguous() for x in (q, k, v, g, do))
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    if low_precision is None:
+        low_precision = do.dtype in (torch.bfloat16, torch.float16)
+    fp16 = do.dtype == torch.float16
+    BT = chunk_triton.BT
+    BK = block_k or min(K, 64)
+    BV = block_v or min(V, 64)
+    NV = triton.cdiv(V, BV)
+    warps = num_warps or 4
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.empty(B, T, HQ, K, **f32)
+    dk = torch.empty(NV, B, T, HQ, K, **f32)
+    dv = torch.empty(B, T, HQ, V, **f32)
+    dh0 = torch.empty(N, HQ, K, V, **f32) if need_dh0 else None
+    if chunk_triton.POISON_OUTPUTS:
+        for x in (dq, dk, dv, dh0):
+            if x is not None:
+                x.fill_(float("nan"))
+    h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+    dht = dht.to(torch.float32).contiguous() if dht is not None else None
+    cu = cu_seqlens if cu_seqlens is not None else dq
+    common = dict(HQ=HQ, HKV=HKV, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None,
+                  LOW_PRECISION=bool(low_precision), DIAG_F32=fp16, num_warps=warps, num_stages=1)
+    gla_bwd_dq_kernel[(triton.cdiv(K, BK), HQ, N)](
+        k, v, g, do, h0 if h0 is not None else dq, dq, cu, T, float(scale),
+        BK=BK, USE_H0=h0 is not None, **common,
+    )
+    gla_bwd_dkv_kernel[(NV, HQ, N)](
+        q, k, v, g, do, dht if dht is not None else dq, dh0 if dh0 is not None else dq, dk, dv, cu,
+        T, B * T, float(scale), BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, **common,
+    )
+    dk = dk.sum(0)
+    k_rep = k.float().repeat_interleave(G, dim=2) if G > 1 else k.float()
+    d_cum = q.float() * dq - k_rep * dk
+    if dht is not None:  # the final state's factor exp(B_T): its gradient lands on each sequence's last step
+        if final_state is None:
+            raise ValueError("gla_bwd needs the forward's final_state to take a gradient through dht")
+        last = (torch.arange(1, N + 1, device=q.device) * T if cu_seqlens is None else cu_seqlens[1:].long()) - 1
+        lengths = torch.full((N,), T, device=q.device) if cu_seqlens is None else cu_seqlens.diff()
+        term = (final_state.float() * dht).sum(-1)  # [N, HQ, K]
+        keep = lengths > 0  # an empty sequence has no step to carry it (and no gate)
+        flat = d_cum.view(B * T, HQ, K)
+        flat.index_add_(0, last[keep], term[keep])
+    dg = _reverse_cumsum(d_cum, cu_seqlens)
+    if G > 1:
+        dk = dk.view(B, T, HKV, G, K).sum(3)
+        dv = dv.view(B, T, HKV, G, V).sum(3)
+        dg = dg.view(B, T, HKV, G, K).sum(3)
+    return dq, dk, dv, dg, dh0
