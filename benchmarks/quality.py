@@ -2,7 +2,8 @@
 
 Rows: the teacher (source model), Liger-GLA before and after recovery, and the paper's
 ablations after the same recovery — no sliding window, no gate, a gate from a new random
-projection — plus Liger-GLA-H (every 4th layer kept softmax). Every recovered row uses the same
+projection — plus Liger-GLA-H (every 4th layer kept softmax) and one row per further target
+(hgrn2, mamba2, hedgehog, gdn, gsa). Every recovered row uses the same
 data, token budget and seed. Writes docs/results.md and a JSON file.
 
     python benchmarks/quality.py --tokens 2M --limit 500 --json docs/results.json     # on a GPU
@@ -31,6 +32,7 @@ from linearize.convert import convert_with  # noqa: E402
 from linearize.evaluate import EvalOptions, run_eval  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
 from linearize.options import ConvertOptions  # noqa: E402
+from linearize.recover.data import parse_tokens  # noqa: E402
 from linearize.recover.options import RecoverOptions  # noqa: E402
 from linearize.recover.trainer import recover  # noqa: E402
 
@@ -41,14 +43,21 @@ TASKS = ["lambada_openai", "arc_easy", "arc_challenge", "piqa", "winogrande"]
 METRIC = {"lambada_openai": "acc", "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "piqa": "acc_norm",
           "winogrande": "acc"}
 
-# name, convert settings, recovered?
+# name, convert settings, recovery overrides (None: not recovered). Every recovered row spends the
+# same --tokens: hedgehog splits them, a quarter on the align stage (its new feature maps).
 ROWS = [
-    ("Liger-GLA, before recovery", {"window": 64}, False),
-    ("Liger-GLA (Liger Attention)", {"window": 64}, True),
-    ("without the window (pure GLA)", {"window": 0}, True),
-    ("without the gate", {"window": 64, "gate": "none"}, True),
-    ("gate from a new random projection", {"window": 64, "gate": "projection"}, True),
-    ("Liger-GLA-H (every 4th layer softmax)", {"window": 64, "keep_attention_every": 4}, True),
+    ("Liger-GLA, before recovery", {"window": 64}, None),
+    ("Liger-GLA (Liger Attention)", {"window": 64}, {}),
+    ("without the window (pure GLA)", {"window": 0}, {}),
+    ("without the gate", {"window": 64, "gate": "none"}, {}),
+    ("gate from a new random projection", {"window": 64, "gate": "projection"}, {}),
+    ("Liger-GLA-H (every 4th layer softmax)", {"window": 64, "keep_attention_every": 4}, {}),
+    ("Liger-HGRN2", {"window": 64, "to": "hgrn2"}, {}),
+    ("Mamba-2-style scalar gates", {"window": 64, "to": "mamba2"}, {}),
+    ("LoLCATs Hedgehog (align, then LoRA)", {"window": 64, "to": "hedgehog"}, {"stages": ["align", "lm"]}),
+    # step-by-step PyTorch recurrences (no chunked kernel yet): slow on a GPU
+    ("Gated DeltaNet", {"window": 64, "to": "gdn"}, {}),
+    ("Liger-GSA (64 slots)", {"window": 64, "to": "gsa", "slots": 64}, {}),
 ]
 
 
@@ -72,6 +81,16 @@ def previous_rows(args) -> list[dict]:
         sys.exit(f"--extend: {path} was made with other settings ({', '.join(differ)}); run without --extend")
     args.previous_commands = old["meta"].get("commands", [old["meta"]["command"]] if "command" in old["meta"] else [])
     return old["rows"]
+
+
+def stage_budgets(overrides: dict, tokens: str) -> dict:
+    """A row's recovery overrides, with a multi-stage row's budget split so its total is --tokens."""
+    stages = overrides.get("stages", ["lm"])
+    if len(stages) == 1:
+        return overrides
+    total = parse_tokens(tokens)
+    align = total // 4
+    return {**overrides, "stage_tokens": {stages[0]: align, stages[-1]: total - align}}
 
 
 def slug(name: str) -> str:
@@ -139,7 +158,7 @@ def main() -> None:
 
     results: list[dict] = previous_rows(args) if args.extend else []
     teacher_done = bool(results) and results[0]["row"] == TEACHER
-    for name, settings, recovered in chosen:
+    for name, settings, overrides in chosen:
         start = time.perf_counter()
         converted = run_dir / f"{slug(str(sorted(settings.items())))}-converted"
         if not converted.exists():
@@ -150,12 +169,13 @@ def main() -> None:
                             "gpu_minutes": None, "decode_rel_err": None})
             teacher_done = True
         folder, tokens = converted, 0
-        if recovered:
+        if overrides is not None:
             out = run_dir / f"{slug(name)}-recovered"
             if not out.exists():
                 recover(RecoverOptions(ckpt=str(converted), data=args.data, out=out, tokens=args.tokens,
                                        seq_len=args.seq_len, micro_batch=args.micro_batch, grad_accum=1, lr=args.lr,
-                                       seed=args.seed, eval_every=10**9, save_every=10**9, merge=True), console)
+                                       seed=args.seed, eval_every=10**9, save_every=10**9, merge=True,
+                                       **stage_budgets(overrides, args.tokens)), console)
             folder = out / "merged"
             tokens = sum(s["tokens"] for s in json.loads((out / "stages.json").read_text()))
         result = evaluate(folder, args)

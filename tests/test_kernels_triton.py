@@ -184,6 +184,22 @@ for _target, _gate in (("mamba2", False), ("hgrn2", False), ("gla", True)):
     CHECKS[f"composed_{_target}{'_log_gate' if _gate else ''}"] = lambda t=_target, g=_gate: composed_case(t, g)
 
 
+@check("liger_head_dim_256_grads")
+def liger_wide_heads():
+    """Heads wider than 128: the backward differentiates the maps in PyTorch around plain sweeps."""
+    torch.manual_seed(19)
+    B, T, Hq, Hkv, D = 1, 20, 2, 1, 256
+    q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
+    h0, do, dh = torch.randn(B, Hq, D, D) * 0.1, torch.randn(B, T, Hq, D), torch.randn(B, Hq, D, D)
+    cos, sin = rope(B, T, D)
+    kw = dict(window=8, cos=cos, sin=sin)
+    (o, s), got = liger_grads(q, k, v, h0, do, dh, "triton", **dict(kw))
+    (r, rs), ref = liger_grads(q, k, v, h0, do, dh, "torch", **dict(kw))
+    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
+    for name, a, b in zip(("dq", "dk", "dv", "dh0"), got, ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
 @check("chunk_gla_packed_with_empty_sequence")
 def chunk_gla_packed_empty():
     torch.manual_seed(17)

@@ -31,24 +31,20 @@ import triton
 import triton.language as tl
 
 from . import chunk_triton
+from .chunk_triton import liger_key_maps, sequence_bounds
 
 
 @triton.jit
 def gla_bwd_dq_kernel(
-    k, v, g, do, h0, dq, cu_seqlens,
-    T, scale,
+    q, k, v, g, do, h0, dq, qdq, cu_seqlens,
+    T, scale, gate_mult,
     HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, FEATURE_MAP: tl.constexpr,
     USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
 ):
     i_k, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HQ // HKV)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
     dot_t = do.dtype.element_ty if LOW_PRECISION else tl.float32
     diag_t = tl.float32 if DIAG_F32 else dot_t
@@ -71,7 +67,11 @@ def gla_bwd_dq_kernel(
         kv_row = ((bos + t) * HKV + i_hk)[:, None]
         q_row = ((bos + t) * HQ + i_h)[:, None]
         b_k = tl.load(k + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        if FEATURE_MAP:  # Liger: phi(k) = softmax(k), log-gate logsigmoid(k) * gate_mult (BK = K)
+            b_k, b_g = liger_key_maps(b_k, gate_mult)
+        else:
+            b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_g = tl.where(m_t[:, None], b_g, 0.0)
         b_v = tl.load(v + kv_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
         b_do = tl.load(do + q_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
         b_b = tl.cumsum(b_g, axis=0)
@@ -86,27 +86,29 @@ def gla_bwd_dq_kernel(
         b_D = tl.where(causal, b_D, 0.0)
         b_dq = tl.exp(b_b) * tl.dot(b_do, tl.trans(S.to(dot_t)), input_precision="ieee")
         b_dq += tl.exp(d_q) * tl.dot(b_D.to(diag_t), k_mid.to(diag_t), input_precision="ieee")
-        tl.store(dq + q_row * K + ck[None, :], b_dq * scale, mask=m_t[:, None])
+        b_dq = b_dq * scale
+        if FEATURE_MAP:  # through phi(q) = softmax(q); phi(q) * dphi(q) also feeds the gate's gradient
+            b_q = tl.load(q + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+            e_q = tl.exp(b_q - tl.max(b_q, axis=1)[:, None])
+            b_qd = e_q / tl.sum(e_q, axis=1)[:, None] * b_dq
+            tl.store(qdq + q_row * K + ck[None, :], b_qd, mask=m_t[:, None])
+            b_dq = b_qd - e_q / tl.sum(e_q, axis=1)[:, None] * tl.sum(b_qd, axis=1)[:, None]
+        tl.store(dq + q_row * K + ck[None, :], b_dq, mask=m_t[:, None])
         S = S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(k_out.to(dot_t)), b_v, input_precision="ieee")
 
 
 @triton.jit
 def gla_bwd_dkv_kernel(
-    q, k, v, g, do, dht, dh0, dk, dv, cu_seqlens,
-    T, TOTAL, scale,
+    q, k, v, g, do, ht, dht, dh0, qdq, dk, dv, cu_seqlens,
+    T, TOTAL, scale, gate_mult,
     HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, FEATURE_MAP: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HQ // HKV)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     L = (eos - bos).to(tl.int32)
     dot_t = do.dtype.element_ty if LOW_PRECISION else tl.float32
     diag_t = tl.float32 if DIAG_F32 else dot_t
@@ -118,8 +120,13 @@ def gla_bwd_dkv_kernel(
     MID: tl.constexpr = BT // 2 - 1
 
     p_state = (i_n * HQ + i_h).to(tl.int64) * K * V + ck[:, None] * V + cv[None, :]
+    # FEATURE_MAP: running sum of the gate's gradient over later steps, started with the final
+    # state's share sum_v S_T dS_T (the program holds all V columns: BV = V)
+    carry = tl.zeros([K], dtype=tl.float32)
     if USE_DHT:
         dS = tl.load(dht + p_state).to(tl.float32)
+        if FEATURE_MAP:
+            carry = tl.sum(tl.load(ht + p_state) * dS, axis=1)
     else:
         dS = tl.zeros([K, BV], dtype=tl.float32)
     dk_part = dk + i_v.to(tl.int64) * TOTAL * HQ * K  # this value block's partial dk
@@ -133,7 +140,14 @@ def gla_bwd_dkv_kernel(
         q_row = ((bos + t) * HQ + i_h)[:, None]
         b_q = tl.load(q + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
         b_k = tl.load(k + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        if FEATURE_MAP:
+            raw_k = b_k
+            b_k, b_g = liger_key_maps(b_k, gate_mult)
+            e_q = tl.exp(b_q - tl.max(b_q, axis=1)[:, None])
+            b_q = tl.where(m_t[:, None], e_q / tl.sum(e_q, axis=1)[:, None], 0.0)
+        else:
+            b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        b_g = tl.where(m_t[:, None], b_g, 0.0)
         b_v = tl.load(v + kv_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
         b_do = tl.load(do + q_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
         b_b = tl.cumsum(b_g, axis=0)
@@ -154,8 +168,23 @@ def gla_bwd_dkv_kernel(
         b_D = tl.where(causal, b_D, 0.0)  # [query i, key j]
         b_dk = e_k * tl.dot(tl.trans(b_D).to(diag_t), q_mid.to(diag_t), input_precision="ieee")
         b_dk += e_o * tl.dot(b_v, tl.trans(dS.to(dot_t)), input_precision="ieee")
-        tl.store(dv + q_row * V + cv[None, :], b_dv, mask=m_t[:, None])
-        tl.store(dk_part + q_row * K + ck[None, :], b_dk, mask=m_t[:, None])
+        if FEATURE_MAP:
+            # the gate: dB = phi(q) dphi(q) - phi(k) dphi(k), summed over this and later steps;
+            # then back through softmax and logsigmoid (d/dk logsigmoid(k) = sigmoid(-k)). The
+            # query heads of a kv group add into the same rows: atomically.
+            b_kd = b_k * b_dk
+            b_dB = tl.load(qdq + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0) - b_kd
+            b_dB = tl.where(m_t[:, None], b_dB, 0.0)
+            total = tl.sum(b_dB, axis=0)
+            b_dg = carry[None, :] + total[None, :] - tl.cumsum(b_dB, axis=0) + b_dB
+            carry += total
+            b_dk = b_kd - b_k * tl.sum(b_kd, axis=1)[:, None]
+            b_dk += b_dg * gate_mult / (1.0 + tl.exp(raw_k))
+            tl.atomic_add(dk + kv_row * K + ck[None, :], b_dk, mask=m_t[:, None])
+            tl.atomic_add(dv + kv_row * V + cv[None, :], b_dv, mask=m_t[:, None])
+        else:
+            tl.store(dv + q_row * V + cv[None, :], b_dv, mask=m_t[:, None])
+            tl.store(dk_part + q_row * K + ck[None, :], b_dk, mask=m_t[:, None])
         q_in = b_q * (scale * tl.exp(b_b))
         dS = dS * tl.exp(b_last)[:, None] + tl.dot(tl.trans(q_in.to(dot_t)), b_do, input_precision="ieee")
 
@@ -180,7 +209,7 @@ def gla_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    g: torch.Tensor,
+    g: torch.Tensor | None,
     do: torch.Tensor,
     *,
     scale: float,
@@ -189,64 +218,82 @@ def gla_bwd(
     final_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     need_dh0: bool = False,
+    feature_map: bool = False,
+    gate_mult: float = 1.0,
     low_precision: bool | None = None,
     block_k: int | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of o = GLA(q, k, v, g) (and of the final state, via dht).
 
     q [B, T, HQ, K]; k, g [B, T, HKV, K]; v [B, T, HKV, V]; do [B, T, HQ, V]; dht, final_state
     (the forward's final state; needed with dht) [N, HQ, K, V]. Returns float32 dq [B, T, HQ, K],
     dk, dg [B, T, HKV, K], dv [B, T, HKV, V] and dh0 [N, HQ, K, V] (None unless need_dh0).
+
+    feature_map: q, k are Liger's raw projections; the kernels form phi = softmax and the
+    log-gate logsigmoid(k) * gate_mult themselves (g unused), take the gate's reverse sum in the
+    dk/dv sweep, and return dq, dk with respect to the raw q, k (dg None). One program then holds
+    a whole head (K and V at most 128, say; the forward kernel keeps the same state tile).
     `low_precision` (default: do is bf16/fp16) runs the matrix products in do's dtype.
     """
     B, T, HQ, K = q.shape
     HKV, V = k.shape[2], v.shape[-1]
     G = HQ // HKV
-    q, k, v, g, do = (x.contiguous() for x in (q, k, v, g, do))
+    q, k, v, do = (x.contiguous() for x in (q, k, v, do))
+    g = g.contiguous() if g is not None else None
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     if low_precision is None:
         low_precision = do.dtype in (torch.bfloat16, torch.float16)
+    if dht is not None and final_state is None:
+        raise ValueError("gla_bwd needs the forward's final_state to take a gradient through dht")
     fp16 = do.dtype == torch.float16
     BT = chunk_triton.BT
-    BK = block_k or min(K, 64)
-    BV = block_v or min(V, 64)
+    BK = K if feature_map else (block_k or min(K, 64))  # softmax over K and the gate's sum need whole rows
+    BV = V if feature_map else (block_v or min(V, 64))
     NV = triton.cdiv(V, BV)
-    warps = num_warps or 4
+    warps = num_warps or (8 if feature_map else 4)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.empty(B, T, HQ, K, **f32)
-    dk = torch.empty(NV, B, T, HQ, K, **f32)
-    dv = torch.empty(B, T, HQ, V, **f32)
+    if feature_map:  # per-query-head contributions added atomically into the kv heads' rows
+        qdq = torch.empty(B, T, HQ, K, **f32)
+        dk = torch.zeros(B, T, HKV, K, **f32)
+        dv = torch.zeros(B, T, HKV, V, **f32)
+    else:
+        qdq = dq
+        dk = torch.empty(NV, B, T, HQ, K, **f32)
+        dv = torch.empty(B, T, HQ, V, **f32)
     dh0 = torch.empty(N, HQ, K, V, **f32) if need_dh0 else None
     if chunk_triton.POISON_OUTPUTS:
-        for x in (dq, dk, dv, dh0):
+        for x in (dq, qdq, dh0) if feature_map else (dq, dk, dv, dh0):
             if x is not None:
                 x.fill_(float("nan"))
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = dht.to(torch.float32).contiguous() if dht is not None else None
+    ht = final_state.to(torch.float32).contiguous() if dht is not None else None
     cu = cu_seqlens if cu_seqlens is not None else dq
-    common = dict(HQ=HQ, HKV=HKV, K=K, V=V, BT=BT, IS_VARLEN=cu_seqlens is not None,
+    common = dict(HQ=HQ, HKV=HKV, K=K, V=V, BT=BT, FEATURE_MAP=feature_map, IS_VARLEN=cu_seqlens is not None,
                   LOW_PRECISION=bool(low_precision), DIAG_F32=fp16, num_warps=warps, num_stages=1)
     gla_bwd_dq_kernel[(triton.cdiv(K, BK), HQ, N)](
-        k, v, g, do, h0 if h0 is not None else dq, dq, cu, T, float(scale),
-        BK=BK, USE_H0=h0 is not None, **common,
+        q, k, v, g if g is not None else q, do, h0 if h0 is not None else dq, dq, qdq, cu,
+        T, float(scale), float(gate_mult), BK=BK, USE_H0=h0 is not None, **common,
     )
     gla_bwd_dkv_kernel[(NV, HQ, N)](
-        q, k, v, g, do, dht if dht is not None else dq, dh0 if dh0 is not None else dq, dk, dv, cu,
-        T, B * T, float(scale), BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, **common,
+        q, k, v, g if g is not None else q, do, ht if ht is not None else dq, dht if dht is not None else dq,
+        dh0 if dh0 is not None else dq, qdq, dk, dv, cu,
+        T, B * T, float(scale), float(gate_mult), BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, **common,
     )
+    if feature_map:
+        return dq, dk, dv, None, dh0
     dk = dk.sum(0)
     k_rep = k.float().repeat_interleave(G, dim=2) if G > 1 else k.float()
     d_cum = q.float() * dq - k_rep * dk
     if dht is not None:  # the final state's factor exp(B_T): its gradient lands on each sequence's last step
-        if final_state is None:
-            raise ValueError("gla_bwd needs the forward's final_state to take a gradient through dht")
         last = (torch.arange(1, N + 1, device=q.device) * T if cu_seqlens is None else cu_seqlens[1:].long()) - 1
         lengths = torch.full((N,), T, device=q.device) if cu_seqlens is None else cu_seqlens.diff()
-        term = (final_state.float() * dht).sum(-1)  # [N, HQ, K]
+        term = (ht * dht).sum(-1)  # [N, HQ, K]
         keep = lengths > 0  # an empty sequence has no step to carry it (and no gate)
         flat = d_cum.view(B * T, HQ, K)
         flat.index_add_(0, last[keep], term[keep])

@@ -40,6 +40,31 @@ POISON_OUTPUTS = False
 
 
 @triton.jit
+def sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    """(first row, end row) of sequence i_n: packed offsets, or i_n * T for a padded-free batch."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def logsigmoid(x):
+    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))  # stable for either sign
+
+
+@triton.jit
+def liger_key_maps(b_k, gate_mult):
+    """Liger's key side, in registers: (softmax(k) over the head dimension, logsigmoid(k) * gate_mult)."""
+    log_gate = logsigmoid(b_k) * gate_mult
+    e_k = tl.exp(b_k - tl.max(b_k, axis=1)[:, None])
+    return e_k / tl.sum(e_k, axis=1)[:, None], log_gate
+
+
+@triton.jit
 def gla_fwd_kernel(
     q, k, v, g, cos, sin, h0, ht, o, cu_seqlens,
     T, scale, gate_mult, mix, win_scale, s_cos_b,
@@ -50,14 +75,8 @@ def gla_fwd_kernel(
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HQ // HKV)
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        i_b = 0
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-        i_b = i_n
+    bos, eos = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    i_b = 0 if IS_VARLEN else i_n
     L = (eos - bos).to(tl.int32)
     dot_t = q.dtype.element_ty if LOW_PRECISION else tl.float32
     # the diagonal block's factors reach exp(60): beyond fp16's range, so fp16 runs it in fp32
@@ -97,8 +116,7 @@ def gla_fwd_kernel(
         b_v = tl.load(v + ((bos + t) * HKV + i_hk)[:, None] * V + cv[None, :], mask=m_t[:, None], other=0.0)
         b_v = b_v.to(dot_t)
         if FEATURE_MAP:
-            # logsigmoid(x) = min(x, 0) - log(1 + exp(-|x|))
-            b_g = (tl.minimum(b_k, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_k)))) * gate_mult
+            b_g = logsigmoid(b_k) * gate_mult
             x_q = b_q - tl.max(b_q, axis=1)[:, None]
             x_k = b_k - tl.max(b_k, axis=1)[:, None]
             n_q = 1.0 / tl.sum(tl.exp(x_q), axis=1)

@@ -3,10 +3,11 @@
 Forward: one pass of gla/chunk_triton.gla_fwd_kernel (feature maps, gates, chunked GLA,
 sliding window with RoPE, mixing; o written once).
 
-Backward: the recurrence's gradients come from the two Triton sweeps of
-gla/backward_triton.py, on feature maps and gates recomputed in PyTorch; the chain rule
-through those maps (softmax, logsigmoid) and the sliding-window branch (banded, O(T * window),
-recomputed from q, k, v) run under PyTorch autograd. The rotary tables get no gradient.
+Backward: two Triton sweeps of gla/backward_triton.py in their feature-map form (they recompute
+softmax(q), softmax(k) and the key gate in registers, take the gate's reverse sum and the chain
+rule back to the raw q, k themselves), then liger/window_bwd_triton.py adds the sliding-window
+branch's gradients into the same buffers (recomputed scores, RoPE backward in the kernel). The
+rotary tables get no gradient.
 """
 
 from __future__ import annotations
@@ -16,19 +17,24 @@ import torch.nn.functional as F
 
 from ..gla.backward_triton import gla_bwd
 from ..gla.chunk_triton import MAX_WINDOW, gla_fwd, supported
-from .naive import apply_rope, sliding_window_attention
+from .window_bwd_triton import window_bwd
+
+# The feature-map sweeps hold a whole head's state tile [D, D] in registers; beyond 128 that
+# spills, so wider heads differentiate the maps in PyTorch around the plain GLA sweeps.
+FEATURE_MAP_MAX_D = 128
 
 
-def _window_branch(q, k, v, cos, sin, window, cu_seqlens):
-    """The sliding-window half (before mixing), per packed sequence: windows stop at boundaries."""
-    scale = q.shape[-1] ** -0.5
-    q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cu_seqlens is None:
-        return sliding_window_attention(q_rot, k_rot, v, window=window, scale=scale)
-    bounds = cu_seqlens.tolist()
-    parts = [sliding_window_attention(q_rot[:, lo:hi], k_rot[:, lo:hi], v[:, lo:hi], window=window, scale=scale)
-             for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
-    return torch.cat(parts, 1)
+def _backward_through_torch_maps(q, k, v, do_linear, gate_normalizer, common):
+    """The GLA part's gradients for wide heads: PyTorch softmax / logsigmoid under autograd around
+    gla_bwd's plain form (which splits K and V across programs)."""
+    with torch.enable_grad():
+        q32, k32 = (x.detach().float().requires_grad_() for x in (q, k))
+        phi_q, phi_k, log_gate = q32.softmax(-1), k32.softmax(-1), F.logsigmoid(k32) / gate_normalizer
+    dphi_q, dphi_k, dv, dg, dh0 = gla_bwd(phi_q.detach(), phi_k.detach(), v, log_gate.detach(), do_linear,
+                                          scale=1.0, low_precision=q.dtype in (torch.bfloat16, torch.float16),
+                                          **common)
+    torch.autograd.backward([phi_q, phi_k, log_gate], [dphi_q, dphi_k, dg])
+    return q32.grad, k32.grad, dv.contiguous(), dh0
 
 
 class _LigerFunction(torch.autograd.Function):
@@ -46,28 +52,17 @@ class _LigerFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, h0, cos, sin, cu, ht = ctx.saved_tensors
         window, mix, gn = ctx.cfg
-        with torch.enable_grad():
-            q32, k32 = (x.detach().float().requires_grad_() for x in (q, k))
-            phi_q, phi_k, log_gate = q32.softmax(-1), k32.softmax(-1), F.logsigmoid(k32) / gn
         linear_share = (1.0 - mix) if window > 0 else 1.0
-        dphi_q, dphi_k, dv, dg, dh0 = gla_bwd(
-            phi_q.detach(), phi_k.detach(), v, log_gate.detach(), do * linear_share, scale=1.0,
-            initial_state=h0, dht=dht if ht is not None else None, final_state=ht, cu_seqlens=cu,
-            need_dh0=h0 is not None and ctx.needs_input_grad[3],
-            low_precision=q.dtype in (torch.bfloat16, torch.float16),
-        )
-        outputs, grads = [phi_q, phi_k, log_gate], [dphi_q, dphi_k, dg]
-        v32 = None
+        common = dict(initial_state=h0, dht=dht if ht is not None else None, final_state=ht, cu_seqlens=cu,
+                      need_dh0=h0 is not None and ctx.needs_input_grad[3])
+        if q.shape[-1] <= FEATURE_MAP_MAX_D:
+            dq, dk, dv, _, dh0 = gla_bwd(q, k, v, None, do * linear_share, scale=1.0, feature_map=True,
+                                         gate_mult=1.0 / gn, **common)
+        else:
+            dq, dk, dv, dh0 = _backward_through_torch_maps(q, k, v, do * linear_share, gn, common)
         if window > 0:
-            with torch.enable_grad():
-                v32 = v.detach().float().requires_grad_()
-                outputs.append(_window_branch(q32, k32, v32, cos.float(), sin.float(), window, cu))
-            grads.append(do.float() * mix)
-        torch.autograd.backward(outputs, grads)
-        if v32 is not None:
-            dv = dv + v32.grad
-        return (q32.grad.to(q.dtype), k32.grad.to(k.dtype), dv.to(v.dtype), dh0,
-                None, None, None, None, None, None, None)
+            window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu, add_to=(dq, dk, dv))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None, None, None, None, None, None
 
 
 class _ChunkGLAFunction(torch.autograd.Function):
