@@ -67,6 +67,7 @@ CASES = [  # (T, Hq, Hkv, window, strong)
     (70, 4, 1, 5, False),
     (33, 2, 2, 0, False),
     (40, 2, 2, 100, False),  # window beyond the kernel's 64: PyTorch fallback
+    (150, 8, 1, 64, False),  # GQA 8 (atomics of 8 heads into one kv row), windows across 3 query blocks
 ]
 
 
