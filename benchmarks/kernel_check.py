@@ -172,6 +172,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", default=None, metavar="DTYPE",
                     help="forward checks of these dtypes only (fp32, bf16, fp16), no packed/decode/grad")
     ap.add_argument("--T", type=int, nargs="+", default=None)
+    ap.add_argument("--grad-only", action="store_true",
+                    help="only the gradient rows (Triton compiles each forward configuration on first use: minutes)")
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -184,15 +186,17 @@ def main(argv=None):
     rows = Rows()
     t0 = time.time()
     print(f"{'test':14s} {'T':>5s} {'D':>4s} {'G':>2s} {'dtype':5s} {'gates':6s} {'packed':6s} {'err_o':>9s} {'err_S':>9s} ok")
+    if args.grad_only:
+        Ts = []
     for T, D, G, dtype, strong in itertools.product(Ts, (64, 128), (1, 4, 8), dtypes, (False, True)):
         check_forward(rows, T, D, G, dtype, strong)
-    for T, D, dtype in itertools.product((65, 1000) if not args.only else (), (64, 128), dtypes):
+    for T, D, dtype in itertools.product((65, 1000) if not (args.only or args.grad_only) else (), (64, 128), dtypes):
         check_forward(rows, T, D, 4, dtype, False, packed=True)
         check_chunk_gla(rows, T, D, dtype)
-    for D, G, dtype in itertools.product((64, 128) if not args.only else (), (1, 4, 8), dtypes):
+    for D, G, dtype in itertools.product((64, 128) if not (args.only or args.grad_only) else (), (1, 4, 8), dtypes):
         check_decode(rows, D, G, dtype)
     if not args.no_grad and not args.only:
-        for T, D, G, dtype in itertools.product((65, 300), (64, 128), (1, 4), (torch.bfloat16, torch.float32)):
+        for T, D, G, dtype in itertools.product((65, 300, 4096), (64, 128), (1, 4), (torch.bfloat16, torch.float32)):
             check_grad(rows, T, D, G, dtype)
         check_grad(rows, 100, 128, 4, torch.bfloat16, packed=True)
         check_grad(rows, 100, 64, 1, torch.float32, packed=True)
