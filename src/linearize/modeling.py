@@ -20,7 +20,8 @@ from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
 from .kernels.gdn.naive import gdn_attention_torch, gdn_decode_step_torch
-from .kernels.gsa.naive import gsa_attention_torch, gsa_decode_step_torch
+from .kernels.gsa.chunk import gsa_attention_chunked
+from .kernels.gsa.naive import gsa_decode_step_torch
 from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch, hedgehog_decode_step_torch
 from .kernels.liger.naive import TARGETS as LIGER_TARGETS
 from .kernels.liger.naive import apply_rope, mix_window_branch
@@ -147,12 +148,12 @@ class LigerAttentionMixin:
         return o
 
     def stepwise_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
-        """The gdn and gsa targets (step-by-step PyTorch references) plus the window branch."""
+        """The gdn (step-by-step PyTorch) and gsa (two-pass chunked) targets plus the window branch."""
         s, T = self.config.linearize, q.shape[1]
         window, cos, sin = s["window"], *position_embeddings
         opts = dict(window=window, mix=s["mix"], gate_normalizer=s["gate_normalizer"], cos=cos, sin=sin)
         if s["target"] == "gsa":
-            attention, decode, opts["slots"] = gsa_attention_torch, gsa_decode_step_torch, s["slots"]
+            attention, decode, opts["slots"] = gsa_attention_chunked, gsa_decode_step_torch, s["slots"]
         else:
             attention, decode = gdn_attention_torch, gdn_decode_step_torch
         valid = None if padding_mask is None else padding_mask[:, -T:]

@@ -34,12 +34,17 @@ def delta_inputs(
     return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, log_gate, beta
 
 
-def delta_step(state: torch.Tensor, q, k, v, log_gate, beta) -> torch.Tensor:
-    """One step in place on state [B, H, D, D]; q, k, v, log_gate [B, H, D], beta [B, H]. Returns o [B, H, D]."""
+def delta_update(state: torch.Tensor, k, v, log_gate, beta) -> torch.Tensor:
+    """The next state, out of place (differentiable): state [B, H, D, D]; k, v, log_gate [B, H, D], beta [B, H]."""
     erase = torch.einsum("bhk,bhkv->bhv", k, state)  # k^T S: what the key currently reads
-    state.sub_(beta[..., None, None] * k[..., :, None] * erase[..., None, :])
-    state.mul_(log_gate.exp()[..., None])
-    state.add_(beta[..., None, None] * k[..., :, None] * v[..., None, :])
+    beta = beta[..., None, None]
+    kept = state - beta * k[..., :, None] * erase[..., None, :]
+    return kept * log_gate.exp()[..., None] + beta * k[..., :, None] * v[..., None, :]
+
+
+def delta_step(state: torch.Tensor, q, k, v, log_gate, beta) -> torch.Tensor:
+    """One step in place on state [B, H, D, D] (decode: the cache's tensor); returns o [B, H, D]."""
+    state.copy_(delta_update(state, k, v, log_gate, beta))
     return torch.einsum("bhk,bhkv->bhv", q, state)
 
 
@@ -62,8 +67,12 @@ def gdn_attention_torch(
     qn, kn, vv, log_gate, beta = delta_inputs(q, k, v, gate_normalizer, attention_mask)
     kn, vv, log_gate = (repeat_heads(x, Hq) for x in (kn, vv, log_gate))
     beta = repeat_heads(beta[..., None], Hq)[..., 0]
-    state = qn.new_zeros(B, Hq, D, D) if initial_state is None else initial_state.to(qn.dtype).clone()
-    o = torch.stack([delta_step(state, qn[:, t], kn[:, t], vv[:, t], log_gate[:, t], beta[:, t]) for t in range(T)], 1)
+    state = qn.new_zeros(B, Hq, D, D) if initial_state is None else initial_state.to(qn.dtype)
+    outs = []
+    for t in range(T):  # out of place, so autograd can train through it
+        state = delta_update(state, kn[:, t], vv[:, t], log_gate[:, t], beta[:, t])
+        outs.append(torch.einsum("bhk,bhkv->bhv", qn[:, t], state))
+    o = torch.stack(outs, 1)
     if window > 0:
         o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
                               window_prefix=window_prefix)

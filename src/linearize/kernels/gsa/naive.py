@@ -8,7 +8,7 @@ Each head keeps m slots of keys and values, written with a forget gate pooled fr
 
 with phi = softmax over the head dimension, as in Liger. With a window, o = mix * (softmax
 attention over the last `window` tokens, RoPE) + (1 - mix) * o. No new parameters. This is the
-reference and the only path so far (a two-pass chunked form and its Triton kernel are to come).
+reference (and the decode step); chunk.py has the two-pass chunked form the model runs.
 """
 
 from __future__ import annotations
@@ -33,13 +33,22 @@ def slot_inputs(q, k, v, slots: int, gate_normalizer: float, valid):
     return q.softmax(-1), k.softmax(-1), v, log_gate
 
 
-def slot_step(keys: torch.Tensor, values: torch.Tensor, q, k, v, log_gate) -> torch.Tensor:
-    """One step in place on the slot memories [B, H, m, D]; q, k, v [B, H, D], log_gate [B, H, m]."""
+def slot_update(keys: torch.Tensor, values: torch.Tensor, q, k, v, log_gate):
+    """One step out of place (differentiable): slot memories [B, H, m, D]; q, k, v [B, H, D],
+    log_gate [B, H, m]. Returns (o [B, H, D], keys, values)."""
     a = log_gate.exp()[..., None]
-    keys.mul_(a).add_((1 - a) * k[..., None, :])
-    values.mul_(a).add_((1 - a) * v[..., None, :])
+    keys = a * keys + (1 - a) * k[..., None, :]
+    values = a * values + (1 - a) * v[..., None, :]
     weights = torch.einsum("bhmd,bhd->bhm", keys, q).softmax(-1)
-    return torch.einsum("bhm,bhmd->bhd", weights, values)
+    return torch.einsum("bhm,bhmd->bhd", weights, values), keys, values
+
+
+def slot_step(keys: torch.Tensor, values: torch.Tensor, q, k, v, log_gate) -> torch.Tensor:
+    """One step in place on the slot memories (decode: the cache's tensors); returns o [B, H, D]."""
+    o, new_keys, new_values = slot_update(keys, values, q, k, v, log_gate)
+    keys.copy_(new_keys)
+    values.copy_(new_values)
+    return o
 
 
 def gsa_attention_torch(
@@ -53,8 +62,12 @@ def gsa_attention_torch(
     if initial_state is None:
         keys, values = fq.new_zeros(B, Hq, slots, D), fq.new_zeros(B, Hq, slots, D)
     else:
-        keys, values = (x.to(fq.dtype).clone() for x in initial_state)
-    o = torch.stack([slot_step(keys, values, fq[:, t], fk[:, t], vv[:, t], log_gate[:, t]) for t in range(T)], 1)
+        keys, values = (x.to(fq.dtype) for x in initial_state)
+    outs = []
+    for t in range(T):  # out of place, so autograd can train through it
+        o_t, keys, values = slot_update(keys, values, fq[:, t], fk[:, t], vv[:, t], log_gate[:, t])
+        outs.append(o_t)
+    o = torch.stack(outs, 1)
     if window > 0:
         o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
                               window_prefix=window_prefix)

@@ -1,0 +1,84 @@
+"""Gated slot attention in chunks: two passes of gated linear attention (see naive.py for the maths).
+
+With u_t = 1 - a_t (what step t writes into each slot), the slot keys and values are
+
+    K_t = diag(a_t) K_{t-1} + u_t phi(k_t)^T,   V_t = diag(a_t) V_{t-1} + u_t v_t^T     [m, D]
+
+1. scores s_t = K_t phi(q_t) [m]: linear attention of query phi(q), key phi(k) and value u whose
+   gate acts on the value (slot) side, so it is computed here in PyTorch, chunk by chunk
+   (CHUNK steps at a time: the pairwise decays exp(b_t - b_j) <= 1 of a chunk as a
+   [CHUNK, CHUNK, m] tensor, the state K^T [D, m] carried between chunks);
+2. o_t = V_t^T softmax(s_t): plain gated linear attention with query softmax(s), key u, value v
+   and the gate on the key (slot) side: `linearize.kernels.chunk_gla` (Triton on CUDA).
+
+Both passes are exact rewrites of the step-by-step recurrence; T / CHUNK sequential steps
+instead of T, and everything differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..liger.naive import mix_window_branch, repeat_heads
+from .naive import slot_inputs
+
+CHUNK = 16
+
+
+def slot_scores(
+    phi_q: torch.Tensor, phi_k: torch.Tensor, write: torch.Tensor, log_gate: torch.Tensor, keys0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1. phi_q, phi_k [B, T, H, D]; write, log_gate [B, T, H, m]; keys0 [B, H, m, D].
+
+    Returns the scores s [B, T, H, m] and the final slot keys [B, H, m, D]."""
+    B, T, H, D = phi_q.shape
+    N = (T + CHUNK - 1) // CHUNK
+    pad = N * CHUNK - T
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B, T, H, X] -> [B, H, N, C, X]; padding writes nothing
+        return F.pad(x, (0, 0, 0, 0, 0, pad)).transpose(1, 2).unflatten(2, (N, CHUNK))
+
+    fq, fk, u, g = chunks(phi_q), chunks(phi_k), chunks(write), chunks(log_gate)
+    b = g.cumsum(-2)  # cumulative log-gate inside each chunk, [B, H, N, C, m]
+    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=phi_q.device).tril()
+    diff = b[..., :, None, :] - b[..., None, :, :]  # [B, H, N, C(t), C(j), m]
+    decay = torch.where(causal[..., None], diff, float("-inf")).exp()
+    dots = fq @ fk.transpose(-1, -2)  # phi(q_t) . phi(k_j), [B, H, N, C, C]
+    intra = torch.einsum("bhntj,bhntjm,bhnjm->bhntm", dots, decay, u)
+    q_in = fq  # reads the carried state through exp(b_t)
+    u_out = u * (b[..., -1:, :] - b).exp()  # writes into the state at the chunk's end
+    chunk_decay = b[..., -1, :].exp()  # [B, H, N, m]
+    state = keys0.transpose(-1, -2)  # K^T [B, H, D, m]
+    inter = []
+    for n in range(N):
+        inter.append((q_in[:, :, n] @ state) * b[:, :, n].exp())
+        state = state * chunk_decay[:, :, n, None, :] + fk[:, :, n].transpose(-1, -2) @ u_out[:, :, n]
+    scores = intra + torch.stack(inter, dim=2)
+    return scores.flatten(2, 3)[:, :, :T].transpose(1, 2), state.transpose(-1, -2)
+
+
+def gsa_attention_chunked(
+    q, k, v, *, window: int, slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
+    attention_mask=None, initial_state: tuple[torch.Tensor, torch.Tensor] | None = None, window_prefix=None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Same contract as naive.gsa_attention_torch: q [B, T, Hq, D], k, v [B, T, Hkv, D] ->
+    (o in q's dtype, (slot keys, slot values) [B, Hq, m, D])."""
+    from .. import chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
+
+    B, T, Hq, D = q.shape
+    fq, fk, vv, log_gate = slot_inputs(q, k, v, slots, gate_normalizer, attention_mask)
+    fk, vv, log_gate = (repeat_heads(x, Hq) for x in (fk, vv, log_gate))
+    write = -torch.expm1(log_gate)  # 1 - a, exactly 0 where a padded step has log-gate 0
+    if initial_state is None:
+        keys0 = values0 = fq.new_zeros(B, Hq, slots, D)
+    else:
+        keys0, values0 = (x.to(fq.dtype) for x in initial_state)
+    scores, keys = slot_scores(fq, fk, write, log_gate, keys0)
+    o, values = chunk_gla(scores.softmax(-1), write, vv, log_gate, scale=1.0, initial_state=values0,
+                          output_final_state=True)
+    o = o.to(fq.dtype)
+    if window > 0:
+        o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
+                              window_prefix=window_prefix)
+    return o.to(q.dtype), (keys, values.to(fq.dtype))
