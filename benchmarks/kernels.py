@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,35 @@ def time_fwd_bwd(fn, q, k, v, cos, sin, backward=True):
     return fwd, bench(step, warmup=5, rep=30)
 
 
+def backward_parts(q, k, v, cos, sin):
+    """Where our backward's time goes: the two feature-map sweeps, the window kernel, and the whole
+    backward with the PyTorch-maps form instead (LINEARIZE_MAPS_BACKWARD=torch) for comparison."""
+    from linearize.kernels.gla.backward_triton import gla_bwd  # noqa: PLC0415
+    from linearize.kernels.liger.window_bwd_triton import window_bwd  # noqa: PLC0415
+
+    do = torch.randn_like(q)
+    parts = {
+        "bwd_sweeps": bench(lambda: gla_bwd(q, k, v, None, do, scale=1.0, feature_map=True, gate_mult=1 / GN),
+                            warmup=5, rep=30),
+        "bwd_window": bench(lambda: window_bwd(q, k, v, do, cos, sin, window=WINDOW, mix=MIX), warmup=5, rep=30),
+    }
+    os.environ["LINEARIZE_MAPS_BACKWARD"] = "torch"
+    try:
+        parts["bwd_fwdbwd_torch_maps"] = time_fwd_bwd(ours, q, k, v, cos, sin)[1]
+    finally:
+        del os.environ["LINEARIZE_MAPS_BACKWARD"]
+    return parts
+
+
+def safe_dict(f):
+    try:
+        return f()
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"    ! {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        torch.cuda.empty_cache()
+        return {}
+
+
 def safe(f):
     try:
         return f()
@@ -180,6 +210,10 @@ def main(argv=None):
             bwd = not args.no_backward
             row["ours_fwd"], row["ours_fwdbwd"] = safe(
                 lambda: time_fwd_bwd(ours, q, k, v, cos, sin, bwd and T <= args.ours_backward_max_T))
+            if bwd:
+                row.update(safe_dict(lambda: backward_parts(q, k, v, cos, sin)))
+                print("  backward parts: " + ", ".join(f"{k_} {v_:.3f} ms" for k_, v_ in row.items()
+                                                       if k_.startswith("bwd_")))
             best = None
             for name, layer in layers.items():
                 if name == "sdpa" and T > 8192:

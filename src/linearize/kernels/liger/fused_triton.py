@@ -12,6 +12,8 @@ rotary tables get no gradient.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -55,7 +57,8 @@ class _LigerFunction(torch.autograd.Function):
         linear_share = (1.0 - mix) if window > 0 else 1.0
         common = dict(initial_state=h0, dht=dht if ht is not None else None, final_state=ht, cu_seqlens=cu,
                       need_dh0=h0 is not None and ctx.needs_input_grad[3])
-        if q.shape[-1] <= FEATURE_MAP_MAX_D:
+        # LINEARIZE_MAPS_BACKWARD=torch: the PyTorch-maps form at any head size (A/B timing, debugging)
+        if q.shape[-1] <= FEATURE_MAP_MAX_D and os.environ.get("LINEARIZE_MAPS_BACKWARD") != "torch":
             dq, dk, dv, _, dh0 = gla_bwd(q, k, v, None, do * linear_share, scale=1.0, feature_map=True,
                                          gate_mult=1.0 / gn, **common)
         else:
