@@ -55,7 +55,7 @@ ROWS = [
     ("Liger-HGRN2", {"window": 64, "to": "hgrn2"}, {}),
     ("Mamba-2-style scalar gates", {"window": 64, "to": "mamba2"}, {}),
     ("LoLCATs Hedgehog (align, then LoRA)", {"window": 64, "to": "hedgehog"}, {"stages": ["align", "lm"]}),
-    ("Gated DeltaNet", {"window": 64, "to": "gdn"}, {}),  # a step-by-step recurrence: slow on a GPU
+    ("Gated DeltaNet", {"window": 64, "to": "gdn"}, {}),
     ("Liger-GSA (64 slots)", {"window": 64, "to": "gsa", "slots": 64}, {}),
 ]
 

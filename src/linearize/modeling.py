@@ -19,7 +19,8 @@ from .cache import LigerCache, LigerCacheLayer
 from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
-from .kernels.gdn.naive import gdn_attention_torch, gdn_decode_step_torch
+from .kernels.gdn.chunk import gdn_attention_chunked
+from .kernels.gdn.naive import gdn_decode_step_torch
 from .kernels.gsa.chunk import gsa_attention_chunked
 from .kernels.gsa.naive import gsa_decode_step_torch
 from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch, hedgehog_decode_step_torch
@@ -148,14 +149,14 @@ class LigerAttentionMixin:
         return o
 
     def stepwise_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
-        """The gdn (step-by-step PyTorch) and gsa (two-pass chunked) targets plus the window branch."""
+        """The gdn and gsa targets (chunked PyTorch forms; step-by-step decode) plus the window branch."""
         s, T = self.config.linearize, q.shape[1]
         window, cos, sin = s["window"], *position_embeddings
         opts = dict(window=window, mix=s["mix"], gate_normalizer=s["gate_normalizer"], cos=cos, sin=sin)
         if s["target"] == "gsa":
             attention, decode, opts["slots"] = gsa_attention_chunked, gsa_decode_step_torch, s["slots"]
         else:
-            attention, decode = gdn_attention_torch, gdn_decode_step_torch
+            attention, decode = gdn_attention_chunked, gdn_decode_step_torch
         valid = None if padding_mask is None else padding_mask[:, -T:]
         resumed = layer_cache is not None and layer_cache.seen > 0
         if resumed:  # gdn keeps one state, gsa two (slot keys, slot values)

@@ -6,8 +6,7 @@ with q, k L2-normalised per head, the forget gate read off the key as in Liger
 (log a_t = logsigmoid(k_t) / gate_normalizer, one per key channel) and the write strength
 b_t = sigmoid(mean of k_t over the head dimension): a pooled key projection, no new parameters.
 With a window, o = mix * (softmax attention over the last `window` tokens, RoPE) + (1 - mix) * o.
-This is the reference and the only path so far: a chunked (WY) form and its Triton kernel are
-still to come, so training runs one step per token.
+This is the reference and the decode step; chunk.py has the exact chunked form the model runs.
 """
 
 from __future__ import annotations
