@@ -315,8 +315,29 @@ def test_align_trains_hedgehog_feature_maps_and_they_travel(stories_path, tmp_pa
     merged = {k: v for k, v in load_file(out / "merged" / "model.safetensors").items() if "hedgehog" in k}
     assert merged.keys() == before.keys()
     assert any(not torch.equal(merged[k], before[k]) for k in before), "the feature maps should have trained"
-    with pytest.raises(LinearizeError, match="orient"):
-        recover(options(ckpt, tmp_path / "out2", stages=["orient"], stage_tokens="orient=64", orient_seq_len=32))
+
+
+@pytest.mark.parametrize("target", ["hedgehog", "gdn", "gsa"])
+def test_probed_mixing_matrix_is_the_layers_linear_map(stories_path, tmp_path, target):
+    """orient reads hedgehog/gdn/gsa mixing matrices off the layer with one-hot value probes: M v must
+    reproduce the layer's own output for any v (float64), and the orient stage runs on them."""
+    from linearize.kernels.liger.naive import repeat_heads
+
+    extra = {"slots": 4} if target == "gsa" else {}
+    ckpt = convert(str(stories_path), tmp_path / "conv", target=target, window=8, **extra)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float64)
+    layer = model.model.layers[0].self_attn
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 20, model.config.hidden_size, dtype=torch.float64)
+    position_embeddings = model.model.rotary_emb(hidden, torch.arange(20)[None])
+    with torch.no_grad():
+        q, k, v = layer.family.project_qkv(layer, hidden)
+        mixing = losses.probed_mixing_matrix(layer, q, k, position_embeddings)
+        direct = layer.parallel_mix(q, k, v, position_embeddings)
+    via_matrix = torch.einsum("bhts,bshd->bthd", mixing.double(), repeat_heads(v, q.shape[2]))
+    torch.testing.assert_close(via_matrix, direct, rtol=1e-5, atol=1e-6)
+    out = recover(options(ckpt, tmp_path / "out", stages=["orient"], stage_tokens="orient=128", orient_seq_len=32))
+    assert json.loads((out / "stages.json").read_text())[0]["stage"] == "orient"
 
 
 @pytest.mark.parametrize("target", ["mamba2", "hgrn2", "gdn", "gsa"])

@@ -174,6 +174,13 @@ class LigerAttentionMixin:
             layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail])
         return o
 
+    def parallel_mix(self, q, k, v, position_embeddings) -> torch.Tensor:
+        """The hedgehog / gdn / gsa token mixing on given q, k, v without a cache, [B, T, Hq, V]:
+        the orient stage probes it with one-hot values to read off the mixing matrix."""
+        if self.config.linearize["target"] == "hedgehog":
+            return self.hedgehog_forward(q, k, v, position_embeddings, None, None)
+        return self.stepwise_forward(q, k, v, position_embeddings, None, None)
+
     def ablated_log_gate(self, hidden_states: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         """None for Liger's key-derived gate (computed inside the kernels); else the ablation's log-gate."""
         s = self.config.linearize

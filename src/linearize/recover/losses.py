@@ -4,7 +4,8 @@
 - kd: KL(teacher || student) over the next-token distributions at labelled positions.
 - align: per-layer MSE between each converted layer's mixer output and its softmax output on
   the teacher's own inputs to that layer (LoLCATs attention transfer / MOHAWK stage 2).
-- orient: MSE between each layer's materialised Liger mixing matrix and its softmax attention
+- orient: MSE between each layer's materialised mixing matrix (closed form for gla/mamba2/hgrn2,
+  one-hot value probes for hedgehog/gdn/gsa) and its softmax attention
   matrix (MOHAWK stage 1), on short sequences.
 """
 
@@ -16,7 +17,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from ..errors import LinearizeError
 from ..kernels.liger.naive import liger_mixing_matrix, softmax_attention_matrix
 from ..modeling import LigerAttentionMixin, teacher
 
@@ -89,14 +89,25 @@ def align_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = Non
     return torch.stack(losses).mean()
 
 
+# Targets whose mixing matrix has no closed form here (normalised, delta-rule or slot memories):
+# read it off the layer itself. Each is linear in v, so feeding one-hot values, v_s = e_s over
+# time, returns column s of M in o = M v.
+PROBED_TARGETS = ("hedgehog", "gdn", "gsa")
+
+
+def probed_mixing_matrix(layer, q: torch.Tensor, k: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """[B, Hq, T, T] mixing matrix of a converted layer's parallel form, by one-hot value probes."""
+    B, T, Hkv = k.shape[:3]
+    probes = torch.eye(T, dtype=q.dtype, device=q.device)[None, :, None, :].expand(B, T, Hkv, T)
+    o = layer.parallel_mix(q, k, probes, position_embeddings)  # [B, T, Hq, T]: o[b, t, h, s] = M[b, h, t, s]
+    return o.permute(0, 2, 1, 3).float()
+
+
 def orient_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over converted layers of MSE(Liger mixing matrix, softmax attention matrix)."""
     calls = _capture_layer_inputs(model, input_ids)
     losses = []
     for layer, (args, kwargs, _) in calls.items():
-        if layer.config.linearize["target"] in ("hedgehog", "gdn", "gsa"):
-            raise LinearizeError("the orient stage materialises gla/mamba2/hgrn2 mixing matrices: use align for "
-                                 f"{layer.config.linearize['target']}")
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cos, sin = kwargs["position_embeddings"]
         s = layer.config.linearize
@@ -104,10 +115,13 @@ def orient_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = No
             qt, kt, _ = layer.family.project_qkv(layer, hidden)
             target = softmax_attention_matrix(qt, kt, cos, sin)
         q, k, _ = layer.family.project_qkv(layer, hidden)
-        mixing = liger_mixing_matrix(
-            q, k, window=s["window"], mix=s["mix"], gate_normalizer=s["gate_normalizer"], cos=cos, sin=sin,
-            log_gate=layer.ablated_log_gate(hidden, k), target=s["target"],
-        )
+        if s["target"] in PROBED_TARGETS:
+            mixing = probed_mixing_matrix(layer, q, k, (cos, sin))
+        else:
+            mixing = liger_mixing_matrix(
+                q, k, window=s["window"], mix=s["mix"], gate_normalizer=s["gate_normalizer"], cos=cos, sin=sin,
+                log_gate=layer.ablated_log_gate(hidden, k), target=s["target"],
+            )
         # Scale by T so the loss reads as a per-row error, not shrinking with sequence length.
         losses.append(F.mse_loss(mixing, target) * q.shape[1])
     return torch.stack(losses).mean()

@@ -100,7 +100,7 @@ def gdn_attention_chunked(
     qn, kn, vv, log_gate, beta = delta_inputs(q, k, v, gate_normalizer, attention_mask)
     kn, vv, log_gate = (repeat_heads(x, Hq) for x in (kn, vv, log_gate))
     beta = repeat_heads(beta[..., None], Hq)[..., 0]
-    state = qn.new_zeros(B, Hq, D, D) if initial_state is None else initial_state.to(qn.dtype)
+    state = qn.new_zeros(B, Hq, D, v.shape[-1]) if initial_state is None else initial_state.to(qn.dtype)
     o, state = gated_delta_chunked(qn, kn, vv, log_gate, beta, state)
     if window > 0:
         o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,

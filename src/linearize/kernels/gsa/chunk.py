@@ -71,7 +71,7 @@ def gsa_attention_chunked(
     fk, vv, log_gate = (repeat_heads(x, Hq) for x in (fk, vv, log_gate))
     write = -torch.expm1(log_gate)  # 1 - a, exactly 0 where a padded step has log-gate 0
     if initial_state is None:
-        keys0 = values0 = fq.new_zeros(B, Hq, slots, D)
+        keys0, values0 = fq.new_zeros(B, Hq, slots, D), fq.new_zeros(B, Hq, slots, v.shape[-1])
     else:
         keys0, values0 = (x.to(fq.dtype) for x in initial_state)
     scores, keys = slot_scores(fq, fk, write, log_gate, keys0)

@@ -61,7 +61,7 @@ def hedgehog_attention_torch(
     phi_q, phi_k = phi_q.to(dt), torch.where(keep, phi_k.to(dt), 0.0)
     phi_k, v_rep = repeat_heads(phi_k, Hq), repeat_heads(v, Hq)
     Fdim = phi_q.shape[-1]
-    S0 = q.new_zeros(B, Hq, Fdim, D, dtype=dt) if initial_state is None else initial_state[0].to(dt)
+    S0 = q.new_zeros(B, Hq, Fdim, v.shape[-1], dtype=dt) if initial_state is None else initial_state[0].to(dt)
     z0 = q.new_zeros(B, Hq, Fdim, dtype=dt) if initial_state is None else initial_state[1].to(dt)
     if W == 0:  # normalised linear attention over every token
         S = S0[:, None] + torch.einsum("bthf,bthd->bthfd", phi_k, v_rep).cumsum(1)
@@ -74,8 +74,8 @@ def hedgehog_attention_torch(
     k_rot = repeat_heads(apply_rope(k.to(dt), cos, sin), Hq)
     # Keys: the W prefix slots (all invalid at prefill), then the T new tokens; query i sits at key W + i.
     if window_prefix is None:
-        pk = q.new_zeros(B, W, Hq, D, dtype=dt)
-        pv, pphi = torch.zeros_like(pk), q.new_zeros(B, W, Hq, Fdim, dtype=dt)
+        pk, pv = q.new_zeros(B, W, Hq, D, dtype=dt), q.new_zeros(B, W, Hq, v.shape[-1], dtype=dt)
+        pphi = q.new_zeros(B, W, Hq, Fdim, dtype=dt)
         pvalid = torch.zeros(B, W, dtype=torch.bool, device=q.device)
     else:
         pk, pv, pphi, pvalid = window_prefix
