@@ -216,12 +216,15 @@ def liger_decode_step_torch(
     [B, Hkv, window, D] hold rotated keys and values at slot (position % window), ring_valid
     [B, window] which slots hold real tokens. `position` counts the tokens already cached.
     """
-    Hq = q.shape[2]
+    Hq, D = q.shape[2], q.shape[3]
+    Hkv = k.shape[2]
     phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None, log_gate, target)
-    phi_k, v_lin, log_gate = (repeat_heads(x, Hq)[:, 0] for x in (phi_k, v_lin, log_gate))
-    state.mul_(log_gate.exp().to(state.dtype)[..., None])
-    state.add_((phi_k[..., :, None] * v_lin[..., None, :]).to(state.dtype))
-    o = torch.einsum("bhk,bhkv->bhv", phi_q[:, 0].to(state.dtype), state)
+    # grouped views [B, Hkv, G, ...]: each kv head's key, value and gate broadcast over its query heads
+    grouped = state.unflatten(1, (Hkv, Hq // Hkv))  # a view whatever the strides: updates land in state
+    phi_k, v_lin, log_gate = (x[:, 0, :, None].to(state.dtype) for x in (phi_k, v_lin, log_gate))
+    grouped.mul_(log_gate.exp()[..., None])
+    grouped.add_(phi_k[..., :, None] * v_lin[..., None, :])
+    o = torch.einsum("bhgk,bhgkv->bhgv", phi_q[:, 0].unflatten(1, (Hkv, -1)).to(state.dtype), grouped).flatten(1, 2)
     if window > 0:
         o_win = window_decode_step(q, k, v, k_ring, v_ring, ring_valid, position, cos, sin, state.dtype)
         o = mix * o_win + (1.0 - mix) * o
@@ -243,16 +246,15 @@ def window_decode_step(
     """The sliding-window branch of one decode step: write the token into ring slot position % W
     (in place), then softmax attention over the valid slots. Returns [B, Hq, D] in `dtype`."""
     Hq, D = q.shape[2], q.shape[3]
+    Hkv = k.shape[2]
     slot = position % k_ring.shape[2]
     k_ring[:, :, slot] = apply_rope(k, cos, sin)[:, 0].to(k_ring.dtype)
     v_ring[:, :, slot] = v[:, 0].to(v_ring.dtype)
     ring_valid[:, slot] = True
-    q_rot = apply_rope(q, cos, sin)[:, 0].to(dtype)  # [B, Hq, D]
-    kr = repeat_heads(k_ring.transpose(1, 2), Hq).transpose(1, 2).to(dtype)  # [B, Hq, W, D]
-    vr = repeat_heads(v_ring.transpose(1, 2), Hq).transpose(1, 2).to(dtype)
-    scores = torch.einsum("bhd,bhwd->bhw", q_rot, kr) * D**-0.5
-    scores = scores.masked_fill(~ring_valid[:, None, :], float("-inf"))
-    return torch.einsum("bhw,bhwd->bhd", scores.softmax(-1), vr)
+    q_rot = apply_rope(q, cos, sin)[:, 0].to(dtype).unflatten(1, (Hkv, Hq // Hkv))  # query heads grouped by kv head
+    scores = torch.einsum("bhgd,bhwd->bhgw", q_rot, k_ring.to(dtype)) * D**-0.5
+    scores = scores.masked_fill(~ring_valid[:, None, None, :], float("-inf"))
+    return torch.einsum("bhgw,bhwd->bhgd", scores.softmax(-1), v_ring.to(dtype)).flatten(1, 2)
 
 
 def liger_mixing_matrix(
