@@ -14,13 +14,15 @@ Every gate ratio above is a product of later gates over earlier ones, exp(<= 0):
 decays of a chunk are formed as [C, C, D] tensors, masked before exp, as kernels/gla/chunk.py
 does for its diagonal blocks. The solve is shared by all chunks (r = W S_0 + U with W, U solved
 once, batched); only S_0 -> S_C runs chunk after chunk: T / CHUNK sequential steps instead of T.
-Memory: four [C, C, D] decay tensors per chunk, i.e. 4 * T * CHUNK * D floats per head.
+Memory: the [C, C, D] decay tensors (T * CHUNK * D floats per head each) exist one at a time
+and are recomputed in the backward, not kept.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..liger.naive import mix_window_branch, repeat_heads
 from .naive import delta_inputs
@@ -28,11 +30,20 @@ from .naive import delta_inputs
 CHUNK = 16
 
 
-def _pairwise(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """sum_d x_t[d] y_j[d] exp(rows_t[d] - cols_j[d]) where mask[t, j], else 0: [..., C, C]."""
+def _pairwise_decayed(x, y, rows, cols, mask):
     diff = rows[..., :, None, :] - cols[..., None, :, :]
     decay = torch.where(mask[..., None], diff, float("-inf")).exp()
     return torch.einsum("...td,...jd,...tjd->...tj", x, y, decay)
+
+
+def _pairwise(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_d x_t[d] y_j[d] exp(rows_t[d] - cols_j[d]) where mask[t, j], else 0: [..., C, C].
+
+    Under autograd the [..., C, C, D] decays are recomputed in the backward instead of kept
+    (4 T C D floats per head and layer would otherwise stay alive until the backward)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, y, rows, cols)):
+        return checkpoint(_pairwise_decayed, x, y, rows, cols, mask, use_reentrant=False)
+    return _pairwise_decayed(x, y, rows, cols, mask)
 
 
 def gated_delta_chunked(

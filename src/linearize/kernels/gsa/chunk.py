@@ -19,11 +19,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..liger.naive import mix_window_branch, repeat_heads
 from .naive import slot_inputs
 
 CHUNK = 16
+
+
+def _intra_scores(dots: torch.Tensor, b: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """sum_{j <= t} dots[t, j] exp(b_t - b_j) u_j inside each chunk, per slot: [B, H, N, C, m]."""
+    C = dots.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=dots.device).tril()
+    diff = b[..., :, None, :] - b[..., None, :, :]  # [B, H, N, C(t), C(j), m]
+    decay = torch.where(causal[..., None], diff, float("-inf")).exp()
+    return torch.einsum("bhntj,bhntjm,bhnjm->bhntm", dots, decay, u)
 
 
 def slot_scores(
@@ -41,11 +51,12 @@ def slot_scores(
 
     fq, fk, u, g = chunks(phi_q), chunks(phi_k), chunks(write), chunks(log_gate)
     b = g.cumsum(-2)  # cumulative log-gate inside each chunk, [B, H, N, C, m]
-    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=phi_q.device).tril()
-    diff = b[..., :, None, :] - b[..., None, :, :]  # [B, H, N, C(t), C(j), m]
-    decay = torch.where(causal[..., None], diff, float("-inf")).exp()
     dots = fq @ fk.transpose(-1, -2)  # phi(q_t) . phi(k_j), [B, H, N, C, C]
-    intra = torch.einsum("bhntj,bhntjm,bhnjm->bhntm", dots, decay, u)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (dots, b, u)):
+        # the [.., C, C, m] decays are recomputed in the backward rather than kept alive until it
+        intra = checkpoint(_intra_scores, dots, b, u, use_reentrant=False)
+    else:
+        intra = _intra_scores(dots, b, u)
     q_in = fq  # reads the carried state through exp(b_t)
     u_out = u * (b[..., -1:, :] - b).exp()  # writes into the state at the chunk's end
     chunk_decay = b[..., -1, :].exp()  # [B, H, N, m]

@@ -216,7 +216,7 @@ def liger_decode_step_torch(
     [B, Hkv, window, D] hold rotated keys and values at slot (position % window), ring_valid
     [B, window] which slots hold real tokens. `position` counts the tokens already cached.
     """
-    Hq, D = q.shape[2], q.shape[3]
+    Hq = q.shape[2]
     Hkv = k.shape[2]
     phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None, log_gate, target)
     # grouped views [B, Hkv, G, ...]: each kv head's key, value and gate broadcast over its query heads
