@@ -352,3 +352,22 @@ def test_every_recurrent_target_trains(stories_path, tmp_path, target):
     assert losses_seen and all(torch.isfinite(torch.tensor(losses_seen)))
     lora_b = [w for k, w in adapter_weights(out).items() if "lora_B" in k]
     assert lora_b and any(w.abs().sum() > 0 for w in lora_b)  # B starts at zero: nonzero means it trained
+
+
+@pytest.mark.parametrize("nproc, fsdp", [(1, False), (2, False), (2, True)], ids=["one", "ddp", "fsdp"])
+def test_stop_after_steps_then_resume_matches_a_straight_run(converted_dir, tmp_path, capsys, nproc, fsdp):
+    """A run stopped by --stop-after-steps (exit 75, checkpoint, no OUT) and resumed with --resume ends with
+    the adapter and loss curve of one uninterrupted process: in one process, and under torchrun with 2
+    CPU ranks replicated (DDP arithmetic) or sharded (FSDP2) at equal global batch."""
+    common = ["recover", converted_dir, "--data", STORIES_TEXT, "--seq-len", "64", "--micro-batch", "1",
+              "--tokens", str(6 * 2 * 64), "--eval-every", "3", "--save-every", "100", "--device", "cpu"]
+    code, _, err = run_cli([*common, "-o", tmp_path / "straight", "--grad-accum", "2"], capsys)
+    assert code == 0, err
+    split = [*common, "-o", tmp_path / "split", "--grad-accum", str(2 // nproc), "--nproc", str(nproc),
+             *(["--fsdp"] if fsdp else [])]
+    code, _, err = run_cli([*split, "--stop-after-steps", "2"], capsys)
+    assert code == 75, err
+    assert not (tmp_path / "split").exists() and workdir_for(tmp_path / "split").exists()
+    code, _, err = run_cli([*split, "--resume"], capsys)
+    assert code == 0, err
+    assert_same_training(tmp_path / "straight", tmp_path / "split")

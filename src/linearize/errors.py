@@ -5,3 +5,4 @@ class LinearizeError(Exception):
     """Bad input or a failed precondition; the CLI prints the message alone and exits 2."""
 
     exit_code = 2
+    label = "error"  # what the CLI prints before the message

@@ -130,9 +130,9 @@ class Run:
             entry["done"] = True
             self.event(f"{stage}: done in {time.perf_counter() - started:.1f} s")
         except Exception as e:
-            from .recover.trainer import Interrupted
+            from .recover.trainer import Interrupted, Stopped
 
-            if isinstance(e, Interrupted):  # recover saved a checkpoint on Ctrl-C
+            if isinstance(e, (Interrupted, Stopped)):  # recover saved a checkpoint (Ctrl-C, --stop-after-steps)
                 self.cut(stage)
             self.event(f"{stage}: failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             raise

@@ -26,7 +26,7 @@ def main() -> None:
     try:
         app()
     except LinearizeError as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        err.print(f"[bold red]{e.label}:[/] {e}", soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: nothing was written to the output folder")

@@ -42,6 +42,7 @@ def recover(
     seed: int = typer.Option(D["seed"], help=H["seed"]),
     device: str = typer.Option(D["device"], help=H["device"]),
     resume: bool = typer.Option(D["resume"], help=H["resume"]),
+    stop_after_steps: int | None = typer.Option(None, help=H["stop_after_steps"]),
     merge: bool = typer.Option(D["merge"], help=H["merge"]),
     overwrite: bool = typer.Option(D["overwrite"], help=H["overwrite"]),
     nproc: int = typer.Option(D["nproc"], help=H["nproc"]),

@@ -120,6 +120,11 @@ def launch(opts) -> None:
         code = subprocess.call(cmd)
     finally:
         os.unlink(f.name)
+    from .trainer import STOPPED, Stopped, workdir_for  # noqa: PLC0415 - trainer imports this module
+
+    stopped = workdir_for(out) / STOPPED
+    if stopped.exists():  # torchrun reports a child's exit 75 as a plain failure: the note says what happened
+        raise Stopped(stopped.read_text())
     if code != 0:
         raise LinearizeError(f"recover under torchrun ({opts.nproc} processes) exited with code {code}: "
                              "see its output above; fix the cause and rerun with --resume")

@@ -46,6 +46,8 @@ class RecoverOptions(BaseModel):
     nproc: int = Field(1, ge=1, description="processes (GPUs) to train on: relaunched under torchrun")
     fsdp: bool = Field(False, description="with several processes, shard the model (FSDP2) instead of replicating it")
     resume: bool = Field(False, description="continue an interrupted run in OUT")
+    stop_after_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps of this "
+                                         "run, with a checkpoint (a job with a time slot); --resume continues")
     merge: bool = Field(False, description="also write a merged standalone checkpoint to OUT/merged")
     overwrite: bool = Field(False, description="replace OUT if it exists")
 

@@ -45,6 +45,13 @@ class Interrupted(LinearizeError):
     exit_code = 130
 
 
+class Stopped(LinearizeError):
+    """--stop-after-steps reached: a checkpoint is saved and OUT is not written yet."""
+
+    exit_code = 75  # EX_TEMPFAIL: not finished, run again (with --resume)
+    label = "stopped"
+
+
 @dataclass
 class Position:
     """Where a run stands: stage index, optimizer steps in that stage, blocks consumed, tokens trained."""
@@ -53,6 +60,9 @@ class Position:
     step: int = 0
     blocks: int = 0
     tokens: int = 0
+
+
+STOPPED = "stopped.txt"  # in the work folder while a run is stopped by --stop-after-steps
 
 
 def workdir_for(out: Path) -> Path:
@@ -133,6 +143,7 @@ class Recovery:
         self.work = workdir_for(self.out)
         self.world, self.device = init_world(resolve_device(opts.device))
         self.main = self.world.is_main
+        self.steps_this_run = 0  # optimizer steps taken by this invocation (--stop-after-steps)
         self.sharded = opts.fsdp and self.world.size > 1
 
     # -- setup -------------------------------------------------------------------------------
@@ -142,6 +153,9 @@ class Recovery:
             latest = self.latest_checkpoint()
             if latest is None:
                 raise LinearizeError(f"nothing to resume: no checkpoint in {self.work}; run without --resume")
+            barrier(self.world)
+            if self.main:
+                (self.work / STOPPED).unlink(missing_ok=True)
             return latest
         check_output(self.out, self.opts.overwrite)
         if self.work.exists() and not self.opts.overwrite:
@@ -294,6 +308,14 @@ class Recovery:
                     self.log(record)
                     progress.update(task, completed=pos.tokens, rate=f"{rate:,.0f} tok/s", loss=f"{step_loss:.4f}",
                                     lr=f"{record['lr']:.2e}")
+                    self.steps_this_run += 1
+                    if opts.stop_after_steps is not None and self.steps_this_run >= opts.stop_after_steps:
+                        saved = self.save_checkpoint(pos, optimizer, scheduler)  # every rank stops here together
+                        message = (f"after {self.steps_this_run} steps (--stop-after-steps), at {stage} step "
+                                   f"{pos.step}: checkpoint saved in {saved}; rerun with --resume to continue")
+                        if self.main:  # torchrun reports only "a child failed": the launcher reads this note
+                            (self.work / STOPPED).write_text(message)
+                        raise Stopped(message)
                     if pos.step % opts.save_every == 0:
                         self.save_checkpoint(pos, optimizer, scheduler)
             except KeyboardInterrupt:

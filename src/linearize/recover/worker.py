@@ -13,5 +13,5 @@ if __name__ == "__main__":
     try:
         recover(RecoverOptions.model_validate_json(Path(sys.argv[1]).read_text()))
     except LinearizeError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        Console(stderr=True).print(f"[bold red]{e.label}:[/] {e}", soft_wrap=True)
         sys.exit(e.exit_code)
