@@ -1,0 +1,166 @@
+"""The other targets' recurrences against their flash-linear-attention counterparts (issue 7).
+
+    python benchmarks/targets.py [--B 4] [--T 2048] [--H 16] [--D 128] [--json out.json]
+
+The recurrent (linear) part only, bf16 on CUDA (fp32 on CPU, ours only: a smoke run), forward
+and forward+backward ms, ours against fla-core's op for the same structure where one exists:
+
+| target  | ours                                                   | fla-core                 |
+|---------|--------------------------------------------------------|--------------------------|
+| mamba2  | Triton chunk_gla, the per-head gate spread on channels | chunk_simple_gla         |
+| hgrn2   | Triton chunk_gla on (softmax q, 1 - a, v, log a)       | chunk_gla, same inputs   |
+| gsa     | scores pass (PyTorch, chunked) + Triton chunk_gla      | chunk_gsa                |
+| gdn     | per-channel gated delta rule, chunked (PyTorch)        | chunk_kda (per-channel)  |
+
+fla's kda decays after the delta update where ours decays the whole update (see
+kernels/gdn/naive.py): the same work, not the same function. Writes JSON with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from linearize.kernels import chunk_gla  # noqa: E402
+from linearize.kernels.gdn.chunk import gated_delta_chunked  # noqa: E402
+from linearize.kernels.gsa.chunk import slot_scores  # noqa: E402
+
+GN, SLOTS = 16.0, 64
+
+
+def timed(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median milliseconds of fn() (device synchronised)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+def fwd_and_fwdbwd(layer, inputs: list[torch.Tensor]) -> tuple[float, float]:
+    with torch.no_grad():
+        fwd = timed(lambda: layer(*inputs))
+    leaves = [x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
+
+    def step():
+        out = layer(*leaves)
+        torch.autograd.grad(out, [x for x in leaves if x.requires_grad], torch.ones_like(out), allow_unused=True)
+
+    return fwd, timed(step)
+
+
+def inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3))
+    return {"q": q, "k": k, "v": v}
+
+
+def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
+    """target -> (ours, our inputs, fla's op or None, its inputs)."""
+    q, k, v = x["q"], x["k"], x["v"]
+    phi_q, phi_k = q.float().softmax(-1).to(q.dtype), k.float().softmax(-1).to(q.dtype)
+    log_a = F.logsigmoid(k.float()) / GN
+    head_gate = log_a.mean(-1)  # mamba2: one decay per head
+    slot_gate = log_a.unflatten(-1, (SLOTS, -1)).mean(-1)  # gsa: one decay per slot
+    write = (-torch.expm1(slot_gate)).to(q.dtype)
+    qn, kn = F.normalize(q.float(), dim=-1).to(q.dtype), F.normalize(k.float(), dim=-1).to(q.dtype)
+    beta = torch.sigmoid(k.float().mean(-1))
+
+    def ours_mamba2(pq, pk, vv, g):
+        return chunk_gla(pq, pk, vv, g[..., None].expand_as(pk), scale=1.0)[0]
+
+    def ours_hgrn2(pq, vv, g):
+        return chunk_gla(pq, (-torch.expm1(g)).to(pq.dtype), vv, g, scale=1.0)[0]
+
+    def ours_gsa(pq, pk, vv, g):
+        u = -torch.expm1(g)
+        keys0 = pq.new_zeros(pq.shape[0], pq.shape[2], SLOTS, pq.shape[3], dtype=torch.float32)
+        scores, _ = slot_scores(pq.float(), pk.float(), u, g, keys0)
+        return chunk_gla(scores.softmax(-1).to(vv.dtype), u.to(vv.dtype), vv, g, scale=1.0)[0]
+
+    def ours_gdn(qq, kk, vv, g, b):
+        state = qq.new_zeros(qq.shape[0], qq.shape[2], qq.shape[3], vv.shape[3], dtype=torch.float32)
+        return gated_delta_chunked(qq.float(), kk.float(), vv.float(), g, b, state)[0]
+
+    table = {
+        "mamba2": (ours_mamba2, [phi_q, phi_k, v, head_gate]),
+        "hgrn2": (ours_hgrn2, [phi_q, v, log_a]),
+        "gsa": (ours_gsa, [phi_q, phi_k, v, slot_gate]),
+        "gdn": (ours_gdn, [qn, kn, v, log_a, beta]),
+    }
+    out = {name: (fn, args, None, None) for name, (fn, args) in table.items()}
+    if fla is not None:
+        out["mamba2"] = (*table["mamba2"], lambda a, b, c, g: fla["simple_gla"](a, b, c, g=g, scale=1.0)[0],
+                         [phi_q, phi_k, v, head_gate])
+        out["hgrn2"] = (*table["hgrn2"], lambda a, c, g: fla["gla"](a, (-torch.expm1(g)).to(a.dtype), c, g, scale=1.0)[0],
+                        [phi_q, v, log_a])
+        out["gsa"] = (*table["gsa"], lambda a, b, c, s, g: fla["gsa"](a, b, c, s, g, scale=1.0)[0],
+                      [phi_q, phi_k, v, write, slot_gate])
+        out["gdn"] = (*table["gdn"], lambda a, b, c, g, bb: fla["kda"](a, b, c, g, bb, scale=1.0)[0],
+                      [qn, kn, v, log_a, beta])
+    return out
+
+
+def load_fla():
+    try:
+        from fla.ops.gla import chunk_gla as fla_gla  # noqa: PLC0415
+        from fla.ops.gsa import chunk_gsa  # noqa: PLC0415
+        from fla.ops.kda import chunk_kda  # noqa: PLC0415
+        from fla.ops.simple_gla import chunk_simple_gla  # noqa: PLC0415
+    except ImportError as e:
+        print(f"fla-core not available ({e}): ours only")
+        return None
+    return {"gla": fla_gla, "gsa": chunk_gsa, "kda": chunk_kda, "simple_gla": chunk_simple_gla}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--H", type=int, default=16)
+    p.add_argument("--D", type=int, default=128)
+    p.add_argument("--json", default="targets_bench.json")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    fla = load_fla() if cuda else None
+    print(f"{name}: B{args.B} T{args.T} H{args.H} D{args.D} {str(dtype).removeprefix('torch.')}, recurrent part only")
+    result = {"device": name, "shape": vars(args), "rows": []}
+    for target, (ours, ours_in, theirs, theirs_in) in rows(inputs(args.B, args.T, args.H, args.D, dtype, device),
+                                                           fla).items():
+        row = {"target": target}
+        for side, fn, xs in (("ours", ours, ours_in), ("fla", theirs, theirs_in)):
+            if fn is None:
+                continue
+            try:
+                row[f"{side}_fwd"], row[f"{side}_fwdbwd"] = fwd_and_fwdbwd(fn, xs)
+            except Exception as e:  # noqa: BLE001 - report (OOM, API mismatch) and go on
+                print(f"  {target} {side}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+                if cuda:
+                    torch.cuda.empty_cache()
+        result["rows"].append(row)
+        cells = [f"{side} fwd {row[side + '_fwd']:.2f} ms, fwd+bwd {row[side + '_fwdbwd']:.2f} ms"
+                 for side in ("ours", "fla") if side + "_fwd" in row]
+        print(f"  {target:7s} " + " | ".join(cells))
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
