@@ -201,6 +201,36 @@ def liger_wide_heads():
         assert rel(a, b) < 1e-4, name
 
 
+@check("window_backward_kernel_equals_its_pytorch_fallback")
+def window_fallback():
+    """The window backward kernel and the PyTorch form used where its tiles do not fit agree
+    (batched and packed, GQA 2, a window shorter than a block)."""
+    from linearize.kernels.liger.window_bwd_triton import window_bwd, window_bwd_torch  # noqa: PLC0415
+
+    torch.manual_seed(20)
+    for B, T, cu in ((2, 90, None), (1, 90, torch.tensor([0, 30, 31, 90], dtype=torch.int32))):
+        q, do = torch.randn(B, T, 4, 16), torch.randn(B, T, 4, 16)
+        k, v = torch.randn(B, T, 2, 16), torch.randn(B, T, 2, 16)
+        cos, sin = rope(B, T, 16)
+        got = window_bwd(q, k, v, do, cos, sin, window=20, mix=0.3, cu_seqlens=cu)
+        ref = window_bwd_torch(q, k, v, do, cos, sin, window=20, mix=0.3, cu_seqlens=cu)
+        for name, a, b in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            assert rel(a, b) < 1e-5, name
+    # and the Liger backward takes the fallback when the kernel cannot be built
+    from triton.runtime.errors import OutOfResources  # noqa: PLC0415
+
+    from linearize.kernels.liger import fused_triton  # noqa: PLC0415
+
+    def no_room(*args, **kwargs):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    real, fused_triton.window_bwd = fused_triton.window_bwd, no_room
+    try:
+        liger_case(65, 4, 2, 64, False)
+    finally:
+        fused_triton.window_bwd = real
+
+
 @check("chunk_gla_packed_with_empty_sequence")
 def chunk_gla_packed_empty():
     torch.manual_seed(17)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ..gla import chunk_triton
+from .naive import apply_rope, sliding_window_attention
 
 BQ = 64  # query rows per program; keys come from this block and the one before, so W <= 64
 
@@ -100,6 +101,25 @@ def window_bwd_kernel(
     p_kv = (c64 * HKV + i_hk)[:, None] * D + cd[None, :]
     tl.atomic_add(dk + p_kv, b_dk, mask=key_ok)
     tl.atomic_add(dv + p_kv, b_dv, mask=key_ok)
+
+
+def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqlens=None, add_to=None):
+    """window_bwd by PyTorch autograd through the banded reference (sliding_window_attention), for
+    devices where the kernel's tiles do not fit (Triton raises OutOfResources). Same contract."""
+    scale = q.shape[-1] ** -0.5
+    with torch.enable_grad():
+        leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        q_rot, k_rot = apply_rope(leaves[0], cos.float(), sin.float()), apply_rope(leaves[1], cos.float(), sin.float())
+        bounds = [0, q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
+        parts = [sliding_window_attention(q_rot[:, lo:hi], k_rot[:, lo:hi], leaves[2][:, lo:hi], window=window,
+                                          scale=scale) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+        o = torch.cat(parts, 1)
+    grads = torch.autograd.grad(o, leaves, do.float() * mix)
+    if add_to is None:
+        return grads
+    for total, g in zip(add_to, grads, strict=True):
+        total += g
+    return add_to
 
 
 def window_bwd(
