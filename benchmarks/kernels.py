@@ -131,22 +131,14 @@ def backward_parts(q, k, v, cos, sin):
     return parts
 
 
-def safe_dict(f):
+def safe(f, failed=(float("nan"), float("nan"))):
+    """f(), or `failed` after printing why (OOM, missing package, compile failure)."""
     try:
         return f()
     except Exception as e:  # noqa: BLE001 - report and go on
         print(f"    ! {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
         torch.cuda.empty_cache()
-        return {}
-
-
-def safe(f):
-    try:
-        return f()
-    except Exception as e:  # noqa: BLE001 - report and go on (OOM, missing package, compile failure)
-        print(f"    ! {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
-        torch.cuda.empty_cache()
-        return float("nan"), float("nan")
+        return failed
 
 
 def tune(bw, B=8, T=4096, Hq=32, D=128):
@@ -211,7 +203,7 @@ def main(argv=None):
             row["ours_fwd"], row["ours_fwdbwd"] = safe(
                 lambda: time_fwd_bwd(ours, q, k, v, cos, sin, bwd and T <= args.ours_backward_max_T))
             if bwd:
-                row.update(safe_dict(lambda: backward_parts(q, k, v, cos, sin)))
+                row.update(safe(lambda: backward_parts(q, k, v, cos, sin), failed={}))
                 print("  backward parts: " + ", ".join(f"{k_} {v_:.3f} ms" for k_, v_ in row.items()
                                                        if k_.startswith("bwd_")))
             best = None

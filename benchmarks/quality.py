@@ -63,23 +63,22 @@ ROWS = [
 TEACHER = "teacher (source model)"
 NOTES = "<!-- notes: everything below this line is kept when benchmarks/quality.py rewrites the file -->"
 ORDER = {TEACHER: -1} | {name: i for i, (name, _, _) in enumerate(ROWS)}
-# settings that must match for rows of different runs to share a table
-SAME = ("tokens_per_row", "seq_len", "eval_context", "limit", "ppl_max_tokens", "seed")
+def shared_settings(args) -> dict:
+    """The settings rows of different runs must share to sit in one table (recorded in the JSON's meta)."""
+    return {"tokens_per_row": args.tokens, "seq_len": args.seq_len, "eval_context": args.eval_context,
+            "limit": args.limit, "ppl_max_tokens": args.ppl_max_tokens, "seed": args.seed}
 
 
-def previous_rows(args) -> list[dict]:
-    """The rows of an earlier run (--extend), if its settings match this run's."""
+def previous_run(args) -> tuple[list[dict], list[str]]:
+    """The rows and commands of an earlier run (--extend), if its settings match this run's."""
     path = Path(args.json)
     if not path.exists():
-        return []
+        return [], []
     old = json.loads(path.read_text())
-    now = {"tokens_per_row": args.tokens, "seq_len": args.seq_len, "eval_context": args.eval_context,
-           "limit": args.limit, "ppl_max_tokens": args.ppl_max_tokens, "seed": args.seed}
-    differ = [k for k in SAME if old["meta"].get(k) != now[k]]
+    differ = [k for k, v in shared_settings(args).items() if old["meta"].get(k) != v]
     if differ:
         sys.exit(f"--extend: {path} was made with other settings ({', '.join(differ)}); run without --extend")
-    args.previous_commands = old["meta"].get("commands", [old["meta"]["command"]] if "command" in old["meta"] else [])
-    return old["rows"]
+    return old["rows"], old["meta"].get("commands", [old["meta"]["command"]] if "command" in old["meta"] else [])
 
 
 def stage_budgets(overrides: dict, tokens: str) -> dict:
@@ -155,7 +154,8 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     chosen = ROWS if args.rows == "all" else [ROWS[int(i) - 1] for i in args.rows.split(",")]
 
-    results: list[dict] = previous_rows(args) if args.extend else []
+    results, commands = previous_run(args) if args.extend else ([], [])
+    commands.append("python benchmarks/quality.py " + shlex.join(sys.argv[1:]))
     teacher_done = bool(results) and results[0]["row"] == TEACHER
     for name, settings, overrides in chosen:
         start = time.perf_counter()
@@ -186,7 +186,7 @@ def main() -> None:
         console.print(f"[green]{name}[/]: {row}")
         for r in results:
             r["recovered_pct"] = 100 * r["average"] / results[0]["average"]
-        write_report(results, args, device_name)  # after every row: a cut run keeps what it measured
+        write_report(results, args, device_name, commands)  # after every row: a cut run keeps what it measured
     Console().print(table(results, device_name))
 
 
@@ -201,9 +201,7 @@ def table(results: list[dict], device_name: str) -> Table:
     return t
 
 
-def write_report(results: list[dict], args, device_name: str) -> None:
-    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])
-    commands = [*getattr(args, "previous_commands", []), command]
+def write_report(results: list[dict], args, device_name: str, commands: list[str]) -> None:
     header = "| row | WikiText-2 ppl | " + " | ".join(f"{t} ({METRIC[t]})" for t in TASKS) + \
         " | average | % of teacher | recovery tokens | GPU minutes | decode vs parallel (rel. err) |"
     lines = [header, "|" + "---|" * (len(TASKS) + 7)]
@@ -214,14 +212,13 @@ def write_report(results: list[dict], args, device_name: str) -> None:
             + ("-" if r["gpu_minutes"] is None else f"{r['gpu_minutes']:.1f}") + " | "
             + ("-" if r["decode_rel_err"] is None else f"{r['decode_rel_err']:.1e}") + " |"
         )
-    meta = {"device": device_name, "source": args.source, "data": args.data, "tokens_per_row": args.tokens,
-            "seq_len": args.seq_len, "eval_context": args.eval_context, "limit": args.limit, "ppl_max_tokens": args.ppl_max_tokens, "seed": args.seed,
-            "command": command, "commands": commands, "torch": torch.__version__,
+    meta = {"device": device_name, "source": args.source, "data": args.data, **shared_settings(args),
+            "command": commands[-1], "commands": commands, "torch": torch.__version__,
             "kernels": os.environ.get("LINEARIZE_KERNELS", "auto")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # hand-written findings below the marker survive a re-run
-    notes = out.read_text().partition(NOTES)[2] if out.exists() and NOTES in out.read_text() else ""
+    notes = out.read_text().partition(NOTES)[2] if out.exists() else ""
     out.write_text(
         f"# Quality: the Liger ablation table at small scale\n\nMeasured on {device_name} with\n\n```\n"
         + "\n".join(commands) + "\n```\n\n"

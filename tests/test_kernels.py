@@ -381,6 +381,20 @@ def test_gated_slot_attention_matches_its_definition():
             torch.testing.assert_close(values[b, h], V)
 
 
+def recurrence_inputs(T: int, seed: int, padded: bool):
+    """float64 q [2, T, 4, 16], k (strong: x3) and v [2, T, 2, 16] needing grad; validity with the
+    first 5 steps of row 0 padded if asked."""
+    torch.manual_seed(seed)
+    B, Hq, Hkv, D = 2, 4, 2, 16
+    q = torch.randn(B, T, Hq, D, dtype=torch.float64, requires_grad=True)
+    k = (torch.randn(B, T, Hkv, D, dtype=torch.float64) * 3).requires_grad_()
+    v = torch.randn(B, T, Hkv, D, dtype=torch.float64, requires_grad=True)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    if padded:
+        valid[0, :5] = False
+    return q, k, v, valid
+
+
 @pytest.mark.parametrize("T, window, padded, resumed", [(1, 0, False, False), (37, 0, True, False), (40, 6, False, True)])
 def test_chunked_gated_slot_attention_equals_the_step_by_step_reference(T, window, padded, resumed):
     """gsa's two-pass chunked form (scores pass + chunk_gla) against the step reference: outputs, slot
@@ -388,14 +402,8 @@ def test_chunked_gated_slot_attention_equals_the_step_by_step_reference(T, windo
     from linearize.kernels.gsa.chunk import gsa_attention_chunked
     from linearize.kernels.gsa.naive import gsa_attention_torch
 
-    torch.manual_seed(T + window)
-    B, Hq, Hkv, D, m = 2, 4, 2, 16, 4
-    q = torch.randn(B, T, Hq, D, dtype=torch.float64, requires_grad=True)
-    k = (torch.randn(B, T, Hkv, D, dtype=torch.float64) * 3).requires_grad_()
-    v = torch.randn(B, T, Hkv, D, dtype=torch.float64, requires_grad=True)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    if padded:
-        valid[0, :5] = False
+    B, Hq, D, m = 2, 4, 16, 4
+    q, k, v, valid = recurrence_inputs(T, seed=T + window, padded=padded)
     state = (torch.randn(B, Hq, m, D, dtype=torch.float64), torch.randn(B, Hq, m, D, dtype=torch.float64))
     cos, sin = rope_tables(B, T, D)
     kw = dict(window=window, slots=m, gate_normalizer=2.0, cos=cos.double(), sin=sin.double(),
@@ -419,14 +427,8 @@ def test_chunked_gated_deltanet_equals_the_step_by_step_reference(T, window, pad
     from linearize.kernels.gdn.chunk import gdn_attention_chunked
     from linearize.kernels.gdn.naive import gdn_attention_torch
 
-    torch.manual_seed(T + window + 1)
-    B, Hq, Hkv, D = 2, 4, 2, 16
-    q = torch.randn(B, T, Hq, D, dtype=torch.float64, requires_grad=True)
-    k = (torch.randn(B, T, Hkv, D, dtype=torch.float64) * 3).requires_grad_()
-    v = torch.randn(B, T, Hkv, D, dtype=torch.float64, requires_grad=True)
-    valid = torch.ones(B, T, dtype=torch.bool)
-    if padded:
-        valid[0, :5] = False
+    B, Hq, D = 2, 4, 16
+    q, k, v, valid = recurrence_inputs(T, seed=T + window + 1, padded=padded)
     state = torch.randn(B, Hq, D, D, dtype=torch.float64)
     cos, sin = rope_tables(B, T, D)
     kw = dict(window=window, gate_normalizer=2.0, cos=cos, sin=sin, attention_mask=valid if padded else None,

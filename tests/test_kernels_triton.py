@@ -59,6 +59,16 @@ def liger_grads(q, k, v, h0, do, dh, backend, **kw):
     return (o, s), torch.autograd.grad(loss, xs)
 
 
+def assert_liger_matches_reference(q, k, v, h0, do, dh, **kw):
+    """Triton (fp32) against the float64 PyTorch reference: o, final state, dq, dk, dv, dh0 within 1e-4."""
+    (o, s), got = liger_grads(q, k, v, h0, do, dh, "triton", **dict(kw))
+    (r, rs), ref = liger_grads(q, k, v, h0, do, dh, "torch", **dict(kw))
+    assert o.dtype == torch.float32 and s.dtype == torch.float32
+    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
+    for name, a, b in zip(("dq", "dk", "dv", "dh0"), got, ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
 CASES = [  # (T, Hq, Hkv, window, strong)
     (1, 2, 2, 64, False),
     (17, 4, 2, 64, True),
@@ -80,12 +90,7 @@ def liger_case(T, Hq, Hkv, window, strong):
     do, dh = torch.randn(B, T, Hq, D), torch.randn(B, Hq, D, D)
     cos, sin = rope(B, T, D)
     kw = dict(window=window, mix=0.3, gate_normalizer=1.0 if strong else 16.0, cos=cos, sin=sin)
-    (o, s), got = liger_grads(q, k, v, h0, do, dh, "triton", **dict(kw))
-    (r, rs), ref = liger_grads(q, k, v, h0, do, dh, "torch", **dict(kw))
-    assert o.dtype == torch.float32 and s.dtype == torch.float32
-    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
-    for name, a, b in zip(("dq", "dk", "dv", "dh0"), got, ref, strict=True):
-        assert rel(a, b) < 1e-4, name
+    assert_liger_matches_reference(q, k, v, h0, do, dh, **kw)
 
 
 @check("liger_packed")
@@ -99,11 +104,7 @@ def liger_packed():
     h0 = torch.randn(len(lens), Hq, D, D) * 0.3
     do, dh = torch.randn(1, T, Hq, D), torch.randn(len(lens), Hq, D, D)
     kw = dict(window=64, cos=cos, sin=sin, cu_seqlens=cu)
-    (o, s), got = liger_grads(q, k, v, h0, do, dh, "triton", **dict(kw))
-    (r, rs), ref = liger_grads(q, k, v, h0, do, dh, "torch", **dict(kw))
-    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
-    for name, a, b in zip(("dq", "dk", "dv", "dh0"), got, ref, strict=True):
-        assert rel(a, b) < 1e-4, name
+    assert_liger_matches_reference(q, k, v, h0, do, dh, **kw)
 
 
 @check("liger_fp16")
@@ -194,11 +195,7 @@ def liger_wide_heads():
     h0, do, dh = torch.randn(B, Hq, D, D) * 0.1, torch.randn(B, T, Hq, D), torch.randn(B, Hq, D, D)
     cos, sin = rope(B, T, D)
     kw = dict(window=8, cos=cos, sin=sin)
-    (o, s), got = liger_grads(q, k, v, h0, do, dh, "triton", **dict(kw))
-    (r, rs), ref = liger_grads(q, k, v, h0, do, dh, "torch", **dict(kw))
-    assert rel(o, r) < 1e-4 and rel(s, rs) < 1e-4
-    for name, a, b in zip(("dq", "dk", "dv", "dh0"), got, ref, strict=True):
-        assert rel(a, b) < 1e-4, name
+    assert_liger_matches_reference(q, k, v, h0, do, dh, **kw)
 
 
 @check("window_backward_kernel_equals_its_pytorch_fallback")

@@ -25,7 +25,7 @@ from .kernels.gsa.chunk import gsa_attention_chunked
 from .kernels.gsa.naive import gsa_decode_step_torch
 from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch, hedgehog_decode_step_torch
 from .kernels.liger.naive import TARGETS as LIGER_TARGETS
-from .kernels.liger.naive import apply_rope, mix_window_branch
+from .kernels.liger.naive import apply_rope
 
 # hedgehog: LoLCATs' learnable feature map (kernels/hedgehog); gdn: the gated delta rule (kernels/gdn);
 # gsa: gated slot attention (kernels/gsa)
@@ -97,30 +97,25 @@ class LigerAttentionMixin:
             )
             layer_cache.advance(1)
         else:
-            if layer_cache is not None and layer_cache.seen > 0:  # a multi-token step on top of a cache
-                # The recurrence goes through the dispatcher (the Triton kernel on CUDA: the PyTorch
-                # chunked form's pairwise decays need ~T * 16 * D floats per head, 17 GB for a 4K
-                # chunk of a batch-16 8B model); the window branch, which must see the cached
-                # prefix, is the banded PyTorch form, O(T * window).
-                o, state = liger_attention(
-                    q, k, v, window=0, initial_state=layer_cache.state, output_final_state=True,
-                    attention_mask=valid, **opts,
-                )
-                if window:
-                    o = mix_window_branch(
-                        o.to(torch.promote_types(o.dtype, torch.float32)), q, k, v, window=window, mix=opts["mix"], cos=cos, sin=sin, attention_mask=valid,
-                        window_prefix=layer_cache.window_prefix(),
-                    ).to(q.dtype)
-            else:
-                o, state = liger_attention(
-                    q, k, v, window=window, cos=cos, sin=sin, output_final_state=layer_cache is not None,
-                    attention_mask=valid, **opts,
-                )
+            resumed = layer_cache is not None and layer_cache.seen > 0  # a multi-token step on top of a cache
+            o, state = liger_attention(
+                q, k, v, window=window, cos=cos, sin=sin, initial_state=layer_cache.state if resumed else None,
+                output_final_state=layer_cache is not None, attention_mask=valid,
+                window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts,
+            )
             if layer_cache is not None:
-                tail = slice(max(T - window, 0), T)
-                k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
-                layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail])
+                self.remember(layer_cache, state, k, v, position_embeddings, valid)
         return self.o_proj(o.reshape(B, T, -1)), None
+
+    def remember(self, layer_cache, state, k, v, position_embeddings, valid, phi_k=None) -> None:
+        """Store a multi-token step's final state(s) and the window's last keys (rotated), values,
+        validity (and hedgehog's feature-mapped keys) in the cache."""
+        window, T = self.config.linearize["window"], k.shape[1]
+        tail = slice(max(T - window, 0), T)
+        cos, sin = position_embeddings
+        k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
+        layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail],
+                          None if phi_k is None else phi_k[:, tail])
 
     def hedgehog_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
         """The hedgehog target (PyTorch path): learnable feature maps, window and linear part sharing one
@@ -143,9 +138,7 @@ class LigerAttentionMixin:
             window_prefix=layer_cache.window_prefix() if resumed and window else None,
         )
         if layer_cache is not None:
-            tail = slice(max(T - window, 0), T)
-            k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
-            layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail], phi_k[:, tail])
+            self.remember(layer_cache, state, k, v, position_embeddings, valid, phi_k)
         return o
 
     def stepwise_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
@@ -159,19 +152,18 @@ class LigerAttentionMixin:
             attention, decode = gdn_attention_chunked, gdn_decode_step_torch
         valid = None if padding_mask is None else padding_mask[:, -T:]
         resumed = layer_cache is not None and layer_cache.seen > 0
-        if resumed:  # gdn keeps one state, gsa two (slot keys, slot values)
+        states = None  # gdn keeps one state, gsa two (slot keys, slot values)
+        if resumed:
             states = layer_cache.state if s["target"] == "gdn" else (layer_cache.state, layer_cache.norm)
         if resumed and T == 1:
             o = decode(q, k, v, states, layer_cache.k_ring, layer_cache.v_ring, layer_cache.ring_valid,
                        layer_cache.seen, **opts)
             layer_cache.advance(1)
             return o
-        o, state = attention(q, k, v, attention_mask=valid, initial_state=states if resumed else None,
+        o, state = attention(q, k, v, attention_mask=valid, initial_state=states,
                              window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts)
         if layer_cache is not None:
-            tail = slice(max(T - window, 0), T)
-            k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
-            layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail])
+            self.remember(layer_cache, state, k, v, position_embeddings, valid)
         return o
 
     def parallel_mix(self, q, k, v, position_embeddings) -> torch.Tensor:

@@ -13,8 +13,8 @@ import os
 import torch
 
 from .gla.chunk import chunk_gla_torch
-from .gla.naive import compute_dtype, naive_recurrent_gla
-from .liger.naive import feature_maps, liger_attention_torch, liger_decode_step_torch, mix_window_branch, repeat_heads
+from .gla.naive import naive_recurrent_gla
+from .liger.naive import liger_attention_torch, liger_decode_step_torch
 
 __all__ = ["chunk_gla", "liger_attention", "liger_decode_step", "naive_recurrent_gla"]
 
@@ -101,6 +101,7 @@ def liger_attention(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     log_gate: torch.Tensor | None = None,
     target: str = "gla",
     backend: str = "auto",
@@ -109,62 +110,42 @@ def liger_attention(
 
     q [B, T, Hq, D]; k, v [B, T, Hkv, D] raw projections; cos, sin [B or 1, T, D] (RoPE on
     the window branch only); window = 0 is pure GLA; attention_mask [B, T] bool marks real
-    tokens (False = padding). `log_gate` [B, T, Hkv, D] replaces the key-derived gate (ablations),
-    `target` picks the feature maps (mamba2, hgrn2: see liger/naive.py); with Triton these run
-    as PyTorch maps + Triton chunk_gla + the banded window (padded or packed input: PyTorch).
-    Returns o in q's dtype and the final state [B, Hq, D, D] fp32.
+    tokens (False = padding); window_prefix continues a cached window (see liger_attention_torch).
+    `log_gate` [B, T, Hkv, D] replaces the key-derived gate (ablations), `target` picks the
+    feature maps (mamba2, hgrn2: see liger/naive.py). Returns o in q's dtype and the final state
+    [B, Hq, D, D] fp32.
+
+    With Triton, Liger's own layer runs as the fused kernel; what it does not take (other maps
+    and gates, a cached window prefix, padding, wide windows or odd head sizes) runs as PyTorch
+    maps and window around the Triton chunk_gla.
     """
-    kwargs = dict(window=window, mix=mix, gate_normalizer=gate_normalizer)
-    picked = _pick(backend, q, q.shape[-1])
-    if log_gate is not None or target != "gla":
-        # The fused kernel computes Liger's own maps and key gate in registers; other maps and
-        # gates (mamba2, hgrn2, the gate ablations) run as PyTorch maps + Triton chunk_gla + the
-        # banded window, or all in PyTorch.
-        if picked == "triton" and attention_mask is None and cu_seqlens is None:
-            return _composed_liger_attention(
-                q, k, v, cos=cos, sin=sin, initial_state=initial_state, output_final_state=output_final_state,
-                log_gate=log_gate, target=target, **kwargs,
-            )
-        picked = "torch"
-        kwargs["target"] = target
-    if picked == "triton":
-        return _triton_ops().liger_attention(
-            q, k, v, cos=cos, sin=sin, initial_state=initial_state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens, attention_mask=attention_mask, **kwargs,
-        )
+    kwargs = dict(window=window, mix=mix, gate_normalizer=gate_normalizer, cos=cos, sin=sin,
+                  initial_state=initial_state, output_final_state=output_final_state)
+    triton = _pick(backend, q, q.shape[-1]) == "triton"
+    if (triton and log_gate is None and target == "gla" and window_prefix is None
+            and _triton_ops().fused_supports(q, k, window, attention_mask)):
+        return _triton_ops().liger_attention(q, k, v, cu_seqlens=cu_seqlens, **kwargs)
+    kwargs.update(target=target, gla=functools.partial(_triton_gla, io_dtype=q.dtype) if triton else chunk_gla_torch)
     if cu_seqlens is None:
-        return liger_attention_torch(
-            q, k, v, cos=cos, sin=sin, initial_state=initial_state, output_final_state=output_final_state,
-            attention_mask=attention_mask, log_gate=log_gate, **kwargs,
-        )
-    if log_gate is not None:
-        raise ValueError("log_gate with packed sequences is not supported")
+        return liger_attention_torch(q, k, v, attention_mask=attention_mask, window_prefix=window_prefix,
+                                     log_gate=log_gate, **kwargs)
+    if log_gate is not None or window_prefix is not None:
+        raise ValueError("log_gate and window_prefix with packed sequences are not supported")
     if attention_mask is not None:
         raise ValueError("pass either cu_seqlens (packed sequences) or attention_mask (padding), not both")
     outs, states = [], []
     for i, (qi, ki, vi, ci, si) in _split_packed(cu_seqlens, q, k, v, cos, sin):
         h0 = None if initial_state is None else initial_state[i : i + 1]
-        o, s = liger_attention_torch(
-            qi, ki, vi, cos=ci, sin=si, initial_state=h0, output_final_state=output_final_state, **kwargs
-        )
+        o, s = liger_attention_torch(qi, ki, vi, **dict(kwargs, cos=ci, sin=si, initial_state=h0))
         outs.append(o)
         states.append(s)
     return torch.cat(outs, 1), (torch.cat(states, 0) if output_final_state else None)
 
 
-def _composed_liger_attention(q, k, v, *, window, mix, gate_normalizer, cos, sin, initial_state, output_final_state,
-                              log_gate, target):
-    """Liger Attention with any target's maps: maps in PyTorch, the recurrence on Triton chunk_gla."""
-    Hq = q.shape[2]
-    phi_q, phi_k, v_lin, g = feature_maps(q, k, v, gate_normalizer, None, log_gate, target)
-    # maps and values in the I/O dtype (the kernel's matrix products run in it), gates in fp32
-    phi_q, phi_k, v_lin = (x.to(q.dtype) for x in (phi_q, phi_k, v_lin))
-    o, state = _triton_ops().chunk_gla(
-        phi_q, repeat_heads(phi_k, Hq), repeat_heads(v_lin, Hq), repeat_heads(g, Hq), scale=1.0,
-        initial_state=initial_state, output_final_state=output_final_state,
-    )
-    if window > 0:
-        o = mix_window_branch(o.to(compute_dtype(q)), q, k, v, window=window, mix=mix, cos=cos, sin=sin)
+def _triton_gla(q, k, v, g, *, io_dtype, **kwargs):
+    """The Triton chunk_gla as liger_attention_torch's recurrence: maps and values in the I/O dtype
+    (the kernel's products run in it), gates as given; the output back in the maps' dtype."""
+    o, state = _triton_ops().chunk_gla(q.to(io_dtype), k.to(io_dtype), v.to(io_dtype), g, **kwargs)
     return o.to(q.dtype), state
 
 

@@ -9,6 +9,6 @@ from __future__ import annotations
 import triton  # noqa: F401  - fail the import here (not at first call) when Triton is missing
 
 from .liger.decode_triton import liger_decode_step
-from .liger.fused_triton import chunk_gla, liger_attention
+from .liger.fused_triton import chunk_gla, fused_supports, liger_attention
 
-__all__ = ["chunk_gla", "liger_attention", "liger_decode_step"]
+__all__ = ["chunk_gla", "fused_supports", "liger_attention", "liger_decode_step"]

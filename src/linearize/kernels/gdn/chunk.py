@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..liger.naive import mix_window_branch, repeat_heads
-from .naive import delta_inputs
+from .naive import gdn_attention_torch
 
 CHUNK = 16
 
@@ -91,29 +90,6 @@ def gated_delta_chunked(
     return o, state
 
 
-def gdn_attention_chunked(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    window: int,
-    mix: float = 0.5,
-    gate_normalizer: float = 16.0,
-    cos: torch.Tensor | None = None,
-    sin: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
-    window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as naive.gdn_attention_torch: q [B, T, Hq, D], k, v [B, T, Hkv, D] ->
-    (o in q's dtype, final state [B, Hq, D, D])."""
-    B, T, Hq, D = q.shape
-    qn, kn, vv, log_gate, beta = delta_inputs(q, k, v, gate_normalizer, attention_mask)
-    kn, vv, log_gate = (repeat_heads(x, Hq) for x in (kn, vv, log_gate))
-    beta = repeat_heads(beta[..., None], Hq)[..., 0]
-    state = qn.new_zeros(B, Hq, D, v.shape[-1]) if initial_state is None else initial_state.to(qn.dtype)
-    o, state = gated_delta_chunked(qn, kn, vv, log_gate, beta, state)
-    if window > 0:
-        o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
-                              window_prefix=window_prefix)
-    return o.to(q.dtype), state
+def gdn_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """naive.gdn_attention_torch (same arguments) with the chunked recurrence: the model's path."""
+    return gdn_attention_torch(q, k, v, recurrence=gated_delta_chunked, **kwargs)

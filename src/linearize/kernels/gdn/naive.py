@@ -11,6 +11,8 @@ This is the reference and the decode step; chunk.py has the exact chunked form t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,16 @@ def delta_step(state: torch.Tensor, q, k, v, log_gate, beta) -> torch.Tensor:
     return torch.einsum("bhk,bhkv->bhv", q, state)
 
 
+def delta_rule_steps(q, k, v, log_gate, beta, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence one step at a time, out of place so autograd can train through it:
+    q, k, log_gate [B, T, H, D], v [B, T, H, V], beta [B, T, H], state [B, H, D, V] -> (o, final state)."""
+    outs = []
+    for t in range(q.shape[1]):
+        state = delta_update(state, k[:, t], v[:, t], log_gate[:, t], beta[:, t])
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+    return torch.stack(outs, 1), state
+
+
 def gdn_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,18 +72,16 @@ def gdn_attention_torch(
     attention_mask: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    recurrence: Callable = delta_rule_steps,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> (o in q's dtype, final state [B, Hq, D, D])."""
+    """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> (o in q's dtype, final state [B, Hq, D, V]).
+    `recurrence` has delta_rule_steps' contract: chunk.py passes the chunked form."""
     B, T, Hq, D = q.shape
     qn, kn, vv, log_gate, beta = delta_inputs(q, k, v, gate_normalizer, attention_mask)
     kn, vv, log_gate = (repeat_heads(x, Hq) for x in (kn, vv, log_gate))
     beta = repeat_heads(beta[..., None], Hq)[..., 0]
-    state = qn.new_zeros(B, Hq, D, D) if initial_state is None else initial_state.to(qn.dtype)
-    outs = []
-    for t in range(T):  # out of place, so autograd can train through it
-        state = delta_update(state, kn[:, t], vv[:, t], log_gate[:, t], beta[:, t])
-        outs.append(torch.einsum("bhk,bhkv->bhv", qn[:, t], state))
-    o = torch.stack(outs, 1)
+    state = qn.new_zeros(B, Hq, D, v.shape[-1]) if initial_state is None else initial_state.to(qn.dtype)
+    o, state = recurrence(qn, kn, vv, log_gate, beta, state)
     if window > 0:
         o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
                               window_prefix=window_prefix)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import chunk_triton
-from .chunk_triton import liger_key_maps, sequence_bounds
+from .chunk_triton import block_gates, liger_key_maps, sequence_bounds, softmax_rows
 
 
 @triton.jit
@@ -71,14 +71,9 @@ def gla_bwd_dq_kernel(
             b_k, b_g = liger_key_maps(b_k, gate_mult)
         else:
             b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_g = tl.where(m_t[:, None], b_g, 0.0)
         b_v = tl.load(v + kv_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
         b_do = tl.load(do + q_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
-        b_b = tl.cumsum(b_g, axis=0)
-        b_last = tl.sum(b_g, axis=0)
-        b_m = tl.sum(tl.where(rows[:, None] == MID, b_b, 0.0), axis=0)
-        d_q = tl.minimum(b_b - b_m[None, :], 60.0)
-        d_k = tl.minimum(b_m[None, :] - b_b, 60.0)
+        b_b, b_last, d_q, d_k = block_gates(b_g, m_t, rows, MID)
         k_mid = tl.where(m_t[:, None], b_k * tl.exp(d_k), 0.0)
         k_out = tl.where(m_t[:, None], b_k * tl.exp(b_last[None, :] - b_b), 0.0)
 
@@ -88,11 +83,10 @@ def gla_bwd_dq_kernel(
         b_dq += tl.exp(d_q) * tl.dot(b_D.to(diag_t), k_mid.to(diag_t), input_precision="ieee")
         b_dq = b_dq * scale
         if FEATURE_MAP:  # through phi(q) = softmax(q); phi(q) * dphi(q) also feeds the gate's gradient
-            b_q = tl.load(q + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-            e_q = tl.exp(b_q - tl.max(b_q, axis=1)[:, None])
-            b_qd = e_q / tl.sum(e_q, axis=1)[:, None] * b_dq
+            phi_q = softmax_rows(tl.load(q + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32))
+            b_qd = phi_q * b_dq
             tl.store(qdq + q_row * K + ck[None, :], b_qd, mask=m_t[:, None])
-            b_dq = b_qd - e_q / tl.sum(e_q, axis=1)[:, None] * tl.sum(b_qd, axis=1)[:, None]
+            b_dq = b_qd - phi_q * tl.sum(b_qd, axis=1)[:, None]
         tl.store(dq + q_row * K + ck[None, :], b_dq, mask=m_t[:, None])
         S = S * tl.exp(b_last)[:, None] + tl.dot(tl.trans(k_out.to(dot_t)), b_v, input_precision="ieee")
 
@@ -143,18 +137,13 @@ def gla_bwd_dkv_kernel(
         if FEATURE_MAP:
             raw_k = b_k
             b_k, b_g = liger_key_maps(b_k, gate_mult)
-            e_q = tl.exp(b_q - tl.max(b_q, axis=1)[:, None])
-            b_q = tl.where(m_t[:, None], e_q / tl.sum(e_q, axis=1)[:, None], 0.0)
+            b_q = tl.where(m_t[:, None], softmax_rows(b_q), 0.0)
         else:
             b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_g = tl.where(m_t[:, None], b_g, 0.0)
         b_v = tl.load(v + kv_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
         b_do = tl.load(do + q_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
-        b_b = tl.cumsum(b_g, axis=0)
-        b_last = tl.sum(b_g, axis=0)
-        b_m = tl.sum(tl.where(rows[:, None] == MID, b_b, 0.0), axis=0)
-        d_q = tl.minimum(b_b - b_m[None, :], 60.0)
-        e_k = tl.exp(tl.minimum(b_m[None, :] - b_b, 60.0))
+        b_b, b_last, d_q, d_k = block_gates(b_g, m_t, rows, MID)
+        e_k = tl.exp(d_k)
         e_o = tl.exp(b_last[None, :] - b_b)
         q_mid = b_q * (scale * tl.exp(d_q))
         k_mid = tl.where(m_t[:, None], b_k * e_k, 0.0)

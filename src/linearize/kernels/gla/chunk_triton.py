@@ -57,11 +57,26 @@ def logsigmoid(x):
 
 
 @triton.jit
+def softmax_rows(x):
+    e = tl.exp(x - tl.max(x, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
 def liger_key_maps(b_k, gate_mult):
     """Liger's key side, in registers: (softmax(k) over the head dimension, logsigmoid(k) * gate_mult)."""
-    log_gate = logsigmoid(b_k) * gate_mult
-    e_k = tl.exp(b_k - tl.max(b_k, axis=1)[:, None])
-    return e_k / tl.sum(e_k, axis=1)[:, None], log_gate
+    return softmax_rows(b_k), logsigmoid(b_k) * gate_mult
+
+
+@triton.jit
+def block_gates(b_g, m_t, rows, MID: tl.constexpr):
+    """A block's gates: the cumulative log-gate b (rows past the sequence end gate nothing), its
+    last row, and the exponents b - m, m - b about the middle row m. Each spans at most BT/2 steps
+    and is clamped at 60, so exp never overflows."""
+    b_g = tl.where(m_t[:, None], b_g, 0.0)
+    b_b = tl.cumsum(b_g, axis=0)
+    b_m = tl.sum(tl.where(rows[:, None] == MID, b_b, 0.0), axis=0)
+    return b_b, tl.sum(b_g, axis=0), tl.minimum(b_b - b_m[None, :], 60.0), tl.minimum(b_m[None, :] - b_b, 60.0)
 
 
 @triton.jit
@@ -124,13 +139,7 @@ def gla_fwd_kernel(
         else:
             b_g = tl.load(g + ((bos + t) * HQ + i_h)[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
             b_g = b_g.to(tl.float32)
-        b_g = tl.where(m_t[:, None], b_g, 0.0)
-        b_b = tl.cumsum(b_g, axis=0)
-        b_last = tl.sum(b_g, axis=0)
-        b_m = tl.sum(tl.where(rows[:, None] == MID, b_b, 0.0), axis=0)
-        # exp(b_i - m), exp(m - b_j) span at most BT/2 steps each; clamped so nothing overflows
-        d_q = tl.minimum(b_b - b_m[None, :], 60.0)
-        d_k = tl.minimum(b_m[None, :] - b_b, 60.0)
+        b_b, b_last, d_q, d_k = block_gates(b_g, m_t, rows, MID)
         d_o = b_last[None, :] - b_b
         if FEATURE_MAP:
             q_in = tl.exp(x_q + b_b) * n_q[:, None]

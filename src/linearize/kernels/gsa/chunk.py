@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..liger.naive import mix_window_branch, repeat_heads
-from .naive import slot_inputs
+from .naive import gsa_attention_torch
 
 CHUNK = 16
 
@@ -69,27 +68,17 @@ def slot_scores(
     return scores.flatten(2, 3)[:, :, :T].transpose(1, 2), state.transpose(-1, -2)
 
 
-def gsa_attention_chunked(
-    q, k, v, *, window: int, slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
-    attention_mask=None, initial_state: tuple[torch.Tensor, torch.Tensor] | None = None, window_prefix=None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Same contract as naive.gsa_attention_torch: q [B, T, Hq, D], k, v [B, T, Hkv, D] ->
-    (o in q's dtype, (slot keys, slot values) [B, Hq, m, D])."""
+def slots_chunked(phi_q, phi_k, v, log_gate, keys0, values0):
+    """naive.slot_steps' contract in two chunked passes: the scores here, then chunk_gla."""
     from .. import chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
 
-    B, T, Hq, D = q.shape
-    fq, fk, vv, log_gate = slot_inputs(q, k, v, slots, gate_normalizer, attention_mask)
-    fk, vv, log_gate = (repeat_heads(x, Hq) for x in (fk, vv, log_gate))
     write = -torch.expm1(log_gate)  # 1 - a, exactly 0 where a padded step has log-gate 0
-    if initial_state is None:
-        keys0, values0 = fq.new_zeros(B, Hq, slots, D), fq.new_zeros(B, Hq, slots, v.shape[-1])
-    else:
-        keys0, values0 = (x.to(fq.dtype) for x in initial_state)
-    scores, keys = slot_scores(fq, fk, write, log_gate, keys0)
-    o, values = chunk_gla(scores.softmax(-1), write, vv, log_gate, scale=1.0, initial_state=values0,
+    scores, keys = slot_scores(phi_q, phi_k, write, log_gate, keys0)
+    o, values = chunk_gla(scores.softmax(-1), write, v, log_gate, scale=1.0, initial_state=values0,
                           output_final_state=True)
-    o = o.to(fq.dtype)
-    if window > 0:
-        o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
-                              window_prefix=window_prefix)
-    return o.to(q.dtype), (keys, values.to(fq.dtype))
+    return o.to(phi_q.dtype), (keys, values.to(phi_q.dtype))
+
+
+def gsa_attention_chunked(q, k, v, **kwargs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """naive.gsa_attention_torch (same arguments) with the chunked recurrence: the model's path."""
+    return gsa_attention_torch(q, k, v, recurrence=slots_chunked, **kwargs)

@@ -13,6 +13,8 @@ reference (and the decode step); chunk.py has the two-pass chunked form the mode
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -51,27 +53,36 @@ def slot_step(keys: torch.Tensor, values: torch.Tensor, q, k, v, log_gate) -> to
     return o
 
 
+def slot_steps(phi_q, phi_k, v, log_gate, keys, values):
+    """The recurrence one step at a time, out of place so autograd can train through it:
+    phi_q, phi_k [B, T, H, D], v [B, T, H, V], log_gate [B, T, H, m], slot keys [B, H, m, D] and
+    values [B, H, m, V] -> (o, (keys, values))."""
+    outs = []
+    for t in range(phi_q.shape[1]):
+        o_t, keys, values = slot_update(keys, values, phi_q[:, t], phi_k[:, t], v[:, t], log_gate[:, t])
+        outs.append(o_t)
+    return torch.stack(outs, 1), (keys, values)
+
+
 def gsa_attention_torch(
     q, k, v, *, window: int, slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
     attention_mask=None, initial_state: tuple[torch.Tensor, torch.Tensor] | None = None, window_prefix=None,
+    recurrence: Callable = slot_steps,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> (o in q's dtype, (slot keys, slot values) [B, Hq, m, D])."""
+    """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> (o in q's dtype, (slot keys, slot values) [B, Hq, m, D]).
+    `recurrence` has slot_steps' contract: chunk.py passes the two-pass chunked form."""
     B, T, Hq, D = q.shape
     fq, fk, vv, log_gate = slot_inputs(q, k, v, slots, gate_normalizer, attention_mask)
     fk, vv, log_gate = (repeat_heads(x, Hq) for x in (fk, vv, log_gate))
     if initial_state is None:
-        keys, values = fq.new_zeros(B, Hq, slots, D), fq.new_zeros(B, Hq, slots, D)
+        keys, values = fq.new_zeros(B, Hq, slots, D), fq.new_zeros(B, Hq, slots, v.shape[-1])
     else:
         keys, values = (x.to(fq.dtype) for x in initial_state)
-    outs = []
-    for t in range(T):  # out of place, so autograd can train through it
-        o_t, keys, values = slot_update(keys, values, fq[:, t], fk[:, t], vv[:, t], log_gate[:, t])
-        outs.append(o_t)
-    o = torch.stack(outs, 1)
+    o, states = recurrence(fq, fk, vv, log_gate, keys, values)
     if window > 0:
         o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
                               window_prefix=window_prefix)
-    return o.to(q.dtype), (keys, values)
+    return o.to(q.dtype), states
 
 
 def gsa_decode_step_torch(

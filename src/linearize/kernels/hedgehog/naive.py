@@ -140,34 +140,33 @@ def hedgehog_decode_step_torch(
 ) -> torch.Tensor:
     """One token; updates the state S, normaliser z and the rings (k_rot, v, phi_k, valid) in place.
     The token leaving the window (slot position % window) is folded into S and z first."""
-    B, _, Hq, D = q.shape
+    Hq, D, Hkv = q.shape[2], q.shape[3], k.shape[2]
     dt = state.dtype
-    fq = phi_q[:, 0].to(dt)
-    fk, v1 = repeat_heads(phi_k, Hq)[:, 0].to(dt), repeat_heads(v, Hq)[:, 0].to(dt)
+    # grouped views [B, Hkv, G, ...]: each kv head's key, value and ring serve its query heads unrepeated
+    S, z = state.unflatten(1, (Hkv, Hq // Hkv)), norm.unflatten(1, (Hkv, Hq // Hkv))
+    fq = phi_q[:, 0].to(dt).unflatten(1, (Hkv, -1))
     if window == 0:
-        state.add_(fk[..., :, None] * v1[..., None, :])
-        norm.add_(fk)
-        num = torch.einsum("bhf,bhfd->bhd", fq, state)
-        return (num / torch.einsum("bhf,bhf->bh", fq, norm)[..., None]).to(q.dtype)[:, None]
+        fk, v1 = phi_k[:, 0, :, None].to(dt), v[:, 0, :, None].to(dt)
+        S.add_(fk[..., :, None] * v1[..., None, :])
+        z.add_(fk)
+        num = torch.einsum("bhgf,bhgfd->bhgd", fq, S)
+        return (num / torch.einsum("bhgf,bhgf->bhg", fq, z)[..., None]).flatten(1, 2).to(q.dtype)[:, None]
     k_ring, v_ring, f_ring, ring_valid = rings
     slot = position % window
-    leaving = ring_valid[:, slot][:, None, None]
-    old_f = repeat_heads(f_ring[:, :, slot][:, None], Hq)[:, 0].to(dt)
-    old_v = repeat_heads(v_ring[:, :, slot][:, None], Hq)[:, 0].to(dt)
-    state.add_(torch.where(leaving[..., None], old_f[..., :, None] * old_v[..., None, :], 0.0))
-    norm.add_(torch.where(leaving, old_f, 0.0))
+    leaving = ring_valid[:, slot][:, None, None, None]
+    old_f, old_v = f_ring[:, :, slot, None].to(dt), v_ring[:, :, slot, None].to(dt)
+    S.add_(torch.where(leaving[..., None], old_f[..., :, None] * old_v[..., None, :], 0.0))
+    z.add_(torch.where(leaving, old_f, 0.0))
     k_ring[:, :, slot] = apply_rope(k, cos, sin)[:, 0].to(k_ring.dtype)
     v_ring[:, :, slot] = v[:, 0].to(v_ring.dtype)
     f_ring[:, :, slot] = phi_k[:, 0].to(f_ring.dtype)
     ring_valid[:, slot] = True
-    q_rot = apply_rope(q, cos, sin)[:, 0].to(dt)
-    kr = repeat_heads(k_ring.transpose(1, 2), Hq).transpose(1, 2).to(dt)
-    vr = repeat_heads(v_ring.transpose(1, 2), Hq).transpose(1, 2).to(dt)
-    scores = torch.einsum("bhd,bhwd->bhw", q_rot, kr) * D**-0.5
-    scores = scores.masked_fill(~ring_valid[:, None, :], float("-inf"))
+    q_rot = apply_rope(q, cos, sin)[:, 0].to(dt).unflatten(1, (Hkv, -1))
+    scores = torch.einsum("bhgd,bhwd->bhgw", q_rot, k_ring.to(dt)) * D**-0.5
+    scores = scores.masked_fill(~ring_valid[:, None, None, :], float("-inf"))
     m = scores.amax(-1, keepdim=True)
     e = (scores - m).exp()
     decay = (-m).exp()
-    num = torch.einsum("bhw,bhwd->bhd", e, vr) + decay * torch.einsum("bhf,bhfd->bhd", fq, state)
-    den = e.sum(-1, keepdim=True) + decay * torch.einsum("bhf,bhf->bh", fq, norm)[..., None]
-    return (num / den).to(q.dtype)[:, None]
+    num = torch.einsum("bhgw,bhwd->bhgd", e, v_ring.to(dt)) + decay * torch.einsum("bhgf,bhgfd->bhgd", fq, S)
+    den = e.sum(-1, keepdim=True) + decay * torch.einsum("bhgf,bhgf->bhg", fq, z)[..., None]
+    return (num / den).flatten(1, 2).to(q.dtype)[:, None]

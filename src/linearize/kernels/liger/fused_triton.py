@@ -98,25 +98,17 @@ def _check(q, cu_seqlens):
         raise ValueError("packed input (cu_seqlens) must have batch size 1")
 
 
-def liger_attention(q, k, v, *, window=64, mix=0.5, gate_normalizer=16.0, cos=None, sin=None, initial_state=None,
-                    output_final_state=False, cu_seqlens=None, attention_mask=None):
-    """Triton Liger Attention; same contract as linearize.kernels.liger_attention."""
-    D = q.shape[-1]
+def fused_supports(q: torch.Tensor, k: torch.Tensor, window: int, attention_mask: torch.Tensor | None) -> bool:
+    """What the fused kernel takes: no padding inside the batch (it has no per-token validity; packed
+    sequences via cu_seqlens are the fast route for ragged batches), windows up to MAX_WINDOW keys
+    (it keeps at most that many in registers), power-of-two head sizes in [16, 256], whole GQA groups."""
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if padded and cu_seqlens is not None:
-        raise ValueError("pass either cu_seqlens (packed sequences) or attention_mask (padding), not both")
-    if padded or window > MAX_WINDOW or not supported(D) or q.shape[2] % k.shape[2] != 0:
-        # PyTorch path (exact, slower) for what the fused kernel does not cover: padding inside
-        # the batch (it has no per-token validity; packed sequences via cu_seqlens are the fast
-        # route for ragged batches), windows over MAX_WINDOW keys (it keeps at most that many
-        # in registers) and head sizes that are not a power of two in [16, 256].
-        from .. import liger_attention as dispatch  # noqa: PLC0415
+    return not padded and window <= MAX_WINDOW and supported(q.shape[-1]) and q.shape[2] % k.shape[2] == 0
 
-        return dispatch(
-            q, k, v, window=window, mix=mix, gate_normalizer=gate_normalizer, cos=cos, sin=sin,
-            initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-            attention_mask=attention_mask, backend="torch",
-        )
+
+def liger_attention(q, k, v, *, window=64, mix=0.5, gate_normalizer=16.0, cos=None, sin=None, initial_state=None,
+                    output_final_state=False, cu_seqlens=None):
+    """Triton Liger Attention on inputs `fused_supports` accepts; contract of linearize.kernels.liger_attention."""
     if window > 0 and (cos is None or sin is None):
         raise ValueError("the sliding-window branch needs the rotary tables cos and sin")
     _check(q, cu_seqlens)

@@ -13,6 +13,8 @@ nothing to the state, do not decay it, and are never attended to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -139,15 +141,17 @@ def liger_attention_torch(
     window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     log_gate: torch.Tensor | None = None,
     target: str = "gla",
+    gla: Callable = chunk_gla_torch,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Liger Attention on [B, T, H, D] inputs; returns (o in q's dtype, final state or None).
 
     window_prefix = (rotated keys, values, valid) [B, P, Hkv, D] x2 and [B, P] continues a
-    cached sliding window (used when a forward pass extends an existing cache).
+    cached sliding window (used when a forward pass extends an existing cache). `gla` runs the
+    recurrence (chunk_gla's contract, output in the maps' dtype): the dispatcher passes Triton's.
     """
     Hq = q.shape[2]
     phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, attention_mask, log_gate, target)
-    o, state = chunk_gla_torch(
+    o, state = gla(
         phi_q,
         repeat_heads(phi_k, Hq),
         repeat_heads(v_lin, Hq),

@@ -31,6 +31,13 @@ BQ = 64  # query rows per program; keys come from this block and the one before,
 
 
 @triton.jit
+def rope_and_swapped(x, x_sw, c, s, sign):
+    """RoPE'd rows (rotate-half convention) and the same with their halves swapped: x_sw is x with
+    its halves swapped, sign -1 on the first half; cos and sin repeat across the halves."""
+    return x * c + sign[None, :] * x_sw * s, x_sw * c - sign[None, :] * x * s
+
+
+@triton.jit
 def window_bwd_kernel(
     q, k, v, do, cos, sin, starts, dq, dk, dv,
     NT, mix, scale,
@@ -55,8 +62,7 @@ def window_bwd_kernel(
     q_sw = tl.load(q + (r64 * HQ + i_h)[:, None] * D + cd_swap[None, :], mask=row_ok, other=0.0).to(tl.float32)
     cos_q = tl.load(cos + r64[:, None] * D + cd[None, :], mask=row_ok, other=0.0)
     sin_q = tl.load(sin + r64[:, None] * D + cd[None, :], mask=row_ok, other=0.0)
-    q_rot = b_q * cos_q + sign[None, :] * q_sw * sin_q
-    q_rot_sw = q_sw * cos_q - sign[None, :] * b_q * sin_q
+    q_rot, q_rot_sw = rope_and_swapped(b_q, q_sw, cos_q, sin_q, sign)
 
     key_ok = m_c[:, None]
     p_k = k + (c64 * HKV + i_hk)[:, None] * D
@@ -64,8 +70,7 @@ def window_bwd_kernel(
     k_sw = tl.load(p_k + cd_swap[None, :], mask=key_ok, other=0.0).to(tl.float32)
     cos_k = tl.load(cos + c64[:, None] * D + cd[None, :], mask=key_ok, other=0.0)
     sin_k = tl.load(sin + c64[:, None] * D + cd[None, :], mask=key_ok, other=0.0)
-    k_rot = b_k * cos_k + sign[None, :] * k_sw * sin_k
-    k_rot_sw = k_sw * cos_k - sign[None, :] * b_k * sin_k
+    k_rot, k_rot_sw = rope_and_swapped(b_k, k_sw, cos_k, sin_k, sign)
     b_v = tl.load(v + (c64 * HKV + i_hk)[:, None] * D + cd[None, :], mask=key_ok, other=0.0).to(dot_t)
     b_do = tl.load(do + (r64 * HQ + i_h)[:, None] * D + cd[None, :], mask=row_ok, other=0.0).to(tl.float32) * mix
 
