@@ -69,7 +69,7 @@ def assert_liger_matches_reference(q, k, v, h0, do, dh, **kw):
         assert rel(a, b) < 1e-4, name
 
 
-CASES = [  # (T, Hq, Hkv, window, strong)
+CASES = [  # (T, Hq, Hkv, window, strong[, head_dim]); the window kernel runs from head_dim 32 (16 takes PyTorch)
     (1, 2, 2, 64, False),
     (17, 4, 2, 64, True),
     (64, 2, 1, 64, False),
@@ -78,12 +78,14 @@ CASES = [  # (T, Hq, Hkv, window, strong)
     (33, 2, 2, 0, False),
     (40, 2, 2, 100, False),  # window beyond the kernel's 64: PyTorch fallback
     (150, 8, 1, 64, False),  # GQA 8 (atomics of 8 heads into one kv row), windows across 3 query blocks
+    (150, 4, 2, 64, False, 32),  # the Triton window backward (dk/dv programs of 32 and 64 key rows)
+    (70, 2, 2, 20, True, 32),
 ]
 
 
-def liger_case(T, Hq, Hkv, window, strong):
+def liger_case(T, Hq, Hkv, window, strong, D=16):
     torch.manual_seed(T + 10 * Hq + window)
-    B, D = 2, 16
+    B = 2
     q, v = torch.randn(B, T, Hq, D), torch.randn(B, T, Hkv, D)
     k = torch.randn(B, T, Hkv, D) * (3.0 if strong else 1.0)
     h0 = torch.randn(B, Hq, D, D) * 0.3
@@ -96,7 +98,7 @@ def liger_case(T, Hq, Hkv, window, strong):
 @check("liger_packed")
 def liger_packed():
     torch.manual_seed(11)
-    D, Hq, Hkv, lens = 16, 4, 2, [5, 33, 1, 20]
+    D, Hq, Hkv, lens = 32, 4, 2, [5, 33, 1, 20]
     T = sum(lens)
     cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32)
     q, k, v = torch.randn(1, T, Hq, D), torch.randn(1, T, Hkv, D), torch.randn(1, T, Hkv, D)
@@ -143,7 +145,7 @@ def liger_fp16_grads():
     """Half-precision gradients (products in fp16, the diagonal block in fp32) against float64:
     relative error < 1e-2 (fp16 keeps 11 bits; the forward's bound is 5e-3)."""
     torch.manual_seed(16)
-    B, T, Hq, Hkv, D = 1, 45, 4, 2, 16
+    B, T, Hq, Hkv, D = 1, 70, 4, 2, 32
     q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
     do = torch.randn(B, T, Hq, D)
     cos, sin = rope(B, T, D)
@@ -198,21 +200,27 @@ def liger_wide_heads():
     assert_liger_matches_reference(q, k, v, h0, do, dh, **kw)
 
 
-@check("window_backward_kernel_equals_its_pytorch_fallback")
+@check("window_backward_kernel_equals_its_pytorch_form")
 def window_fallback():
-    """The window backward kernel and the PyTorch form used where its tiles do not fit agree
-    (batched and packed, GQA 2, a window shorter than a block)."""
+    """The window backward kernels and the PyTorch form (used where their tiles do not fit, and for
+    heads below 32) agree: batched and packed, GQA 2, windows 64 and 20, dk/dv programs of 32 and 64
+    key rows, written fresh and added into existing buffers."""
     from linearize.kernels.liger.window_bwd_triton import window_bwd, window_bwd_torch  # noqa: PLC0415
 
     torch.manual_seed(20)
-    for B, T, cu in ((2, 90, None), (1, 90, torch.tensor([0, 30, 31, 90], dtype=torch.int32))):
-        q, do = torch.randn(B, T, 4, 16), torch.randn(B, T, 4, 16)
-        k, v = torch.randn(B, T, 2, 16), torch.randn(B, T, 2, 16)
-        cos, sin = rope(B, T, 16)
-        got = window_bwd(q, k, v, do, cos, sin, window=20, mix=0.3, cu_seqlens=cu)
-        ref = window_bwd_torch(q, k, v, do, cos, sin, window=20, mix=0.3, cu_seqlens=cu)
-        for name, a, b in zip(("dq", "dk", "dv"), got, ref, strict=True):
-            assert rel(a, b) < 1e-5, name
+    packed = torch.tensor([0, 30, 31, 100, 150], dtype=torch.int32)
+    for (B, T, cu), D, window, block_kv in itertools.product(((2, 150, None), (1, 150, packed)), (16, 32, 64), (64, 20),
+                                                             (32, 64)):
+        q, do = torch.randn(B, T, 4, D), torch.randn(B, T, 4, D)
+        k, v = torch.randn(B, T, 2, D) * 2, torch.randn(B, T, 2, D)
+        cos, sin = rope(B, T, D)
+        kw = dict(window=window, mix=0.3, cu_seqlens=cu)
+        ref = window_bwd_torch(q, k, v, do, cos, sin, **kw)
+        got = window_bwd(q, k, v, do, cos, sin, block_kv=block_kv, **kw)
+        base = [torch.randn(x.shape) for x in ref]
+        added = window_bwd(q, k, v, do, cos, sin, block_kv=block_kv, add_to=tuple(x.clone() for x in base), **kw)
+        for name, a, b, c, b0 in zip(("dq", "dk", "dv"), got, ref, added, base, strict=True):
+            assert rel(a, b) < 1e-5 and rel(c - b0, b) < 1e-5, (name, B, D, window, block_kv)
     # and the Liger backward takes the fallback when the kernel cannot be built
     from triton.runtime.errors import OutOfResources  # noqa: PLC0415
 
@@ -223,7 +231,7 @@ def window_fallback():
 
     real, fused_triton.window_bwd = fused_triton.window_bwd, no_room
     try:
-        liger_case(65, 4, 2, 64, False)
+        liger_case(65, 4, 2, 64, False, D=32)
     finally:
         fused_triton.window_bwd = real
 
@@ -398,7 +406,7 @@ def decode_case(Hq, Hkv, W, position):
 
 
 for _c in CASES:
-    CHECKS["liger_T{}_Hq{}_Hkv{}_W{}_{}".format(*_c[:4], "strong" if _c[4] else "weak")] = (
+    CHECKS["liger_T{}_Hq{}_Hkv{}_W{}_{}".format(*_c[:4], "strong" if _c[4] else "weak") + (f"_D{_c[5]}" if len(_c) > 5 else "")] = (
         lambda c=_c: liger_case(*c))
 for _T, _p in itertools.product((1, 17, 65), (False, True)):
     CHECKS[f"chunk_gla_T{_T}_{'packed' if _p else 'batched'}"] = lambda T=_T, p=_p: chunk_gla_case(T, p)

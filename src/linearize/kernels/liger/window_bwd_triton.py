@@ -1,21 +1,24 @@
 """Backward of the sliding-window branch (softmax attention with RoPE over the last W <= 64 keys).
 
 Sequences are laid out flat (B * T rows, or the packed rows of cu_seqlens); `starts[r]` is the
-first row of row r's sequence, so a window never crosses a sequence boundary. One program owns
-64 query rows of one query head and sees their only possible keys: the 64 rows before the block
-and the block itself. It recomputes the scores and the softmax in fp32 (no statistics are kept
-from the forward), then, with do_w = mix * do and delta = rowsum(do_w * o_win):
+first row of row r's sequence, so a window never crosses a sequence boundary. Rows are cut into
+blocks of 64: the keys of a query block lie in that block and the one before. As in
+FlashAttention-2 the work is split in two kernels, so that every output row has one owner and
+nothing is added atomically:
 
-    ds = p * (do_w v^T - delta) * D^-1/2,  dq_rot = ds k_rot,  dk_rot = ds^T q_rot,  dv = p^T do_w.
+- window_dq_kernel, one program per (query block, query head). Pass 1 runs the softmax statistics
+  online over the two key blocks: lse = logsumexp of the scores and delta = sum_j p_j dp_j
+  (= do_w . o_win, with do_w = mix * do and dp = do_w v^T). Pass 2 recomputes p = exp(s - lse)
+  and adds ds k_rot into dq, where ds = p * (dp - delta) * D^-1/2.
+- window_dkv_kernel, one program per (key block, kv head): for each query head of the group and
+  the two query blocks that can see these keys, it recomputes p from the saved lse and adds
+  p^T do_w into dv and ds^T q_rot into dk.
 
-RoPE's backward in the rotate-half convention is dx = dy cos + R^T(dy sin) with R^T(z) =
--sign * z[:, swap] (sign -1 on the first half, halves swapped). Column swaps commute with
-right-multiplication, so (ds k_rot)[:, swap] = ds (k_rot[:, swap]), and k_rot[:, swap] comes
-from the same loads: k_swap cos - sign k sin (cos and sin repeat across the halves). So every
-product stays a matrix product and no register tile is permuted.
-
-dq is written once per row; dk and dv collect contributions from two query blocks (and, with
-GQA, from every query head of the group), so they are added atomically into fp32 buffers.
+RoPE (rotate-half convention) pairs column c with c + D/2, so every tile is held as its two
+halves x1, x2: rot(x) = (x1 cos - x2 sin, x2 cos + x1 sin), scores are q1 k1^T + q2 k2^T, and the
+backward is dx1 = dy1 cos + dy2 sin, dx2 = dy2 cos - dy1 sin (cos and sin repeat across halves).
+Halving the tiles keeps them in registers: the single-kernel version before this one held
+[128, D] fp32 tiles and their swapped copies and spilled 3.7 KB per thread on sm_90.
 """
 
 from __future__ import annotations
@@ -27,19 +30,62 @@ import triton.language as tl
 from ..gla import chunk_triton
 from .naive import apply_rope, sliding_window_attention
 
-BQ = 64  # query rows per program; keys come from this block and the one before, so W <= 64
+BQ = 64  # rows per block; a query's keys come from its block and the one before, so W <= 64
+MIN_D = 32  # the halves feed tl.dot, whose inner size must be at least 16
+# Key rows per dk/dv program for heads of 128 and more; 64 below. Chosen, with 8 warps, from the
+# register report of kernels compiled for sm_90 (Triton 3.6, no spills; 64 rows spill at D = 128).
+BKV_WIDE = 32
 
 
 @triton.jit
-def rope_and_swapped(x, x_sw, c, s, sign):
-    """RoPE'd rows (rotate-half convention) and the same with their halves swapped: x_sw is x with
-    its halves swapped, sign -1 on the first half; cos and sin repeat across the halves."""
-    return x * c + sign[None, :] * x_sw * s, x_sw * c - sign[None, :] * x * s
+def rotated_halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr):
+    """RoPE'd halves (rotate-half convention, fp32) of rows [BQ] of head i_h of x [rows, HEADS, D]."""
+    H2: tl.constexpr = D // 2
+    ch = tl.arange(0, H2)
+    p_x = x + (rows64 * HEADS + i_h)[:, None] * D + ch[None, :]
+    x1 = tl.load(p_x, mask=row_ok, other=0.0).to(tl.float32)
+    x2 = tl.load(p_x + H2, mask=row_ok, other=0.0).to(tl.float32)
+    c = tl.load(cos + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
+    s = tl.load(sin + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
+    return x1 * c - x2 * s, x2 * c + x1 * s
 
 
 @triton.jit
-def window_bwd_kernel(
-    q, k, v, do, cos, sin, starts, dq, dk, dv,
+def halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr):
+    H2: tl.constexpr = D // 2
+    p_x = x + (rows64 * HEADS + i_h)[:, None] * D + tl.arange(0, H2)[None, :]
+    return tl.load(p_x, mask=row_ok, other=0.0), tl.load(p_x + H2, mask=row_ok, other=0.0)
+
+
+@triton.jit
+def unrotate_and_store(out, d1, d2, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr,
+                       ACCUMULATE: tl.constexpr):
+    """RoPE's backward on the halves of a gradient, written (or added) to out [rows, HEADS, D] fp32."""
+    H2: tl.constexpr = D // 2
+    ch = tl.arange(0, H2)
+    c = tl.load(cos + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
+    s = tl.load(sin + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
+    g1, g2 = d1 * c + d2 * s, d2 * c - d1 * s
+    p_o = out + (rows64 * HEADS + i_h)[:, None] * D + ch[None, :]
+    if ACCUMULATE:  # the program owns these rows: a plain read-add-write
+        g1 += tl.load(p_o, mask=row_ok, other=0.0)
+        g2 += tl.load(p_o + H2, mask=row_ok, other=0.0)
+    tl.store(p_o, g1, mask=row_ok)
+    tl.store(p_o + H2, g2, mask=row_ok)
+
+
+@triton.jit
+def window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W: tl.constexpr):
+    """Scaled scores [queries r, keys c], -inf outside each query's window (and its sequence)."""
+    s = (tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")) * scale
+    visible = (c[None, :] <= r[:, None]) & (r[:, None] - c[None, :] < W) & (c[None, :] >= start[:, None])
+    visible = visible & (c[None, :] >= 0) & (r[:, None] < NT)
+    return tl.where(visible, s, -float("inf"))
+
+
+@triton.jit
+def window_dq_kernel(
+    q, k, v, do, cos, sin, starts, dq, lse, delta,
     NT, mix, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr,
     LOW_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
@@ -47,65 +93,115 @@ def window_bwd_kernel(
     i_q, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (HQ // HKV)
     dot_t = q.dtype.element_ty if LOW_PRECISION else tl.float32
-    cd = tl.arange(0, D)
-    cd_swap = (cd + D // 2) % D
-    sign = tl.where(cd < D // 2, -1.0, 1.0)
+    r = i_q * BQ + tl.arange(0, BQ)
+    r64 = r.to(tl.int64)
+    row_ok = (r < NT)[:, None]
+    q1, q2 = rotated_halves(q, row_ok, r64, HQ, i_h, cos, sin, D)
+    q1, q2 = q1.to(dot_t), q2.to(dot_t)
+    do1, do2 = halves(do, row_ok, r64, HQ, i_h, D)
+    do1, do2 = (do1.to(tl.float32) * mix).to(dot_t), (do2.to(tl.float32) * mix).to(dot_t)
+    start = tl.load(starts + r, mask=r < NT, other=0)
 
-    r = i_q * BQ + tl.arange(0, BQ)  # query rows
-    m_r = r < NT
-    c = i_q * BQ - BQ + tl.arange(0, 2 * BQ)  # key rows: the block before and this one
-    m_c = (c >= 0) & (c < NT)
-    r64, c64 = r.to(tl.int64), c.to(tl.int64)
+    # pass 1: online softmax statistics over this key block, then the one before (a finite initial
+    # max keeps rows with no visible key so far free of inf - inf)
+    m_i = tl.full([BQ], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([BQ], dtype=tl.float32)
+    pdp = tl.zeros([BQ], dtype=tl.float32)
+    for j in range(2):
+        c = (i_q - j) * BQ + tl.arange(0, BQ)
+        c64 = c.to(tl.int64)
+        key_ok = ((c >= 0) & (c < NT))[:, None]
+        k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D)
+        k1, k2 = k1.to(dot_t), k2.to(dot_t)
+        v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D)
+        s = window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W)
+        dp = tl.dot(do1, tl.trans(v1.to(dot_t)), input_precision="ieee") + \
+            tl.dot(do2, tl.trans(v2.to(dot_t)), input_precision="ieee")
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        pdp = pdp * alpha + tl.sum(p * dp, axis=1)
+        m_i = m_new
+    valid = r < NT
+    l_safe = tl.where(valid, l_i, 1.0)
+    b_lse = m_i + tl.log(l_safe)
+    b_delta = pdp / l_safe
+    tl.store(lse + r64 * HQ + i_h, b_lse, mask=valid)
+    tl.store(delta + r64 * HQ + i_h, b_delta, mask=valid)
 
-    row_ok = m_r[:, None]
-    b_q = tl.load(q + (r64 * HQ + i_h)[:, None] * D + cd[None, :], mask=row_ok, other=0.0).to(tl.float32)
-    q_sw = tl.load(q + (r64 * HQ + i_h)[:, None] * D + cd_swap[None, :], mask=row_ok, other=0.0).to(tl.float32)
-    cos_q = tl.load(cos + r64[:, None] * D + cd[None, :], mask=row_ok, other=0.0)
-    sin_q = tl.load(sin + r64[:, None] * D + cd[None, :], mask=row_ok, other=0.0)
-    q_rot, q_rot_sw = rope_and_swapped(b_q, q_sw, cos_q, sin_q, sign)
+    # pass 2: dq_rot = ds k_rot, by halves
+    dq1 = tl.zeros([BQ, D // 2], dtype=tl.float32)
+    dq2 = tl.zeros([BQ, D // 2], dtype=tl.float32)
+    for j in range(2):
+        c = (i_q - j) * BQ + tl.arange(0, BQ)
+        c64 = c.to(tl.int64)
+        key_ok = ((c >= 0) & (c < NT))[:, None]
+        k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D)
+        k1, k2 = k1.to(dot_t), k2.to(dot_t)
+        v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D)
+        s = window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W)
+        p = tl.exp(s - b_lse[:, None])
+        dp = tl.dot(do1, tl.trans(v1.to(dot_t)), input_precision="ieee") + \
+            tl.dot(do2, tl.trans(v2.to(dot_t)), input_precision="ieee")
+        ds = (p * (dp - b_delta[:, None]) * scale).to(dot_t)
+        dq1 += tl.dot(ds, k1, input_precision="ieee")
+        dq2 += tl.dot(ds, k2, input_precision="ieee")
+    unrotate_and_store(dq, dq1, dq2, row_ok, r64, HQ, i_h, cos, sin, D, ACCUMULATE)
 
-    key_ok = m_c[:, None]
-    p_k = k + (c64 * HKV + i_hk)[:, None] * D
-    b_k = tl.load(p_k + cd[None, :], mask=key_ok, other=0.0).to(tl.float32)
-    k_sw = tl.load(p_k + cd_swap[None, :], mask=key_ok, other=0.0).to(tl.float32)
-    cos_k = tl.load(cos + c64[:, None] * D + cd[None, :], mask=key_ok, other=0.0)
-    sin_k = tl.load(sin + c64[:, None] * D + cd[None, :], mask=key_ok, other=0.0)
-    k_rot, k_rot_sw = rope_and_swapped(b_k, k_sw, cos_k, sin_k, sign)
-    b_v = tl.load(v + (c64 * HKV + i_hk)[:, None] * D + cd[None, :], mask=key_ok, other=0.0).to(dot_t)
-    b_do = tl.load(do + (r64 * HQ + i_h)[:, None] * D + cd[None, :], mask=row_ok, other=0.0).to(tl.float32) * mix
 
-    # scores and the softmax over each query's window (its own row always inside: no empty row)
-    start = tl.load(starts + r, mask=m_r, other=0)
-    visible = (c[None, :] <= r[:, None]) & (r[:, None] - c[None, :] < W) & (c[None, :] >= start[:, None])
-    visible = visible & m_c[None, :] & m_r[:, None]
-    s = tl.dot(q_rot.to(dot_t), tl.trans(k_rot.to(dot_t)), input_precision="ieee") * scale
-    s = tl.where(visible, s, -float("inf"))
-    m = tl.max(s, axis=1)
-    m = tl.where(m_r, m, 0.0)
-    p = tl.exp(s - m[:, None])
-    p = p / tl.where(m_r, tl.sum(p, axis=1), 1.0)[:, None]
-
-    o_win = tl.dot(p.to(dot_t), b_v, input_precision="ieee")
-    delta = tl.sum(o_win * b_do, axis=1)
-    dp = tl.dot(b_do.to(dot_t), tl.trans(b_v), input_precision="ieee")
-    ds = (p * (dp - delta[:, None]) * scale).to(dot_t)
-
-    dq_rot = tl.dot(ds, k_rot.to(dot_t), input_precision="ieee")
-    dq_rot_sw = tl.dot(ds, k_rot_sw.to(dot_t), input_precision="ieee")
-    b_dq = dq_rot * cos_q - sign[None, :] * dq_rot_sw * sin_q
-    p_dq = dq + (r64 * HQ + i_h)[:, None] * D + cd[None, :]
-    if ACCUMULATE:  # each query row belongs to this program alone: a plain read-add-write
-        b_dq += tl.load(p_dq, mask=row_ok, other=0.0)
-    tl.store(p_dq, b_dq, mask=row_ok)
-
-    ds_t = tl.trans(ds)
-    dk_rot = tl.dot(ds_t, q_rot.to(dot_t), input_precision="ieee")
-    dk_rot_sw = tl.dot(ds_t, q_rot_sw.to(dot_t), input_precision="ieee")
-    b_dk = dk_rot * cos_k - sign[None, :] * dk_rot_sw * sin_k
-    b_dv = tl.dot(tl.trans(p.to(dot_t)), b_do.to(dot_t), input_precision="ieee")
-    p_kv = (c64 * HKV + i_hk)[:, None] * D + cd[None, :]
-    tl.atomic_add(dk + p_kv, b_dk, mask=key_ok)
-    tl.atomic_add(dv + p_kv, b_dv, mask=key_ok)
+@triton.jit
+def window_dkv_kernel(
+    q, k, v, do, cos, sin, starts, lse, delta, dk, dv,
+    NT, mix, scale,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr,
+    BKV: tl.constexpr, LOW_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    i_k, i_hk = tl.program_id(0), tl.program_id(1)
+    G: tl.constexpr = HQ // HKV
+    H2: tl.constexpr = D // 2
+    dot_t = q.dtype.element_ty if LOW_PRECISION else tl.float32
+    c = i_k * BKV + tl.arange(0, BKV)
+    c64 = c.to(tl.int64)
+    key_ok = (c < NT)[:, None]
+    k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D)
+    k1, k2 = k1.to(dot_t), k2.to(dot_t)
+    v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D)
+    v1, v2 = v1.to(dot_t), v2.to(dot_t)
+    dk1 = tl.zeros([BKV, H2], dtype=tl.float32)
+    dk2 = tl.zeros([BKV, H2], dtype=tl.float32)
+    dv1 = tl.zeros([BKV, H2], dtype=tl.float32)
+    dv2 = tl.zeros([BKV, H2], dtype=tl.float32)
+    # the queries that see these keys lie in [first key, first key + BKV - 1 + W): two tiles of BQ rows
+    for it in range(2 * G):  # (one loop, not two nested: the nested form spilled registers on sm_90)
+        i_h = i_hk * G + it // 2
+        r = i_k * BKV + (it % 2) * BQ + tl.arange(0, BQ)
+        r64 = r.to(tl.int64)
+        row_ok = (r < NT)[:, None]
+        q1, q2 = rotated_halves(q, row_ok, r64, HQ, i_h, cos, sin, D)
+        q1, q2 = q1.to(dot_t), q2.to(dot_t)
+        do1, do2 = halves(do, row_ok, r64, HQ, i_h, D)
+        do1, do2 = (do1.to(tl.float32) * mix).to(dot_t), (do2.to(tl.float32) * mix).to(dot_t)
+        start = tl.load(starts + r, mask=r < NT, other=0)
+        b_lse = tl.load(lse + r64 * HQ + i_h, mask=r < NT, other=0.0)
+        b_delta = tl.load(delta + r64 * HQ + i_h, mask=r < NT, other=0.0)
+        s = window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W)
+        p = tl.exp(s - b_lse[:, None])  # [queries, keys]
+        p_t = tl.trans(p.to(dot_t))
+        dv1 += tl.dot(p_t, do1, input_precision="ieee")
+        dv2 += tl.dot(p_t, do2, input_precision="ieee")
+        dp = tl.dot(do1, tl.trans(v1), input_precision="ieee") + tl.dot(do2, tl.trans(v2), input_precision="ieee")
+        ds_t = tl.trans((p * (dp - b_delta[:, None]) * scale).to(dot_t))
+        dk1 += tl.dot(ds_t, q1, input_precision="ieee")
+        dk2 += tl.dot(ds_t, q2, input_precision="ieee")
+    unrotate_and_store(dk, dk1, dk2, key_ok, c64, HKV, i_hk, cos, sin, D, ACCUMULATE)
+    ch = tl.arange(0, H2)
+    p_dv = dv + (c64 * HKV + i_hk)[:, None] * D + ch[None, :]
+    if ACCUMULATE:
+        dv1 += tl.load(p_dv, mask=key_ok, other=0.0)
+        dv2 += tl.load(p_dv + H2, mask=key_ok, other=0.0)
+    tl.store(p_dv, dv1, mask=key_ok)
+    tl.store(p_dv + H2, dv2, mask=key_ok)
 
 
 def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqlens=None, add_to=None):
@@ -139,16 +235,22 @@ def window_bwd(
     mix: float,
     cu_seqlens: torch.Tensor | None = None,
     add_to: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    block_kv: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (float32) of mix * window_attention(rope(q), rope(k), v) for the output gradient do.
 
     q, do [B, T, Hq, D]; k, v [B, T, Hkv, D]; cos, sin [B or 1, T, D]; window <= 64. Returns dq, dk,
     dv; with `add_to` (contiguous fp32 dq, dk, dv of those shapes) adds into them and returns them.
+    Heads narrower than MIN_D take the PyTorch form. block_kv: key rows per dk/dv program (<= 64).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     if window > BQ:
         raise ValueError(f"the Triton window backward handles windows up to {BQ}, got {window}")
+    if D < MIN_D:
+        return window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu_seqlens, add_to=add_to)
+    if block_kv is None:
+        block_kv = BKV_WIDE if D >= 128 else BQ
     NT = B * T
     rows = torch.arange(NT, device=q.device, dtype=torch.int32)
     if cu_seqlens is None:
@@ -160,16 +262,18 @@ def window_bwd(
     if add_to is not None:
         dq, dk, dv = add_to
     else:
-        dq = torch.empty(B, T, HQ, D, dtype=torch.float32, device=q.device)
+        dq, dk, dv = (torch.empty(B, T, h, D, dtype=torch.float32, device=q.device) for h in (HQ, HKV, HKV))
         if chunk_triton.POISON_OUTPUTS:
-            dq.fill_(float("nan"))
-        dk = torch.zeros(B, T, HKV, D, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(B, T, HKV, D, dtype=torch.float32, device=q.device)
+            for x in (dq, dk, dv):
+                x.fill_(float("nan"))
+    lse = torch.empty(NT, HQ, dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
-    window_bwd_kernel[(triton.cdiv(NT, BQ), HQ)](
-        q, k, v, do, tables[0], tables[1], starts.contiguous(), dq, dk, dv,
-        NT, float(mix), float(D) ** -0.5,
-        HQ=HQ, HKV=HKV, D=D, W=int(window), BQ=BQ, LOW_PRECISION=q.dtype in (torch.bfloat16, torch.float16),
-        ACCUMULATE=add_to is not None, num_warps=8,
-    )
+    common = dict(HQ=HQ, HKV=HKV, D=D, W=int(window), BQ=BQ, LOW_PRECISION=q.dtype in (torch.bfloat16, torch.float16),
+                  ACCUMULATE=add_to is not None, num_warps=8)
+    n_blocks = triton.cdiv(NT, BQ)
+    args = (q, k, v, do, tables[0], tables[1], starts.contiguous())
+    window_dq_kernel[(n_blocks, HQ)](*args, dq, lse, delta, NT, float(mix), float(D) ** -0.5, **common)
+    window_dkv_kernel[(triton.cdiv(NT, block_kv), HKV)](*args, lse, delta, dk, dv, NT, float(mix), float(D) ** -0.5,
+                                                         BKV=block_kv, **common)
     return dq, dk, dv
