@@ -243,7 +243,7 @@ def gla_bwd(
     BK = K if feature_map else (block_k or min(K, 64))  # softmax over K and the gate's sum need whole rows
     BV = V if feature_map else (block_v or min(V, 64))
     NV = triton.cdiv(V, BV)
-    warps = num_warps or (8 if feature_map else 4)
+    warps = num_warps or 8  # 4 warps spilled the plain dk/dv sweep at D 128 (benchmarks/kernel_registers.py)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.empty(B, T, HQ, K, **f32)
     if feature_map:  # per-query-head contributions added atomically into the kv heads' rows

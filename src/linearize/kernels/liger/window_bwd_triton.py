@@ -270,7 +270,7 @@ def window_bwd(
     delta = torch.empty_like(lse)
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
     common = dict(HQ=HQ, HKV=HKV, D=D, W=int(window), BQ=BQ, LOW_PRECISION=q.dtype in (torch.bfloat16, torch.float16),
-                  ACCUMULATE=add_to is not None, num_warps=8)
+                  ACCUMULATE=add_to is not None, num_warps=8, num_stages=1)
     n_blocks = triton.cdiv(NT, BQ)
     args = (q, k, v, do, tables[0], tables[1], starts.contiguous())
     window_dq_kernel[(n_blocks, HQ)](*args, dq, lse, delta, NT, float(mix), float(D) ** -0.5, **common)

@@ -1,0 +1,132 @@
+"""Registers, spills and shared memory of every Triton kernel, compiled for a GPU this machine need not have.
+
+Triton compiles ahead of time for a named target (default sm_90, the H100) with the ptxas it
+bundles, and `cuobjdump -res-usage` reads the resulting cubin. A kernel that spills (STACK > 0)
+keeps part of its tiles in local memory, which on these latency-bound sweeps costs more than
+anything else: the first window backward spilled 3.7 KB per thread and took 18.9 ms of a
+~30 ms backward on the H100 (B8 T4096 H32 D128). Run this after changing a kernel or its launch
+settings, on any machine with Triton (no GPU needed), and keep STACK at 0 for the shapes we ship.
+
+    python benchmarks/kernel_registers.py                 # the benchmark shapes, bf16, sm_90
+    python benchmarks/kernel_registers.py --arch 80 --json regs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import triton
+from rich.console import Console
+from rich.table import Table
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from linearize.kernels.gla import chunk_triton  # noqa: E402
+from linearize.kernels.gla.backward_triton import gla_bwd_dkv_kernel, gla_bwd_dq_kernel  # noqa: E402
+from linearize.kernels.gla.chunk_triton import gla_fwd_kernel  # noqa: E402
+from linearize.kernels.liger import window_bwd_triton as wb  # noqa: E402
+from linearize.kernels.liger.decode_triton import liger_decode_kernel  # noqa: E402
+
+# argument name -> Triton type; pointers to the I/O dtype are "*io" and filled in per run
+TYPES = {
+    **{n: "*io" for n in ("q", "k", "v", "g", "do", "o")},
+    **{n: "*fp32" for n in ("cos", "sin", "h0", "ht", "dht", "dh0", "qdq", "dq", "dk", "dv", "lse", "delta", "state")},
+    **{n: "*io" for n in ("k_ring", "v_ring")},
+    "ring_valid": "*u8", "starts": "*i32", "cu_seqlens": "*i32",
+    **{n: "i32" for n in ("T", "TOTAL", "NT", "s_cos_b", "slot")},
+    **{n: "fp32" for n in ("scale", "gate_mult", "mix", "win_scale")},
+}
+
+
+def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int]]:
+    """(label, kernel, constexprs, num_warps, num_stages) as the launch wrappers pick them."""
+    BT = chunk_triton.BT
+    common = dict(HQ=HQ, HKV=HKV, IS_VARLEN=False, LOW_PRECISION=True, DIAG_F32=False)
+    block_kv = wb.BKV_WIDE if D >= 128 else wb.BQ
+    window = dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wb.BQ, LOW_PRECISION=True, ACCUMULATE=True)
+    return [
+        ("forward (Liger, fused)", gla_fwd_kernel,
+         dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False),
+         8 if D * min(D, 128) >= 128 * 128 else 4, 1),
+        ("backward dq sweep (Liger)", gla_bwd_dq_kernel,
+         dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=False), 8, 1),
+        ("backward dk/dv sweep (Liger)", gla_bwd_dkv_kernel,
+         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=False, STORE_DH0=False), 8, 1),
+        ("backward dq sweep (chunk_gla)", gla_bwd_dq_kernel,
+         dict(common, K=D, V=D, BT=BT, BK=min(D, 64), FEATURE_MAP=False, USE_H0=False), 8, 1),
+        ("backward dk/dv sweep (chunk_gla)", gla_bwd_dkv_kernel,
+         dict(common, K=D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=False, STORE_DH0=False), 8, 1),
+        ("window backward dq", wb.window_dq_kernel, window, 8, 1),
+        (f"window backward dk/dv ({block_kv} keys)", wb.window_dkv_kernel, dict(window, BKV=block_kv), 8, 1),
+        ("decode step (Liger, window 64)", liger_decode_kernel,
+         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 32), W=64, BW=64), 4, 3),
+    ]
+
+
+def compile_report(kernel, constexprs: dict, io: str, arch: int, num_warps: int, num_stages: int) -> dict:
+    names = list(kernel.arg_names)
+    signature = {n: "constexpr" if n in constexprs else TYPES[n].replace("io", io) for n in names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    start = time.perf_counter()
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    seconds = time.perf_counter() - start
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    try:
+        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    field = {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    return dict(registers=field.get("REG"), stack_bytes=field.get("STACK"), shared_bytes=compiled.metadata.shared,
+                compile_s=seconds)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10: 90 = H100/H200, 80 = A100")
+    p.add_argument("--shapes", default="128:32:32,128:32:8,64:9:3", help="head_dim:q_heads:kv_heads, comma-separated")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--json", type=Path)
+    p.add_argument("--warps", type=int, default=None, help="override every kernel's num_warps (to try settings)")
+    args = p.parse_args()
+    console = Console(width=150)
+    table = Table(title=f"Triton {triton.__version__} kernels compiled for sm_{args.arch}, {args.dtype} I/O")
+    for col in ("kernel", "D", "Hq/Hkv", "warps", "registers", "spill (stack B)", "shared KiB", "compile s"):
+        table.add_column(col, justify="left" if col == "kernel" else "right")
+    rows = []
+    for shape in args.shapes.split(","):
+        D, HQ, HKV = (int(x) for x in shape.split(":"))
+        for label, kernel, constexprs, warps, stages in configs(D, HQ, HKV):
+            warps = args.warps or warps
+            try:
+                r = compile_report(kernel, constexprs, args.dtype, args.arch, warps, stages)
+            except Exception as e:  # noqa: BLE001 - a kernel that does not build is a row of the report
+                r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
+            rows.append(dict(kernel=label, head_dim=D, q_heads=HQ, kv_heads=HKV, num_warps=warps, **r))
+            if "error" in r:
+                table.add_row(label, str(D), f"{HQ}/{HKV}", str(warps), "[red]" + r["error"][:60], "", "", "")
+                continue
+            spill = r["stack_bytes"]
+            table.add_row(label, str(D), f"{HQ}/{HKV}", str(warps), str(r["registers"]),
+                          f"[red]{spill}[/]" if spill else "0", f"{r['shared_bytes'] / 1024:.0f}", f"{r['compile_s']:.1f}")
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps(dict(triton=triton.__version__, arch=f"sm_{args.arch}", dtype=args.dtype,
+                                             rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
