@@ -1,6 +1,6 @@
 """Correctness table of the Triton kernels on the GPU against the float64 PyTorch reference.
 
-    python benchmarks/kernel_check.py [--quick] [--json out.json]
+    python benchmarks/kernel_check.py [--quick] [--jobs 8] [--json out.json]
 
 Forward of liger_attention for T in {1, 63, 64, 65, 1000, 4096}, D in {64, 128}, group size
 Hq/Hkv in {1, 4, 8}, bf16/fp16/fp32, weak and strong gates, plus packed sequences, chunk_gla,
@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import torch
 
@@ -164,6 +166,47 @@ class Rows(list):
               f"{r['err_o']:9.2e} {r['err_state']:9.2e} {'ok' if r['ok'] else 'FAIL'}", flush=True)
 
 
+def tasks(args) -> list[tuple[str, tuple, dict]]:
+    """(check function name, args, kwargs) for every row of the table, in the order they print."""
+    Ts = args.T or ([1, 63, 64, 65, 1000] if args.quick else [1, 63, 64, 65, 1000, 4096])
+    dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    if args.only:
+        dtypes = [d for d in dtypes if NAMES[d] in args.only]
+    out = []
+    if not args.grad_only:
+        for T, D, G, dtype, strong in itertools.product(Ts, (64, 128), (1, 4, 8), dtypes, (False, True)):
+            out.append(("check_forward", (T, D, G, dtype, strong), {}))
+    if not (args.only or args.grad_only):
+        for T, D, dtype in itertools.product((65, 1000), (64, 128), dtypes):
+            out.append(("check_forward", (T, D, 4, dtype, False), {"packed": True}))
+            out.append(("check_chunk_gla", (T, D, dtype), {}))
+        for D, G, dtype in itertools.product((64, 128), (1, 4, 8), dtypes):
+            out.append(("check_decode", (D, G, dtype), {}))
+    if not args.no_grad and not args.only:
+        for T, D, G, dtype in itertools.product(args.grad_T, (64, 128), (1, 4), dtypes):
+            out.append(("check_grad", (T, D, G, dtype), {}))
+        out.append(("check_grad", (100, 128, 4, torch.bfloat16), {"packed": True}))
+        out.append(("check_grad", (100, 64, 1, torch.float32), {"packed": True}))
+    return out
+
+
+def run_task(index: int, name: str, task_args: tuple, kwargs: dict) -> list[dict]:
+    """One row, in this process or a worker (each worker compiles its own kernels: in parallel)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(index)
+    rows = []
+    try:
+        globals()[name](rows, *task_args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a row that cannot run (compile error, OOM) is a failed row
+        dtype = next((NAMES[x] for x in task_args if isinstance(x, torch.dtype)), "?")
+        rows.append(dict(test=name.removeprefix("check_"), T=0, D=0, G=0, dtype=dtype, gates="-",
+                         packed=bool(kwargs.get("packed")), err_o=float("nan"), err_state=float("nan"), ok=False,
+                         error=f"{task_args}: {type(e).__name__}: {e}"[:500]))
+        print(f"{name}{task_args} raised {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -172,34 +215,31 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", default=None, metavar="DTYPE",
                     help="forward checks of these dtypes only (fp32, bf16, fp16), no packed/decode/grad")
     ap.add_argument("--T", type=int, nargs="+", default=None)
+    ap.add_argument("--grad-T", type=int, nargs="+", default=[65, 300, 4096], help="sequence lengths of the gradient rows")
     ap.add_argument("--grad-only", action="store_true",
                     help="only the gradient rows (Triton compiles each forward configuration on first use: minutes)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="worker processes sharing the GPU: most of the run is Triton compiling each configuration "
+                         "on first use (~35 s a row on the device machine), which parallelises across CPU cores")
     args = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    Ts = [1, 63, 64, 65, 1000] if args.quick else [1, 63, 64, 65, 1000, 4096]
-    Ts = args.T or Ts
-    dtypes = [torch.bfloat16, torch.float16, torch.float32]
-    if args.only:
-        dtypes = [d for d in dtypes if NAMES[d] in args.only]
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernel_check.py checks the kernels on a GPU: no CUDA device here "
+                         "(tests/test_kernels_triton.py runs them on the CPU under TRITON_INTERPRET=1)")
+    todo = tasks(args)
     rows = Rows()
     t0 = time.time()
     print(f"{'test':14s} {'T':>5s} {'D':>4s} {'G':>2s} {'dtype':5s} {'gates':6s} {'packed':6s} {'err_o':>9s} {'err_S':>9s} ok")
-    if args.grad_only:
-        Ts = []
-    for T, D, G, dtype, strong in itertools.product(Ts, (64, 128), (1, 4, 8), dtypes, (False, True)):
-        check_forward(rows, T, D, G, dtype, strong)
-    for T, D, dtype in itertools.product((65, 1000) if not (args.only or args.grad_only) else (), (64, 128), dtypes):
-        check_forward(rows, T, D, 4, dtype, False, packed=True)
-        check_chunk_gla(rows, T, D, dtype)
-    for D, G, dtype in itertools.product((64, 128) if not (args.only or args.grad_only) else (), (1, 4, 8), dtypes):
-        check_decode(rows, D, G, dtype)
-    if not args.no_grad and not args.only:
-        for T, D, G, dtype in itertools.product((65, 300, 4096), (64, 128), (1, 4), dtypes):
-            check_grad(rows, T, D, G, dtype)
-        check_grad(rows, 100, 128, 4, torch.bfloat16, packed=True)
-        check_grad(rows, 100, 64, 1, torch.float32, packed=True)
+    if args.jobs <= 1:
+        for i, (name, task_args, kwargs) in enumerate(todo):
+            for r in run_task(i, name, task_args, kwargs):
+                rows.append(r)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(run_task, i, *task) for i, task in enumerate(todo)]
+            for future in as_completed(futures):
+                for r in future.result():
+                    rows.append(r)
     elapsed = time.time() - t0
     worst = {}
     for r in rows:
