@@ -27,6 +27,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from linearize.families import family_for  # noqa: E402
+from linearize.kernels.gla import chunk_triton  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
 from linearize.modeling import default_settings, linearize_model  # noqa: E402
 from linearize.recover.losses import lm_loss  # noqa: E402
@@ -88,29 +89,38 @@ def main() -> None:
     p.add_argument("--tokens-per-step", type=int, default=16384)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--json", default="recover_throughput.json")
+    p.add_argument("--gla-launch", default="",
+                   help="extra converted-model rows with other forward launch settings, BLOCK_V:WARPS comma-separated "
+                        "(e.g. 32:8,16:8): with few (batch x head) programs, splitting the value columns fills more SMs")
     args = p.parse_args()
+    variants = [("gla", {})] + [(f"gla {v}", dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))
+                                for v in args.gla_launch.split(",") if v]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for seq_len in [int(x) for x in args.seq_lens.split(",")]:
         row = {"seq_len": seq_len}
-        for label, converted in (("softmax", False), ("gla", True)):
-            model = build(args.source, converted, device)
+        for label, launch in [("softmax", None), *variants]:
+            model = build(args.source, launch is not None, device)
+            chunk_triton.FORWARD_LAUNCH = launch or {}
             try:
                 row[label] = tokens_per_second(model, seq_len, args.tokens_per_step, args.steps, device)
             except torch.OutOfMemoryError:
                 row[label] = None
+            finally:
+                chunk_triton.FORWARD_LAUNCH = {}
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         row["ratio"] = row["gla"] / row["softmax"] if row["gla"] and row["softmax"] else None
         rows.append(row)
     table = Table(title=f"LoRA recovery throughput, {args.source} on {name} (tokens/s)")
-    for col in ("seq len", "softmax (SDPA)", "converted gla", "gla / softmax"):
+    for col in ("seq len", "softmax (SDPA)", "converted gla", "gla / softmax", *(v for v, _ in variants[1:])):
         table.add_column(col, justify="right")
     for r in rows:
         fmt = lambda x: "OOM" if x is None else f"{x:,.0f}"  # noqa: E731
-        table.add_row(str(r["seq_len"]), fmt(r["softmax"]), fmt(r["gla"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}x")
+        table.add_row(str(r["seq_len"]), fmt(r["softmax"]), fmt(r["gla"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+                      *(fmt(r[v]) for v, _ in variants[1:]))
     Console().print(table)
     with open(args.json, "w") as f:
         json.dump({"device": name, "source": args.source, "tokens_per_step": args.tokens_per_step,

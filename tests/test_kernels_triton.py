@@ -95,6 +95,19 @@ def liger_case(T, Hq, Hkv, window, strong, D=16):
     assert_liger_matches_reference(q, k, v, h0, do, dh, **kw)
 
 
+@check("liger_forward_split_value_columns")
+def liger_split_value_columns():
+    """The forward with its value columns split across programs (FORWARD_LAUNCH block_v < D, as
+    benchmarks/recover_throughput.py --gla-launch tries): the same outputs, state and gradients."""
+    from linearize.kernels.gla import chunk_triton  # noqa: PLC0415
+
+    chunk_triton.FORWARD_LAUNCH = {"block_v": 16, "num_warps": 8}
+    try:
+        liger_case(70, 4, 2, 64, False, D=32)
+    finally:
+        chunk_triton.FORWARD_LAUNCH = {}
+
+
 @check("liger_packed")
 def liger_packed():
     torch.manual_seed(11)

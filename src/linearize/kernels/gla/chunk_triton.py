@@ -37,6 +37,9 @@ LOG2E = 1.4426950408889634
 # Tests and benchmarks/kernel_check.py set this to fill outputs with NaN before each launch,
 # so that an element the kernel fails to write shows up.
 POISON_OUTPUTS = False
+# Launch settings for gla_fwd where its caller passes none, e.g. {"block_v": 32, "num_warps": 8}: lets a
+# benchmark A/B them through a whole model (benchmarks/recover_throughput.py --gla-launch). Empty: the defaults.
+FORWARD_LAUNCH: dict = {}
 
 
 @triton.jit
@@ -269,9 +272,9 @@ def gla_fwd(
     if window > 4 * block_t:
         raise ValueError(f"the Triton kernel handles windows up to {4 * block_t}, got {window}")
     if block_v is None:
-        block_v = min(V, 128)
+        block_v = FORWARD_LAUNCH.get("block_v") or min(V, 128)
     if num_warps is None:
-        num_warps = 8 if K * block_v >= 128 * 128 else 4
+        num_warps = FORWARD_LAUNCH.get("num_warps") or (8 if K * block_v >= 128 * 128 else 4)
     grid = (triton.cdiv(V, block_v), HQ, N)
     low = q.dtype in (torch.bfloat16, torch.float16)
     gla_fwd_kernel[grid](
