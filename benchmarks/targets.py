@@ -136,6 +136,8 @@ def main() -> None:
     p.add_argument("--D", type=int, default=128)
     p.add_argument("--json", default="targets_bench.json")
     args = p.parse_args()
+    if args.D % SLOTS:
+        raise SystemExit(f"--D must be a multiple of {SLOTS} (gsa pools the key's channels into {SLOTS} slots)")
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     name = torch.cuda.get_device_name() if cuda else "cpu"
@@ -150,15 +152,16 @@ def main() -> None:
                 continue
             try:
                 row[f"{side}_fwd"], row[f"{side}_fwdbwd"] = fwd_and_fwdbwd(fn, xs)
+                # printed and saved as soon as measured: fla's first calls autotune for minutes,
+                # and a run cut short keeps what it has
+                print(f"  {target:7s} {side:4s} fwd {row[side + '_fwd']:.2f} ms, fwd+bwd {row[side + '_fwdbwd']:.2f} ms",
+                      flush=True)
             except Exception as e:  # noqa: BLE001 - report (OOM, API mismatch) and go on
                 print(f"  {target} {side}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
                 if cuda:
                     torch.cuda.empty_cache()
+            Path(args.json).write_text(json.dumps({**result, "rows": [*result["rows"], row]}, indent=1))
         result["rows"].append(row)
-        cells = [f"{side} fwd {row[side + '_fwd']:.2f} ms, fwd+bwd {row[side + '_fwdbwd']:.2f} ms"
-                 for side in ("ours", "fla") if side + "_fwd" in row]
-        print(f"  {target:7s} " + " | ".join(cells))
-    Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
 
 
