@@ -83,3 +83,25 @@ def test_training_gradients_match_the_pytorch_path_on_gpu(family_models, family,
     assert triton_grads
     for name, g in triton_grads.items():
         assert relative_error(g, torch_grads[name]) < 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_window_backward_kernels_match_the_pytorch_form_on_gpu(D, dtype):
+    """The window backward's two kernels, compiled for the GPU (the models above have heads of 16
+    and 24, which take the PyTorch form): batched and packed, GQA 4, against fp32 autograd."""
+    from linearize.kernels.liger.window_bwd_triton import window_bwd, window_bwd_torch
+
+    from .test_kernels_triton import rope
+
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    packed = torch.tensor([0, 100, 101, 700], dtype=torch.int32, device="cuda")
+    for B, T, cu in ((2, 600, None), (1, 700, packed)):
+        q, do = (torch.randn(B, T, 8, D, device="cuda").to(dtype) for _ in range(2))
+        k, v = (torch.randn(B, T, 2, D, device="cuda").to(dtype) for _ in range(2))
+        cos, sin = (x.cuda() for x in rope(1, T, D))
+        ref = window_bwd_torch(q.float(), k.float(), v.float(), do.float(), cos, sin, window=64, mix=0.5, cu_seqlens=cu)
+        got = window_bwd(q, k, v, do, cos, sin, window=64, mix=0.5, cu_seqlens=cu)
+        for name, a, b in zip(("dq", "dk", "dv"), got, ref, strict=True):
+            assert relative_error(a, b) < (1e-4 if dtype == torch.float32 else 2e-2), (name, B, D)
