@@ -67,7 +67,7 @@ class _LigerFunction(torch.autograd.Function):
         if window > 0:
             try:
                 window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu, add_to=(dq, dk, dv))
-            except OutOfResources:  # a device with less shared memory than the kernel's [128, D] tiles need
+            except OutOfResources:  # a device with less shared memory than the window kernels' tiles need
                 window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu, add_to=(dq, dk, dv))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None, None, None, None, None, None
 

@@ -41,8 +41,8 @@ BKV_WIDE = 32
 
 
 @triton.jit
-def rotated_halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr):
-    """RoPE'd halves (rotate-half convention, fp32) of rows [BQ] of head i_h of x [rows, HEADS, D]."""
+def rotated_halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr, dot_t):
+    """RoPE'd halves (rotate-half convention), in dot_t, of rows [BQ] of head i_h of x [rows, HEADS, D]."""
     H2: tl.constexpr = D // 2
     ch = tl.arange(0, H2)
     p_x = x + (rows64 * HEADS + i_h)[:, None] * D + ch[None, :]
@@ -50,27 +50,32 @@ def rotated_halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.
     x2 = tl.load(p_x + H2, mask=row_ok, other=0.0).to(tl.float32)
     c = tl.load(cos + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
     s = tl.load(sin + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
-    return x1 * c - x2 * s, x2 * c + x1 * s
+    return (x1 * c - x2 * s).to(dot_t), (x2 * c + x1 * s).to(dot_t)
 
 
 @triton.jit
-def halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr):
+def halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr, mult, dot_t):
+    """The halves of rows [BQ] of head i_h of x [rows, HEADS, D], times mult, in dot_t."""
     H2: tl.constexpr = D // 2
     p_x = x + (rows64 * HEADS + i_h)[:, None] * D + tl.arange(0, H2)[None, :]
-    return tl.load(p_x, mask=row_ok, other=0.0), tl.load(p_x + H2, mask=row_ok, other=0.0)
+    x1 = tl.load(p_x, mask=row_ok, other=0.0).to(tl.float32) * mult
+    x2 = tl.load(p_x + H2, mask=row_ok, other=0.0).to(tl.float32) * mult
+    return x1.to(dot_t), x2.to(dot_t)
 
 
 @triton.jit
-def unrotate_and_store(out, d1, d2, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr,
-                       ACCUMULATE: tl.constexpr):
-    """RoPE's backward on the halves of a gradient, written (or added) to out [rows, HEADS, D] fp32."""
+def dot_halves(a1, a2, b1, b2):
+    """a b^T for a, b held as halves of their columns: a1 b1^T + a2 b2^T."""
+    return tl.dot(a1, tl.trans(b1), input_precision="ieee") + tl.dot(a2, tl.trans(b2), input_precision="ieee")
+
+
+@triton.jit
+def store_halves(out, g1, g2, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Write (or add) halves into out [rows, HEADS, D] fp32; the program owns these rows, so adding
+    is a plain read-add-write."""
     H2: tl.constexpr = D // 2
-    ch = tl.arange(0, H2)
-    c = tl.load(cos + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
-    s = tl.load(sin + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
-    g1, g2 = d1 * c + d2 * s, d2 * c - d1 * s
-    p_o = out + (rows64 * HEADS + i_h)[:, None] * D + ch[None, :]
-    if ACCUMULATE:  # the program owns these rows: a plain read-add-write
+    p_o = out + (rows64 * HEADS + i_h)[:, None] * D + tl.arange(0, H2)[None, :]
+    if ACCUMULATE:
         g1 += tl.load(p_o, mask=row_ok, other=0.0)
         g2 += tl.load(p_o + H2, mask=row_ok, other=0.0)
     tl.store(p_o, g1, mask=row_ok)
@@ -78,12 +83,33 @@ def unrotate_and_store(out, d1, d2, row_ok, rows64, HEADS: tl.constexpr, i_h, co
 
 
 @triton.jit
+def unrotate_and_store(out, d1, d2, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr,
+                       ACCUMULATE: tl.constexpr):
+    """RoPE's backward on the halves of a gradient, written (or added) to out [rows, HEADS, D] fp32."""
+    ch = tl.arange(0, D // 2)
+    c = tl.load(cos + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
+    s = tl.load(sin + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
+    store_halves(out, d1 * c + d2 * s, d2 * c - d1 * s, row_ok, rows64, HEADS, i_h, D, ACCUMULATE)
+
+
+@triton.jit
 def window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W: tl.constexpr):
     """Scaled scores [queries r, keys c], -inf outside each query's window (and its sequence)."""
-    s = (tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")) * scale
     visible = (c[None, :] <= r[:, None]) & (r[:, None] - c[None, :] < W) & (c[None, :] >= start[:, None])
     visible = visible & (c[None, :] >= 0) & (r[:, None] < NT)
-    return tl.where(visible, s, -float("inf"))
+    return tl.where(visible, dot_halves(q1, q2, k1, k2) * scale, -float("inf"))
+
+
+@triton.jit
+def key_block_scores(q1, q2, do1, do2, k, v, cos, sin, r, start, i_c, NT, scale,
+                     HKV: tl.constexpr, i_hk, D: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, dot_t):
+    """Against key block i_c: the scores s and dp = do_w v^T [queries, keys], and the block's rotated keys."""
+    c = i_c * BQ + tl.arange(0, BQ)
+    c64 = c.to(tl.int64)
+    key_ok = ((c >= 0) & (c < NT))[:, None]
+    k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D, dot_t)
+    v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D, 1.0, dot_t)
+    return window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W), dot_halves(do1, do2, v1, v2), k1, k2
 
 
 @triton.jit
@@ -98,12 +124,10 @@ def window_dq_kernel(
     dot_t = q.dtype.element_ty if LOW_PRECISION else tl.float32
     r = i_q * BQ + tl.arange(0, BQ)
     r64 = r.to(tl.int64)
-    row_ok = (r < NT)[:, None]
-    q1, q2 = rotated_halves(q, row_ok, r64, HQ, i_h, cos, sin, D)
-    q1, q2 = q1.to(dot_t), q2.to(dot_t)
-    do1, do2 = halves(do, row_ok, r64, HQ, i_h, D)
-    do1, do2 = (do1.to(tl.float32) * mix).to(dot_t), (do2.to(tl.float32) * mix).to(dot_t)
-    start = tl.load(starts + r, mask=r < NT, other=0)
+    valid = r < NT
+    q1, q2 = rotated_halves(q, valid[:, None], r64, HQ, i_h, cos, sin, D, dot_t)
+    do1, do2 = halves(do, valid[:, None], r64, HQ, i_h, D, mix, dot_t)
+    start = tl.load(starts + r, mask=valid, other=0)
 
     # pass 1: online softmax statistics over this key block, then the one before (a finite initial
     # max keeps rows with no visible key so far free of inf - inf)
@@ -111,22 +135,14 @@ def window_dq_kernel(
     l_i = tl.zeros([BQ], dtype=tl.float32)
     pdp = tl.zeros([BQ], dtype=tl.float32)
     for j in range(2):
-        c = (i_q - j) * BQ + tl.arange(0, BQ)
-        c64 = c.to(tl.int64)
-        key_ok = ((c >= 0) & (c < NT))[:, None]
-        k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D)
-        k1, k2 = k1.to(dot_t), k2.to(dot_t)
-        v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D)
-        s = window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W)
-        dp = tl.dot(do1, tl.trans(v1.to(dot_t)), input_precision="ieee") + \
-            tl.dot(do2, tl.trans(v2.to(dot_t)), input_precision="ieee")
+        s, dp, _, _ = key_block_scores(q1, q2, do1, do2, k, v, cos, sin, r, start, i_q - j, NT, scale,
+                                       HKV, i_hk, D, W, BQ, dot_t)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         pdp = pdp * alpha + tl.sum(p * dp, axis=1)
         m_i = m_new
-    valid = r < NT
     l_safe = tl.where(valid, l_i, 1.0)
     b_lse = m_i + tl.log(l_safe)
     b_delta = pdp / l_safe
@@ -137,20 +153,12 @@ def window_dq_kernel(
     dq1 = tl.zeros([BQ, D // 2], dtype=tl.float32)
     dq2 = tl.zeros([BQ, D // 2], dtype=tl.float32)
     for j in range(2):
-        c = (i_q - j) * BQ + tl.arange(0, BQ)
-        c64 = c.to(tl.int64)
-        key_ok = ((c >= 0) & (c < NT))[:, None]
-        k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D)
-        k1, k2 = k1.to(dot_t), k2.to(dot_t)
-        v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D)
-        s = window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W)
-        p = tl.exp(s - b_lse[:, None])
-        dp = tl.dot(do1, tl.trans(v1.to(dot_t)), input_precision="ieee") + \
-            tl.dot(do2, tl.trans(v2.to(dot_t)), input_precision="ieee")
-        ds = (p * (dp - b_delta[:, None]) * scale).to(dot_t)
+        s, dp, k1, k2 = key_block_scores(q1, q2, do1, do2, k, v, cos, sin, r, start, i_q - j, NT, scale,
+                                         HKV, i_hk, D, W, BQ, dot_t)
+        ds = (tl.exp(s - b_lse[:, None]) * (dp - b_delta[:, None]) * scale).to(dot_t)
         dq1 += tl.dot(ds, k1, input_precision="ieee")
         dq2 += tl.dot(ds, k2, input_precision="ieee")
-    unrotate_and_store(dq, dq1, dq2, row_ok, r64, HQ, i_h, cos, sin, D, ACCUMULATE)
+    unrotate_and_store(dq, dq1, dq2, valid[:, None], r64, HQ, i_h, cos, sin, D, ACCUMULATE)
 
 
 @triton.jit
@@ -167,10 +175,8 @@ def window_dkv_kernel(
     c = i_k * BKV + tl.arange(0, BKV)
     c64 = c.to(tl.int64)
     key_ok = (c < NT)[:, None]
-    k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D)
-    k1, k2 = k1.to(dot_t), k2.to(dot_t)
-    v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D)
-    v1, v2 = v1.to(dot_t), v2.to(dot_t)
+    k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D, dot_t)
+    v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D, 1.0, dot_t)
     dk1 = tl.zeros([BKV, H2], dtype=tl.float32)
     dk2 = tl.zeros([BKV, H2], dtype=tl.float32)
     dv1 = tl.zeros([BKV, H2], dtype=tl.float32)
@@ -180,31 +186,21 @@ def window_dkv_kernel(
         i_h = i_hk * G + it // 2
         r = i_k * BKV + (it % 2) * BQ + tl.arange(0, BQ)
         r64 = r.to(tl.int64)
-        row_ok = (r < NT)[:, None]
-        q1, q2 = rotated_halves(q, row_ok, r64, HQ, i_h, cos, sin, D)
-        q1, q2 = q1.to(dot_t), q2.to(dot_t)
-        do1, do2 = halves(do, row_ok, r64, HQ, i_h, D)
-        do1, do2 = (do1.to(tl.float32) * mix).to(dot_t), (do2.to(tl.float32) * mix).to(dot_t)
-        start = tl.load(starts + r, mask=r < NT, other=0)
-        b_lse = tl.load(lse + r64 * HQ + i_h, mask=r < NT, other=0.0)
-        b_delta = tl.load(delta + r64 * HQ + i_h, mask=r < NT, other=0.0)
-        s = window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W)
-        p = tl.exp(s - b_lse[:, None])  # [queries, keys]
+        valid = r < NT
+        q1, q2 = rotated_halves(q, valid[:, None], r64, HQ, i_h, cos, sin, D, dot_t)
+        do1, do2 = halves(do, valid[:, None], r64, HQ, i_h, D, mix, dot_t)
+        start = tl.load(starts + r, mask=valid, other=0)
+        b_lse = tl.load(lse + r64 * HQ + i_h, mask=valid, other=0.0)
+        b_delta = tl.load(delta + r64 * HQ + i_h, mask=valid, other=0.0)
+        p = tl.exp(window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W) - b_lse[:, None])  # [queries, keys]
         p_t = tl.trans(p.to(dot_t))
         dv1 += tl.dot(p_t, do1, input_precision="ieee")
         dv2 += tl.dot(p_t, do2, input_precision="ieee")
-        dp = tl.dot(do1, tl.trans(v1), input_precision="ieee") + tl.dot(do2, tl.trans(v2), input_precision="ieee")
-        ds_t = tl.trans((p * (dp - b_delta[:, None]) * scale).to(dot_t))
+        ds_t = tl.trans((p * (dot_halves(do1, do2, v1, v2) - b_delta[:, None]) * scale).to(dot_t))
         dk1 += tl.dot(ds_t, q1, input_precision="ieee")
         dk2 += tl.dot(ds_t, q2, input_precision="ieee")
     unrotate_and_store(dk, dk1, dk2, key_ok, c64, HKV, i_hk, cos, sin, D, ACCUMULATE)
-    ch = tl.arange(0, H2)
-    p_dv = dv + (c64 * HKV + i_hk)[:, None] * D + ch[None, :]
-    if ACCUMULATE:
-        dv1 += tl.load(p_dv, mask=key_ok, other=0.0)
-        dv2 += tl.load(p_dv + H2, mask=key_ok, other=0.0)
-    tl.store(p_dv, dv1, mask=key_ok)
-    tl.store(p_dv + H2, dv2, mask=key_ok)
+    store_halves(dv, dv1, dv2, key_ok, c64, HKV, i_hk, D, ACCUMULATE)
 
 
 def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqlens=None, add_to=None):
