@@ -73,6 +73,7 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the softmax teacher rows")
     parser.add_argument("--torch-kernels", action="store_true",
                         help="run converted layers on the plain-PyTorch kernels instead of Triton (a baseline, or a workaround)")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps, not graph replays")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -88,7 +89,8 @@ def main() -> None:
     model = build(args.shape, torch.bfloat16, args.window, keep)
     opts = BenchOptions(checkpoint=f"random {args.shape}", teacher=not args.no_reference,
                         batches=parse_sizes(args.batch, "--batch"), contexts=parse_sizes(args.context, "--context"),
-                        new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk, device="cuda", dtype="bfloat16")
+                        new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk, device="cuda", dtype="bfloat16",
+                        cuda_graph=not args.no_cuda_graph)
     sides = [Side("model", f"random {args.shape}, converted", model, nullcontext, softmax=False)]
     if not args.no_reference:
         sides.append(Side("reference", "teacher (softmax)", model, lambda: teacher(model), softmax=True))

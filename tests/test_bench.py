@@ -149,5 +149,6 @@ def test_decode_holds_no_prefill_logits(converted):
         run.prefill(torch.zeros(2, 24, dtype=torch.long), chunk=16)
         assert run.logits.shape == (2, 512)
         assert run.logits.untyped_storage().nbytes() == 2 * 512 * 4
+        assert not run.start_decode(cuda_graph=True)  # no CUDA here: eager steps
         run.decode(2)
     assert run.cache.get_seq_length() == 26

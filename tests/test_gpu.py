@@ -105,3 +105,19 @@ def test_window_backward_kernels_match_the_pytorch_form_on_gpu(D, dtype):
         got = window_bwd(q, k, v, do, cos, sin, window=64, mix=0.5, cu_seqlens=cu)
         for name, a, b in zip(("dq", "dk", "dv"), got, ref, strict=True):
             assert relative_error(a, b) < (1e-4 if dtype == torch.float32 else 2e-2), (name, B, D)
+
+
+@pytest.mark.parametrize("window", [16, 0])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])  # qwen3's heads of 24 take the PyTorch decode step
+@torch.no_grad()
+def test_cuda_graph_decode_gives_the_eager_tokens(family_models, family, window):
+    from .test_decoding import greedy_tokens
+
+    model = family_models(family, window, [], torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = torch.randint(0, 512, (3, 70), generator=torch.Generator().manual_seed(2)).cuda()
+    eager = greedy_tokens(model, ids, steps=40)
+    graphed = greedy_tokens(model, ids, steps=40, cuda_graph=True)
+    assert torch.equal(graphed, eager)
+    logits = model(torch.cat([ids, graphed], 1), use_cache=False).logits
+    assert torch.equal(logits[:, 69:-1].argmax(-1), graphed)

@@ -398,7 +398,7 @@ def chunk_gla_case(T, packed):
         assert rel(a, b) < 1e-4, name
 
 
-def decode_case(Hq, Hkv, W, position):
+def decode_case(Hq, Hkv, W, position, as_tensor=False):
     torch.manual_seed(Hq + W)
     B, D = 3, 16
     q, k, v = torch.randn(B, 1, Hq, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
@@ -408,7 +408,9 @@ def decode_case(Hq, Hkv, W, position):
     cos, sin = rope(B, 1, D, offset=position)
     s2, kr2, vr2, valid2 = state.double(), kr.double(), vr.double(), valid.clone()
     kw = dict(window=W, mix=0.4, gate_normalizer=16.0)
-    o = kernels().liger_decode_step(q, k, v, state, kr if W else None, vr if W else None, valid if W else None, position,
+    # as_tensor: the position as a device tensor the kernel reads, as a CUDA-graph replay passes it
+    at = torch.tensor([position]) if as_tensor else position
+    o = kernels().liger_decode_step(q, k, v, state, kr if W else None, vr if W else None, valid if W else None, at,
                             cos=cos, sin=sin, backend="triton", **kw)
     r = liger_decode_step_torch(q.double(), k.double(), v.double(), s2, kr2 if W else None, vr2 if W else None,
                                 valid2 if W else None, position, cos=cos.double(), sin=sin.double(), **kw)
@@ -423,8 +425,8 @@ for _c in CASES:
         lambda c=_c: liger_case(*c))
 for _T, _p in itertools.product((1, 17, 65), (False, True)):
     CHECKS[f"chunk_gla_T{_T}_{'packed' if _p else 'batched'}"] = lambda T=_T, p=_p: chunk_gla_case(T, p)
-for _d in [(2, 2, 8, 13), (4, 1, 6, 2), (4, 2, 0, 5)]:
-    CHECKS["decode_Hq{}_Hkv{}_W{}_pos{}".format(*_d)] = lambda d=_d: decode_case(*d)
+for _d in [(2, 2, 8, 13), (4, 1, 6, 2), (4, 2, 0, 5), (4, 2, 8, 13, True)]:
+    CHECKS["decode_Hq{}_Hkv{}_W{}_pos{}".format(*_d) + ("_in_memory" if len(_d) > 4 else "")] = lambda d=_d: decode_case(*d)
 
 
 def kernels():

@@ -5,7 +5,9 @@ each batch size and each context: a chunked prefill of `context` random tokens, 
 `new_tokens` greedy decode steps on the cache it built. Timed with the device synchronised,
 after an untimed warm-up per batch size. A configuration that runs out of memory becomes an
 OOM row. The decode step is also set against a floor: the time to read every weight once at
-the copy bandwidth measured on this device (decode of a small batch is memory-bound).
+the copy bandwidth measured on this device (decode of a small batch is memory-bound). On CUDA
+a converted model's decode step is recorded once as a CUDA graph and replayed (decoding.py),
+as a server would; `cuda_graph=False` times eager steps instead.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from rich.console import Console
 from rich.table import Table
 
+from .decoding import GreedyDecoder, graph_blocker
 from .errors import LinearizeError
 from .evaluate import device_name, versions
 from .evaluate.scoring import accepts, progress_bar
@@ -59,6 +62,7 @@ class BenchOptions(BaseModel):
     contexts: list[int] = [1024, 4096, 16384, 32768]
     new_tokens: int = 256
     prefill_chunk: int = 4096  # tokens per prefill forward: bounds activation memory the way servers do
+    cuda_graph: bool = True  # replay a recorded decode step where the cache allows it (CUDA, converted layers only)
     device: str = "auto"
     dtype: str = "auto"
     json_out: Path | None = None
@@ -82,6 +86,7 @@ class Row:
     batch: int
     context: int
     status: str = "ok"  # "ok" or "OOM"
+    cuda_graph: bool = False  # decode steps replayed from a recorded CUDA graph
     prefill_tok_s: float | None = None
     decode_tok_s: float | None = None
     decode_step_ms: float | None = None
@@ -217,6 +222,7 @@ class Run:
     cache: Any = None
     logits: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    decoder: GreedyDecoder | None = None
 
     def __post_init__(self) -> None:
         if accepts(self.model, "logits_to_keep"):
@@ -231,9 +237,21 @@ class Run:
         for start in range(0, ids.shape[1], chunk):
             self.step(ids[:, start : start + chunk])
 
+    def start_decode(self, cuda_graph: bool) -> bool:
+        """Untimed: set up greedy decoding on the prefilled cache (recording the step as a CUDA graph
+        when asked and the cache allows it). Returns whether steps will be graph replays."""
+        graphed = cuda_graph and graph_blocker(self.cache, self.logits.device) is None
+        self.decoder = GreedyDecoder(self.model, self.cache, self.logits, cuda_graph=graphed)
+        self.logits = None
+        return graphed
+
     def decode(self, steps: int) -> None:
-        for _ in range(steps):
-            self.step(self.logits.argmax(-1, keepdim=True))
+        self.decoder.run(steps)
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.release()
+        self.cache = self.logits = self.decoder = None
 
 
 @torch.inference_mode()
@@ -253,6 +271,8 @@ def measure(model: torch.nn.Module, row: Row, opts: BenchOptions, device: torch.
         row.prefill_tok_s = row.batch * row.context / (time.perf_counter() - start)
         row.prefill_peak_bytes = meter.peak()
         meter.reset()
+        row.cuda_graph = run.start_decode(opts.cuda_graph)
+        sync(device)
         start = time.perf_counter()
         run.decode(opts.new_tokens)
         sync(device)
@@ -261,13 +281,14 @@ def measure(model: torch.nn.Module, row: Row, opts: BenchOptions, device: torch.
         row.decode_tok_s = row.batch * opts.new_tokens / seconds
         row.decode_step_ms = 1000 * seconds / opts.new_tokens
         row.floor_ratio = seconds / opts.new_tokens / floor_s
+        run.decoder.release()  # the decoder's position counter is not part of the cache
         row.cache_bytes_measured = tensor_bytes(run.cache)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not is_oom(e):
             raise
         row.status = "OOM"
     finally:
-        run.cache = run.logits = None
+        run.close()
         free_memory(device)
     return row
 
@@ -279,12 +300,13 @@ def warm_up(model: torch.nn.Module, batch: int, opts: BenchOptions, device: torc
     tokens = min(min(opts.contexts), opts.prefill_chunk)
     try:
         run.prefill(torch.zeros(batch, tokens, dtype=torch.long, device=device), opts.prefill_chunk)
+        run.start_decode(cuda_graph=False)
         run.decode(2)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not is_oom(e):
             raise  # an OOM here shows up again, as an OOM row, in the timed runs
     finally:
-        run.cache = run.logits = None
+        run.close()
         free_memory(device)
 
 
@@ -329,6 +351,7 @@ def bench_sides(sides: list[Side], opts: BenchOptions, device: torch.device) -> 
             "bandwidth_bytes_s": bandwidth,
             "new_tokens": opts.new_tokens,
             "prefill_chunk": opts.prefill_chunk,
+            "cuda_graph": opts.cuda_graph,
             "memory": "GPU allocated (torch)" if device.type == "cuda" else "process RSS high-water mark",
             "versions": versions(),
         },
@@ -398,8 +421,10 @@ def render(report: dict[str, Any], console: Console | None = None) -> None:
             cells = [_num(r["prefill_tok_s"]), _num(r["decode_tok_s"]), _num(sp, ".2f") + ("x" if sp else ""),
                      _num(r["decode_step_ms"], ".2f"), _num(r["floor_ratio"], ".2f"),
                      _bytes(r["prefill_peak_bytes"]), _bytes(r["decode_peak_bytes"])]
-        table.add_row(r["model"], str(r["batch"]), str(r["context"]), *cells, _bytes(r["state_bytes"]), _bytes(r["kv_bytes"]))
+        table.add_row(r["model"] + (" *" if r.get("cuda_graph") else ""), str(r["batch"]), str(r["context"]), *cells, _bytes(r["state_bytes"]), _bytes(r["kv_bytes"]))
     console.print(table)
+    if any(r.get("cuda_graph") for r in rows):
+        console.print("* decode steps replayed from a recorded CUDA graph")
     floors = ", ".join(f"{name} {m['floor_ms']:.3f} ms ({_bytes(m['weight_bytes'])})" for name, m in models.items())
     console.print(f"weight-read floor per decode step at {meta['bandwidth_bytes_s'] / 1e9:.0f} GB/s measured copy bandwidth: {floors}")
 

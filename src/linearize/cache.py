@@ -30,6 +30,9 @@ class LigerCacheLayer(LinearAttentionLayer):
         self.v_ring: torch.Tensor | None = None
         self.f_ring: torch.Tensor | None = None  # feature-mapped keys [B, Hkv, window, F] (hedgehog)
         self.ring_valid: torch.Tensor | None = None  # [B, window] bool
+        # A 0-dim int64 device tensor counting the tokens cached, kept by a CUDA-graph decoder
+        # (decoding.py): a recorded decode step reads the ring slot from it instead of `seen`.
+        self.device_position: torch.Tensor | None = None
 
     @property
     def state(self) -> torch.Tensor | None:
@@ -42,6 +45,10 @@ class LigerCacheLayer(LinearAttentionLayer):
 
     def get_seq_length(self) -> int:
         return self.seen
+
+    def decode_position(self) -> int | torch.Tensor:
+        """Tokens cached so far, for a decode step's ring slot: `seen`, or the device counter if one is kept."""
+        return self.seen if self.device_position is None else self.device_position
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0

@@ -93,7 +93,7 @@ class LigerAttentionMixin:
         if layer_cache is not None and layer_cache.seen > 0 and T == 1:
             o = liger_decode_step(
                 q, k, v, layer_cache.state, layer_cache.k_ring, layer_cache.v_ring, layer_cache.ring_valid,
-                layer_cache.seen, window=window, cos=cos, sin=sin, **opts,
+                layer_cache.decode_position(), window=window, cos=cos, sin=sin, **opts,
             )
             layer_cache.advance(1)
         else:
@@ -128,7 +128,8 @@ class LigerAttentionMixin:
         if layer_cache is not None and layer_cache.seen > 0 and T == 1:
             rings = (layer_cache.k_ring, layer_cache.v_ring, layer_cache.f_ring, layer_cache.ring_valid)
             o = hedgehog_decode_step_torch(q, k, v, phi_q, phi_k, layer_cache.state, layer_cache.norm,
-                                           rings if window else None, layer_cache.seen, window=window, cos=cos, sin=sin)
+                                           rings if window else None, layer_cache.decode_position(), window=window,
+                                           cos=cos, sin=sin)
             layer_cache.advance(1)
             return o
         resumed = layer_cache is not None and layer_cache.seen > 0
@@ -157,7 +158,7 @@ class LigerAttentionMixin:
             states = layer_cache.state if s["target"] == "gdn" else (layer_cache.state, layer_cache.norm)
         if resumed and T == 1:
             o = decode(q, k, v, states, layer_cache.k_ring, layer_cache.v_ring, layer_cache.ring_valid,
-                       layer_cache.seen, **opts)
+                       layer_cache.decode_position(), **opts)
             layer_cache.advance(1)
             return o
         o, state = attention(q, k, v, attention_mask=valid, initial_state=states,

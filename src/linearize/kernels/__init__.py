@@ -157,7 +157,7 @@ def liger_decode_step(
     k_ring: torch.Tensor | None,
     v_ring: torch.Tensor | None,
     ring_valid: torch.Tensor | None,
-    position: int,
+    position: int | torch.Tensor,
     *,
     window: int = 64,
     mix: float = 0.5,

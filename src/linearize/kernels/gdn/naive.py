@@ -89,7 +89,7 @@ def gdn_attention_torch(
 
 
 def gdn_decode_step_torch(
-    q, k, v, state, k_ring, v_ring, ring_valid, position: int, *, window: int, mix: float = 0.5,
+    q, k, v, state, k_ring, v_ring, ring_valid, position: int | torch.Tensor, *, window: int, mix: float = 0.5,
     gate_normalizer: float = 16.0, cos=None, sin=None,
 ) -> torch.Tensor:
     """One token: the delta-rule update of `state` and the window ring, in place. Returns [B, 1, Hq, D]."""

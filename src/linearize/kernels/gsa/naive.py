@@ -86,8 +86,8 @@ def gsa_attention_torch(
 
 
 def gsa_decode_step_torch(
-    q, k, v, states: tuple[torch.Tensor, torch.Tensor], k_ring, v_ring, ring_valid, position: int, *, window: int,
-    slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
+    q, k, v, states: tuple[torch.Tensor, torch.Tensor], k_ring, v_ring, ring_valid, position: int | torch.Tensor, *,
+    window: int, slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
 ) -> torch.Tensor:
     """One token: slot memories and the window ring updated in place. Returns [B, 1, Hq, D]."""
     Hq = q.shape[2]

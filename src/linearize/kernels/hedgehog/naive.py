@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..gla.naive import compute_dtype
-from ..liger.naive import apply_rope, repeat_heads
+from ..liger.naive import apply_rope, repeat_heads, ring_read, ring_write
 
 
 class HedgehogFeatureMap(torch.nn.Module):
@@ -132,7 +132,7 @@ def hedgehog_decode_step_torch(
     state: torch.Tensor,
     norm: torch.Tensor,
     rings: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    position: int,
+    position: int | torch.Tensor,
     *,
     window: int,
     cos: torch.Tensor | None = None,
@@ -153,14 +153,14 @@ def hedgehog_decode_step_torch(
         return (num / torch.einsum("bhgf,bhgf->bhg", fq, z)[..., None]).flatten(1, 2).to(q.dtype)[:, None]
     k_ring, v_ring, f_ring, ring_valid = rings
     slot = position % window
-    leaving = ring_valid[:, slot][:, None, None, None]
-    old_f, old_v = f_ring[:, :, slot, None].to(dt), v_ring[:, :, slot, None].to(dt)
+    leaving = ring_read(ring_valid, slot)[:, None, None, None]
+    old_f, old_v = ring_read(f_ring, slot)[:, :, None].to(dt), ring_read(v_ring, slot)[:, :, None].to(dt)
     S.add_(torch.where(leaving[..., None], old_f[..., :, None] * old_v[..., None, :], 0.0))
     z.add_(torch.where(leaving, old_f, 0.0))
-    k_ring[:, :, slot] = apply_rope(k, cos, sin)[:, 0].to(k_ring.dtype)
-    v_ring[:, :, slot] = v[:, 0].to(v_ring.dtype)
-    f_ring[:, :, slot] = phi_k[:, 0].to(f_ring.dtype)
-    ring_valid[:, slot] = True
+    ring_write(k_ring, slot, apply_rope(k, cos, sin)[:, 0])
+    ring_write(v_ring, slot, v[:, 0])
+    ring_write(f_ring, slot, phi_k[:, 0])
+    ring_write(ring_valid, slot, ring_valid.new_ones(ring_valid.shape[0]))
     q_rot = apply_rope(q, cos, sin)[:, 0].to(dt).unflatten(1, (Hkv, -1))
     scores = torch.einsum("bhgd,bhwd->bhgw", q_rot, k_ring.to(dt)) * D**-0.5
     scores = scores.masked_fill(~ring_valid[:, None, None, :], float("-inf"))

@@ -6,7 +6,8 @@ it also attends over the ring buffer [W, K] of rotated keys. The new token's rot
 value are written into ring slot position % W by the first query head of each kv group (and
 the first value block for the key); every program uses the new key/value from registers for
 that slot, so no program depends on another program's write. ring_valid[b, slot] is set by
-program (0, 0, b).
+program (0, 0, b). The position may be a device tensor the kernel reads (SLOT_IN_MEMORY), so a
+decode step recorded in a CUDA graph finds the current slot on every replay.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from .naive import liger_decode_step_torch
 @triton.jit(do_not_specialize=["slot"])
 def liger_decode_kernel(
     q, k, v, state, k_ring, v_ring, ring_valid, cos, sin, o,
-    slot, gate_mult, mix, win_scale, s_cos_b,
+    slot, position, gate_mult, mix, win_scale, s_cos_b,
     HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
-    W: tl.constexpr, BW: tl.constexpr,
+    W: tl.constexpr, BW: tl.constexpr, SLOT_IN_MEMORY: tl.constexpr,
 ):
     i_v, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = HQ // HKV
@@ -49,6 +50,8 @@ def liger_decode_kernel(
     b_o = tl.sum(f_q[:, None] * S, axis=0)
 
     if W > 0:
+        if SLOT_IN_MEMORY:  # position: an int64 tensor of one element, tokens already cached
+            slot = (tl.load(position) % W).to(tl.int32)
         ck_swap = (ck + K // 2) % K
         sign = tl.where(ck < K // 2, -1.0, 1.0)
         c = tl.load(cos + i_b * s_cos_b + ck).to(tl.float32)
@@ -86,9 +89,10 @@ def liger_decode_kernel(
     tl.store(o + (i_b * HQ + i_h) * K + cv, b_o.to(o.dtype.element_ty))
 
 
-def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position, *, window, mix, gate_normalizer,
-                      cos=None, sin=None, block_v: int | None = None, num_warps: int = 4):
-    """Triton form of liger_decode_step_torch (same arguments; updates state and ring in place)."""
+def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int | torch.Tensor, *, window, mix,
+                      gate_normalizer, cos=None, sin=None, block_v: int | None = None, num_warps: int = 4):
+    """Triton form of liger_decode_step_torch (same arguments; updates state and ring in place).
+    `position` is an int or an int64 device tensor of one element (read by the kernel: no sync)."""
     B, _, HQ, K = q.shape
     HKV = k.shape[2]
     W = int(window)
@@ -111,12 +115,14 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position, *, w
     if block_v is None:
         block_v = min(K, 32)
     BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
+    in_memory = isinstance(position, torch.Tensor)
     grid = (triton.cdiv(K, block_v), HQ, B)
     liger_decode_kernel[grid](
         q, k, v, state,
         k_ring if W > 0 else q, v_ring if W > 0 else q, valid_u8 if W > 0 else q,
         cos if W > 0 else q, sin if W > 0 else q, o,
-        (position % W) if W > 0 else 0, 1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b,
-        HQ=HQ, HKV=HKV, K=K, BV=block_v, W=W, BW=max(BW, 16), num_warps=num_warps,
+        0 if in_memory or W == 0 else position % W, position if in_memory else q,
+        1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b,
+        HQ=HQ, HKV=HKV, K=K, BV=block_v, W=W, BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
     )
     return o

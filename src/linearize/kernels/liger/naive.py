@@ -204,7 +204,7 @@ def liger_decode_step_torch(
     k_ring: torch.Tensor | None,
     v_ring: torch.Tensor | None,
     ring_valid: torch.Tensor | None,
-    position: int,
+    position: int | torch.Tensor,
     *,
     window: int = 64,
     mix: float = 0.5,
@@ -218,7 +218,8 @@ def liger_decode_step_torch(
 
     q [B, 1, Hq, D], k, v [B, 1, Hkv, D]; state [B, Hq, D, D] float32; k_ring, v_ring
     [B, Hkv, window, D] hold rotated keys and values at slot (position % window), ring_valid
-    [B, window] which slots hold real tokens. `position` counts the tokens already cached.
+    [B, window] which slots hold real tokens. `position` counts the tokens already cached: an int,
+    or a 0-dim int64 tensor on q's device (indexes the ring like an int, without a host sync).
     """
     Hq = q.shape[2]
     Hkv = k.shape[2]
@@ -235,6 +236,25 @@ def liger_decode_step_torch(
     return o[:, None].to(q.dtype)
 
 
+def ring_write(ring: torch.Tensor, slot: int | torch.Tensor, value: torch.Tensor) -> None:
+    """ring[:, :, slot] = value for a ring [B, H, W, D] (value [B, H, D]), ring[:, slot] = value for
+    validity [B, W] (value [B]). A tensor slot goes through index_copy_: a CUDA graph can record
+    that, not indexing by a tensor (which synchronises)."""
+    dim = 2 if ring.dim() == 4 else 1
+    if isinstance(slot, torch.Tensor):
+        ring.index_copy_(dim, slot.reshape(1), value.unsqueeze(dim).to(ring.dtype))
+    else:
+        ring.select(dim, slot).copy_(value)
+
+
+def ring_read(ring: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
+    """ring[:, :, slot] (or ring[:, slot] for validity [B, W]); a tensor slot through index_select (see ring_write)."""
+    dim = 2 if ring.dim() == 4 else 1
+    if isinstance(slot, torch.Tensor):
+        return ring.index_select(dim, slot.reshape(1)).squeeze(dim)
+    return ring.select(dim, slot)
+
+
 def window_decode_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -242,7 +262,7 @@ def window_decode_step(
     k_ring: torch.Tensor,
     v_ring: torch.Tensor,
     ring_valid: torch.Tensor,
-    position: int,
+    position: int | torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     dtype: torch.dtype,
@@ -252,9 +272,9 @@ def window_decode_step(
     Hq, D = q.shape[2], q.shape[3]
     Hkv = k.shape[2]
     slot = position % k_ring.shape[2]
-    k_ring[:, :, slot] = apply_rope(k, cos, sin)[:, 0].to(k_ring.dtype)
-    v_ring[:, :, slot] = v[:, 0].to(v_ring.dtype)
-    ring_valid[:, slot] = True
+    ring_write(k_ring, slot, apply_rope(k, cos, sin)[:, 0])
+    ring_write(v_ring, slot, v[:, 0])
+    ring_write(ring_valid, slot, ring_valid.new_ones(ring_valid.shape[0]))
     q_rot = apply_rope(q, cos, sin)[:, 0].to(dtype).unflatten(1, (Hkv, Hq // Hkv))  # query heads grouped by kv head
     scores = torch.einsum("bhgd,bhwd->bhgw", q_rot, k_ring.to(dtype)) * D**-0.5
     scores = scores.masked_fill(~ring_valid[:, None, None, :], float("-inf"))

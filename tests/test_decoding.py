@@ -1,0 +1,64 @@
+"""GreedyDecoder: the decode loop a CUDA graph records. On CPU its steps run eagerly, with the ring
+slot read from the device counter as a replay reads it; the graph itself is tested in test_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from linearize.convert import convert
+from linearize.decoding import GreedyDecoder, graph_blocker
+from linearize.errors import LinearizeError
+
+
+def greedy_tokens(model, ids: torch.Tensor, steps: int, cuda_graph: bool = False) -> torch.Tensor:
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    decoder = GreedyDecoder(model, out.past_key_values, out.logits[:, -1], cuda_graph=cuda_graph)
+    decoder.run(steps - len(decoder.tokens))
+    tokens = torch.cat(decoder.tokens, 1)
+    decoder.release()
+    return tokens
+
+
+@pytest.mark.parametrize(("target", "window"), [("gla", 16), ("gla", 0), ("mamba2", 16), ("hedgehog", 16),
+                                                ("gdn", 16), ("gsa", 16)])
+@torch.no_grad()
+def test_decoder_tokens_equal_generate_and_the_parallel_argmax(stories_path, tmp_path, target, window):
+    out = convert(str(stories_path), tmp_path / "out", target=target, window=window, slots=4)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    tokens = greedy_tokens(model, ids, steps=30)  # 30 > window: the ring wraps around
+    assert torch.equal(tokens, model.generate(ids, max_new_tokens=30, do_sample=False)[:, 40:])
+    logits = model(torch.cat([ids, tokens], 1), use_cache=False).logits
+    assert torch.equal(logits[:, 39:-1].argmax(-1), tokens)
+
+
+@torch.no_grad()
+def test_graph_blockers_are_named(stories_path, tmp_path):
+    out = convert(str(stories_path), tmp_path / "out", window=16, keep_attention=[1])
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    cache = model(torch.ones(1, 4, dtype=torch.long), use_cache=True).past_key_values
+    assert graph_blocker(cache, torch.device("cpu")) == "CUDA graphs need a CUDA device"
+    assert "every layer must be a converted one" in graph_blocker(cache, torch.device("cuda"))
+    with pytest.raises(LinearizeError, match="use --no-cuda-graph"):
+        GreedyDecoder(model, cache, torch.zeros(1, 512), cuda_graph=True)
+
+
+@torch.no_grad()
+def test_left_padded_batch_decodes_like_generate(stories_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    out = convert(str(stories_path), tmp_path / "out", window=16)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.pad_token, tok.padding_side = tok.unk_token, "left"
+    batch = tok(["Once upon a time there was a little girl named Lily who", "The dog ran"], return_tensors="pt",
+                padding=True)
+    assert not bool(batch.attention_mask.all())
+    positions = batch.attention_mask.cumsum(-1) - 1
+    prompt = model(**batch, position_ids=positions.clamp(min=0), use_cache=True, logits_to_keep=1)
+    decoder = GreedyDecoder(model, prompt.past_key_values, prompt.logits[:, -1], next_positions=positions[:, -1:] + 1)
+    decoder.run(19)
+    expected = model.generate(**batch, max_new_tokens=20, do_sample=False)[:, batch.input_ids.shape[1]:]
+    assert torch.equal(torch.cat(decoder.tokens, 1), expected)
