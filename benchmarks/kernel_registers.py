@@ -42,7 +42,7 @@ TYPES = {
     **{n: "*io" for n in ("q", "k", "v", "g", "do", "o")},
     **{n: "*fp32" for n in ("cos", "sin", "h0", "ht", "dht", "dh0", "qdq", "dq", "dk", "dv", "lse", "delta", "state")},
     **{n: "*io" for n in ("k_ring", "v_ring")},
-    "ring_valid": "*u8", "starts": "*i32", "cu_seqlens": "*i32",
+    "ring_valid": "*u8", "position": "*i64", "starts": "*i32", "cu_seqlens": "*i32",
     **{n: "i32" for n in ("T", "TOTAL", "NT", "s_cos_b", "slot")},
     **{n: "fp32" for n in ("scale", "gate_mult", "mix", "win_scale")},
 }
@@ -69,7 +69,9 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("window backward dq", wb.window_dq_kernel, window, 8, 1),
         (f"window backward dk/dv ({block_kv} keys)", wb.window_dkv_kernel, dict(window, BKV=block_kv), 8, 1),
         ("decode step (Liger, window 64)", liger_decode_kernel,
-         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 32), W=64, BW=64), 4, 3),
+         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 32), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
+        ("decode step (Liger, window 64, CUDA-graph slot)", liger_decode_kernel,
+         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 32), W=64, BW=64, SLOT_IN_MEMORY=True), 4, 3),
     ]
 
 
@@ -101,26 +103,30 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--json", type=Path)
     p.add_argument("--warps", type=int, default=None, help="override every kernel's num_warps (to try settings)")
+    p.add_argument("--stages", type=int, default=None, help="override every kernel's num_stages (software pipelining)")
+    p.add_argument("--only", default="", help="only kernels whose label contains this text")
     args = p.parse_args()
     console = Console(width=150)
     table = Table(title=f"Triton {triton.__version__} kernels compiled for sm_{args.arch}, {args.dtype} I/O")
-    for col in ("kernel", "D", "Hq/Hkv", "warps", "registers", "spill (stack B)", "shared KiB", "compile s"):
+    for col in ("kernel", "D", "Hq/Hkv", "warps", "stages", "registers", "spill (stack B)", "shared KiB", "compile s"):
         table.add_column(col, justify="left" if col == "kernel" else "right")
     rows = []
     for shape in args.shapes.split(","):
         D, HQ, HKV = (int(x) for x in shape.split(":"))
         for label, kernel, constexprs, warps, stages in configs(D, HQ, HKV):
-            warps = args.warps or warps
+            if args.only not in label:
+                continue
+            warps, stages = args.warps or warps, args.stages or stages
             try:
                 r = compile_report(kernel, constexprs, args.dtype, args.arch, warps, stages)
             except Exception as e:  # noqa: BLE001 - a kernel that does not build is a row of the report
                 r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
-            rows.append(dict(kernel=label, head_dim=D, q_heads=HQ, kv_heads=HKV, num_warps=warps, **r))
+            rows.append(dict(kernel=label, head_dim=D, q_heads=HQ, kv_heads=HKV, num_warps=warps, num_stages=stages, **r))
             if "error" in r:
-                table.add_row(label, str(D), f"{HQ}/{HKV}", str(warps), "[red]" + r["error"][:60], "", "", "")
+                table.add_row(label, str(D), f"{HQ}/{HKV}", str(warps), str(stages), "[red]" + r["error"][:60], "", "", "")
                 continue
             spill = r["stack_bytes"]
-            table.add_row(label, str(D), f"{HQ}/{HKV}", str(warps), str(r["registers"]),
+            table.add_row(label, str(D), f"{HQ}/{HKV}", str(warps), str(stages), str(r["registers"]),
                           f"[red]{spill}[/]" if spill else "0", f"{r['shared_bytes'] / 1024:.0f}", f"{r['compile_s']:.1f}")
     console.print(table)
     if args.json:

@@ -171,6 +171,8 @@ def main(argv=None):
     ap.add_argument("--ours-backward-max-T", type=int, default=1 << 20)
     ap.add_argument("--swa", nargs="+", default=["flex", "sdpa"], help="'none': skip baseline (a)")
     ap.add_argument("--tune", action="store_true", help="sweep the forward kernel's block_v/num_warps/num_stages")
+    ap.add_argument("--Hkv", type=int, nargs="+", default=[32, 8], help="kv heads of the shapes (Hq is 32)")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode step's bandwidth (seconds, no compiles)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
@@ -189,7 +191,7 @@ def main(argv=None):
             layers[name] = make_fla_layer(name)
         except Exception as e:  # noqa: BLE001
             print(f"baseline with {name} unavailable: {e}")
-    for Hkv in (32, 8):
+    for Hkv in [] if args.decode_only else args.Hkv:
         for T in args.T:
             q = torch.randn(B, T, Hq, D, device="cuda", dtype=dt)
             k = torch.randn(B, T, Hkv, D, device="cuda", dtype=dt)

@@ -6,6 +6,10 @@ bf16 autocast; the only difference is the attention. Random tokens: speed does n
 the data. Prints a table and writes JSON with the device name.
 
     python benchmarks/recover_throughput.py --seq-lens 1024,4096 --tokens-per-step 16384 --json out.json
+
+`--ceiling` adds a row with no token mixing at all (each layer's output is its values): the most
+any linear-attention mixer could give on this model. `--profile` prints the GPU kernels that take
+the time in one training step of each model.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from linearize import modeling  # noqa: E402
 from linearize.families import family_for  # noqa: E402
+from linearize.kernels import liger_attention  # noqa: E402
 from linearize.kernels.gla import chunk_triton  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
 from linearize.modeling import default_settings, linearize_model  # noqa: E402
@@ -55,7 +61,13 @@ def build(source: str, converted: bool, device: torch.device):
     return model
 
 
-def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, device: torch.device) -> float:
+def no_mixing(q, k, v, **_):
+    """The ceiling row's mixer: each position's own value, no attention at all (free, as no real mixer is)."""
+    return v.repeat_interleave(q.shape[2] // v.shape[2], dim=2), None
+
+
+def training_step(model, seq_len: int, tokens_per_step: int, device: torch.device):
+    """(step function, tokens per step): one LoRA training step on random tokens."""
     batch = max(1, tokens_per_step // seq_len)
     vocab = model.config.vocab_size
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -69,6 +81,11 @@ def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, dev
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return step, batch * seq_len
+
+
+def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, device: torch.device) -> float:
+    step, tokens = training_step(model, seq_len, tokens_per_step, device)
     for _ in range(3):  # warm-up: compilation, autotuning, allocator
         step()
     if device.type == "cuda":
@@ -78,7 +95,18 @@ def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, dev
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * batch * seq_len / (time.perf_counter() - start)
+    return steps * tokens / (time.perf_counter() - start)
+
+
+def profile(model, seq_len: int, tokens_per_step: int, device: torch.device, rows: int = 18) -> str:
+    """The kernels one training step spends its GPU time in, as torch.profiler's table."""
+    step, _ = training_step(model, seq_len, tokens_per_step, device)
+    for _ in range(3):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
 
 
 def main() -> None:
@@ -92,6 +120,8 @@ def main() -> None:
     p.add_argument("--gla-launch", default="",
                    help="extra converted-model rows with other forward launch settings, BLOCK_V:WARPS comma-separated "
                         "(e.g. 32:8,16:8): with few (batch x head) programs, splitting the value columns fills more SMs")
+    p.add_argument("--ceiling", action="store_true", help="add a row with no token mixing (an upper bound)")
+    p.add_argument("--profile", type=int, metavar="SEQ_LEN", help="print each model's top GPU kernels at this length")
     args = p.parse_args()
     variants = [("gla", {})] + [(f"gla {v}", dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))
                                 for v in args.gla_launch.split(",") if v]
@@ -100,31 +130,45 @@ def main() -> None:
     rows = []
     for seq_len in [int(x) for x in args.seq_lens.split(",")]:
         row = {"seq_len": seq_len}
-        for label, launch in [("softmax", None), *variants]:
+        ceiling = [("no mixing", {})] if args.ceiling else []
+        for label, launch in [("softmax", None), *variants, *ceiling]:
             model = build(args.source, launch is not None, device)
             chunk_triton.FORWARD_LAUNCH = launch or {}
+            if label == "no mixing":
+                modeling.liger_attention = no_mixing
             try:
                 row[label] = tokens_per_second(model, seq_len, args.tokens_per_step, args.steps, device)
             except torch.OutOfMemoryError:
                 row[label] = None
             finally:
                 chunk_triton.FORWARD_LAUNCH = {}
+                modeling.liger_attention = liger_attention
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         row["ratio"] = row["gla"] / row["softmax"] if row["gla"] and row["softmax"] else None
         rows.append(row)
     table = Table(title=f"LoRA recovery throughput, {args.source} on {name} (tokens/s)")
-    for col in ("seq len", "softmax (SDPA)", "converted gla", "gla / softmax", *(v for v, _ in variants[1:])):
+    extra = [v for v, _ in variants[1:]] + (["no mixing"] if args.ceiling else [])
+    for col in ("seq len", "softmax (SDPA)", "converted gla", "gla / softmax", *extra):
         table.add_column(col, justify="right")
     for r in rows:
         fmt = lambda x: "OOM" if x is None else f"{x:,.0f}"  # noqa: E731
         table.add_row(str(r["seq_len"]), fmt(r["softmax"]), fmt(r["gla"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
-                      *(fmt(r[v]) for v, _ in variants[1:]))
-    Console().print(table)
+                      *(fmt(r[v]) for v in extra))
+    console = Console(width=200)
+    console.print(table)
+    profiles = {}
+    if args.profile and device.type == "cuda":
+        for label in ("softmax", "gla"):
+            model = build(args.source, label == "gla", device)
+            profiles[label] = profile(model, args.profile, args.tokens_per_step, device)
+            console.print(f"\n{label} at seq len {args.profile}, one training step:\n{profiles[label]}", markup=False)
+            del model
+            torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump({"device": name, "source": args.source, "tokens_per_step": args.tokens_per_step,
-                   "torch": torch.__version__, "rows": rows}, f, indent=1)
+                   "torch": torch.__version__, "rows": rows, "profiles": profiles}, f, indent=1)
 
 
 if __name__ == "__main__":
