@@ -34,6 +34,7 @@ from linearize import modeling  # noqa: E402
 from linearize.families import family_for  # noqa: E402
 from linearize.kernels import liger_attention  # noqa: E402
 from linearize.kernels.gla import chunk_triton  # noqa: E402
+from linearize.kernels.liger import segmented  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
 from linearize.modeling import default_settings, linearize_model  # noqa: E402
 from linearize.recover.losses import lm_loss  # noqa: E402
@@ -120,11 +121,15 @@ def main() -> None:
     p.add_argument("--gla-launch", default="",
                    help="extra converted-model rows with other forward launch settings, BLOCK_V:WARPS comma-separated "
                         "(e.g. 32:8,16:8): with few (batch x head) programs, splitting the value columns fills more SMs")
+    p.add_argument("--segments", default="",
+                   help="extra converted-model rows with sequences cut into segments of these many rows "
+                        "(liger/segmented.py; 0 = never cut; the default row chooses), comma-separated")
     p.add_argument("--ceiling", action="store_true", help="add a row with no token mixing (an upper bound)")
     p.add_argument("--profile", type=int, metavar="SEQ_LEN", help="print each model's top GPU kernels at this length")
     args = p.parse_args()
     variants = [("gla", {})] + [(f"gla {v}", dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))
                                 for v in args.gla_launch.split(",") if v]
+    variants += [(f"gla seg {n}", {"segment_len": int(n)}) for n in args.segments.split(",") if n]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
@@ -133,7 +138,8 @@ def main() -> None:
         ceiling = [("no mixing", {})] if args.ceiling else []
         for label, launch in [("softmax", None), *variants, *ceiling]:
             model = build(args.source, launch is not None, device)
-            chunk_triton.FORWARD_LAUNCH = launch or {}
+            segmented.SEGMENT_LEN = (launch or {}).get("segment_len")
+            chunk_triton.FORWARD_LAUNCH = {k: v for k, v in (launch or {}).items() if k != "segment_len"}
             if label == "no mixing":
                 modeling.liger_attention = no_mixing
             try:
@@ -142,6 +148,7 @@ def main() -> None:
                 row[label] = None
             finally:
                 chunk_triton.FORWARD_LAUNCH = {}
+                segmented.SEGMENT_LEN = None
                 modeling.liger_attention = liger_attention
             del model
             if device.type == "cuda":

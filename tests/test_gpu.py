@@ -121,3 +121,33 @@ def test_cuda_graph_decode_gives_the_eager_tokens(family_models, family, window)
     assert torch.equal(graphed, eager)
     logits = model(torch.cat([ids, graphed], 1), use_cache=False).logits
     assert torch.equal(logits[:, 69:-1].argmax(-1), graphed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_segmented_sequences_match_whole_ones_on_gpu(D, dtype, monkeypatch):
+    """liger/segmented.py (sequences cut into segments run side by side) against the one-program-per-
+    sequence kernels: outputs, final state and gradients, at a length with several segments."""
+    from linearize.kernels import liger_attention
+    from linearize.kernels.liger import segmented
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(3)
+    B, T, Hq, Hkv = 2, 2000, 4, 2
+    q, do = (torch.randn(B, T, Hq, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(B, T, Hkv, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+    h0, dht = (torch.randn(B, Hq, D, D, device="cuda", generator=g) * 0.3 for _ in range(2))
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda") / D))
+    ang = torch.arange(T, device="cuda")[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
+
+    def run(rows: int):
+        monkeypatch.setattr(segmented, "SEGMENT_LEN", rows)
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v, h0)]
+        o, s = liger_attention(*xs[:3], initial_state=xs[3], output_final_state=True, cos=cos, sin=sin, backend="triton")
+        loss = (o.float() * do.float()).sum() + (s * dht).sum()
+        return [o, s, *torch.autograd.grad(loss, xs)]
+
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dh0"), run(512), run(0), strict=True):
+        assert relative_error(a.float(), b.float()) < tol, name

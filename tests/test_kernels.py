@@ -442,3 +442,24 @@ def test_chunked_gated_deltanet_equals_the_step_by_step_reference(T, window, pad
     ref = torch.autograd.grad((r * do).sum() + rs.sum(), (q, k, v))
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
+    """liger/segmented.py's choice, on a pretend 132-SM GPU: SmolLM2's 9 heads at batch 4 and 4096
+    tokens get 8 segments of 512 rows; B8 x 32 heads already fill the SMs; short sequences stay whole."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from linearize.kernels.liger import segmented
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    gpu = torch.device("cuda")
+    assert segmented.segment_length(4, 4096, 9, gpu) == 512
+    assert segmented.segment_length(1, 32768, 9, gpu) == 1152  # 30 segments, rounded up to whole 64-row pieces
+    assert segmented.segment_length(8, 4096, 32, gpu) is None
+    assert segmented.segment_length(4, 600, 9, gpu) is None
+    assert segmented.segment_length(4, 4096, 9, torch.device("cpu")) is None
+    monkeypatch.setenv("LINEARIZE_SEGMENTS", "0")
+    assert segmented.segment_length(4, 4096, 9, gpu) is None
+    monkeypatch.setattr(segmented, "SEGMENT_LEN", 48)
+    assert segmented.segment_length(4, 4096, 9, torch.device("cpu")) == 48

@@ -108,6 +108,23 @@ def liger_split_value_columns():
         chunk_triton.FORWARD_LAUNCH = {}
 
 
+def segmented_case(T, Hq, Hkv, window, strong, rows):
+    """Sequences cut into segments of `rows` (liger/segmented.py): o, final state and every gradient
+    as the float64 reference, across boundaries where the window looks back 1 to 4 blocks."""
+    from linearize.kernels.liger import segmented  # noqa: PLC0415
+
+    segmented.SEGMENT_LEN = rows
+    try:
+        liger_case(T, Hq, Hkv, window, strong, D=32)
+    finally:
+        segmented.SEGMENT_LEN = None
+
+
+for _s in [(150, 4, 2, 64, False, 48), (150, 2, 2, 20, True, 32), (96, 2, 1, 0, False, 32), (64, 2, 2, 64, False, 16)]:
+    CHECKS["liger_segmented_T{}_Hq{}_Hkv{}_W{}_{}_rows{}".format(*_s[:4], "strong" if _s[4] else "weak", _s[5])] = (
+        lambda c=_s: segmented_case(*c))
+
+
 @check("liger_packed")
 def liger_packed():
     torch.manual_seed(11)

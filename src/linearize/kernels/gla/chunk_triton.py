@@ -24,6 +24,12 @@ block it
 Packed sequences (cu_seqlens, FlashAttention-style offsets) are native: program (n, h)
 reads rows cu_seqlens[n] .. cu_seqlens[n + 1] of the packed [1, sum T, H, D] tensors, and
 the RoPE tables are indexed by packed position.
+
+With `window_starts` (a segment of a longer sequence, see liger/segmented.py) the entries of
+cu_seqlens are segments and window_starts[n] is the first row of segment n's sequence: before
+its first block the program loads up to 4 blocks of the rows just before the segment into the
+window's registers, so the window sees across the segment boundary. The state across that
+boundary comes in through initial_state.
 """
 
 from __future__ import annotations
@@ -84,12 +90,13 @@ def block_gates(b_g, m_t, rows, MID: tl.constexpr):
 
 @triton.jit
 def gla_fwd_kernel(
-    q, k, v, g, cos, sin, h0, ht, o, cu_seqlens,
+    q, k, v, g, cos, sin, h0, ht, o, cu_seqlens, window_starts,
     T, scale, gate_mult, mix, win_scale, s_cos_b,
     HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, WINDOW: tl.constexpr,
     FEATURE_MAP: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HQ // HKV)
@@ -123,6 +130,21 @@ def gla_fwd_kernel(
     vw1 = tl.zeros([BT, BV], dtype=dot_t)
     vw2 = tl.zeros([BT, BV], dtype=dot_t)
     vw3 = tl.zeros([BT, BV], dtype=dot_t)
+    # blocks already in the window's registers before the first one (> 0 only for a segment that
+    # continues its sequence): the window masks below count them as earlier blocks
+    n_pre = 0
+    if PRELOAD and WINDOW > 0:
+        n_pre = tl.minimum((bos - tl.load(window_starts + i_n).to(tl.int64)) // BT, NWB).to(tl.int32)
+        for j in range(0, n_pre):  # oldest first, as the main loop pushes them
+            t_pre = bos + (j - n_pre) * BT + rows
+            p_k = k + (t_pre * HKV + i_hk)[:, None] * K
+            b_k = tl.load(p_k + ck[None, :]).to(tl.float32)
+            k_sw = tl.load(p_k + ck_swap[None, :]).to(tl.float32)
+            c_t = tl.load(cos + t_pre[:, None] * K + ck[None, :]).to(tl.float32)
+            s_t = tl.load(sin + t_pre[:, None] * K + ck[None, :]).to(tl.float32)
+            b_v = tl.load(v + (t_pre * HKV + i_hk)[:, None] * V + cv[None, :]).to(dot_t)
+            kw0, kw1, kw2, kw3 = kw1, kw2, kw3, (b_k * c_t + sign[None, :] * k_sw * s_t).to(dot_t)
+            vw0, vw1, vw2, vw3 = vw1, vw2, vw3, b_v
 
     for i_c in range(0, tl.cdiv(L, BT)):
         t = i_c * BT + rows
@@ -183,19 +205,19 @@ def gla_fwd_kernel(
             dist = rows[:, None] - rows[None, :]  # query row - key row (+ BT per block back)
             if NWB >= 4:
                 s0 = tl.dot(q_rot, tl.trans(kw0), input_precision="ieee")
-                s0 = tl.where((dist + 4 * BT < WINDOW) & (i_c >= 4), s0, -float("inf"))
+                s0 = tl.where((dist + 4 * BT < WINDOW) & (i_c + n_pre >= 4), s0, -float("inf"))
                 m_i = tl.maximum(m_i, tl.max(s0, axis=1))
             if NWB >= 3:
                 s1 = tl.dot(q_rot, tl.trans(kw1), input_precision="ieee")
-                s1 = tl.where((dist + 3 * BT < WINDOW) & (i_c >= 3), s1, -float("inf"))
+                s1 = tl.where((dist + 3 * BT < WINDOW) & (i_c + n_pre >= 3), s1, -float("inf"))
                 m_i = tl.maximum(m_i, tl.max(s1, axis=1))
             if NWB >= 2:
                 s2 = tl.dot(q_rot, tl.trans(kw2), input_precision="ieee")
-                s2 = tl.where((dist + 2 * BT < WINDOW) & (i_c >= 2), s2, -float("inf"))
+                s2 = tl.where((dist + 2 * BT < WINDOW) & (i_c + n_pre >= 2), s2, -float("inf"))
                 m_i = tl.maximum(m_i, tl.max(s2, axis=1))
             if NWB >= 1:
                 s3 = tl.dot(q_rot, tl.trans(kw3), input_precision="ieee")
-                s3 = tl.where((dist + BT < WINDOW) & (i_c >= 1), s3, -float("inf"))
+                s3 = tl.where((dist + BT < WINDOW) & (i_c + n_pre >= 1), s3, -float("inf"))
                 m_i = tl.maximum(m_i, tl.max(s3, axis=1))
             m_i = tl.where(m_t, m_i, 0.0)
             p_c = tl.exp2(s_c - m_i[:, None])
@@ -243,9 +265,12 @@ def gla_fwd(
     q, k, v, g=None, *, scale=1.0, gate_mult=1.0, feature_map=False, window=0, mix=0.0,
     cos=None, sin=None, initial_state=None, output_final_state=False, cu_seqlens=None,
     block_v: int | None = None, num_warps: int | None = None, num_stages: int = 1, block_t: int | None = None,
+    window_starts=None,
 ):
     """Launch gla_fwd_kernel. q [B, T, Hq, K]; k [B, T, Hkv, K]; v [B, T, Hkv, V] (Hkv = Hq
-    for plain chunk_gla); g [B, T, Hq, K] unless feature_map. Returns (o, final state)."""
+    for plain chunk_gla); g [B, T, Hq, K] unless feature_map. Returns (o, final state).
+    window_starts [N] int32, with cu_seqlens: the first row of each segment's sequence (segments
+    start on a block boundary of their sequence; see the module docstring)."""
     import torch  # noqa: PLC0415
 
     B, T, HQ, K = q.shape
@@ -280,11 +305,11 @@ def gla_fwd(
     gla_fwd_kernel[grid](
         q, k, v, g if g is not None else q, cos if cos is not None else q, sin if sin is not None else q,
         h0 if h0 is not None else o, ht if ht is not None else o, o,
-        cu_seqlens if cu_seqlens is not None else o,
+        cu_seqlens if cu_seqlens is not None else o, window_starts if window_starts is not None else o,
         T, float(scale), float(gate_mult), float(mix), float(K) ** -0.5, s_cos_b,
         HQ=HQ, HKV=HKV, K=K, V=V, BT=block_t, BV=block_v, WINDOW=int(window),
         FEATURE_MAP=feature_map, USE_H0=h0 is not None, STORE_HT=output_final_state,
         IS_VARLEN=cu_seqlens is not None, LOW_PRECISION=low, DIAG_F32=q.dtype == torch.float16,
-        num_warps=num_warps, num_stages=num_stages,
+        PRELOAD=window_starts is not None, num_warps=num_warps, num_stages=num_stages,
     )
     return o, ht

@@ -8,6 +8,9 @@ softmax(q), softmax(k) and the key gate in registers, take the gate's reverse su
 rule back to the raw q, k themselves), then liger/window_bwd_triton.py adds the sliding-window
 branch's gradients into the same buffers (recomputed scores, RoPE backward in the kernel). The
 rotary tables get no gradient.
+
+Where (sequence, head) programs are few, liger_attention cuts the sequences into segments that
+run side by side instead (segmented.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from triton.runtime.errors import OutOfResources
 
 from ..gla.backward_triton import gla_bwd
 from ..gla.chunk_triton import MAX_WINDOW, gla_fwd, supported
+from . import segmented
 from .window_bwd_triton import window_bwd, window_bwd_torch
 
 # The feature-map sweeps hold a whole head's state tile [D, D] in registers; beyond 128 that
@@ -112,10 +116,17 @@ def liger_attention(q, k, v, *, window=64, mix=0.5, gate_normalizer=16.0, cos=No
     if window > 0 and (cos is None or sin is None):
         raise ValueError("the sliding-window branch needs the rotary tables cos and sin")
     _check(q, cu_seqlens)
-    o, ht = _LigerFunction.apply(
-        q, k, v, initial_state, cos, sin, cu_seqlens, int(window), float(mix), float(gate_normalizer),
-        bool(output_final_state),
-    )
+    rows = segmented.segment_length(q.shape[0], q.shape[1], q.shape[2], q.device) if cu_seqlens is None else None
+    if rows is not None and rows < q.shape[1]:  # few (sequence, head) programs: split the sequences
+        o, ht = segmented.SegmentedLigerFunction.apply(
+            q, k, v, initial_state, cos, sin, int(window), float(mix), float(gate_normalizer),
+            bool(output_final_state), rows,
+        )
+    else:
+        o, ht = _LigerFunction.apply(
+            q, k, v, initial_state, cos, sin, cu_seqlens, int(window), float(mix), float(gate_normalizer),
+            bool(output_final_state),
+        )
     return o, (ht if output_final_state else None)
 
 

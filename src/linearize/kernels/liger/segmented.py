@@ -1,0 +1,152 @@
+"""Liger Attention with each sequence cut into segments that the Triton sweeps run side by side.
+
+The sweeps walk a sequence block by block, one program per (sequence, head). With few of them
+most of the GPU idles: SmolLM2's 9 heads at batch 4 make 36 programs for an H100's 132 SMs,
+each taking 256 sequential blocks for 4096 tokens (docs/kernels.md, fourth session). Here each
+sequence becomes S segments, run as separate programs through the kernels' packed-sequence mode.
+
+Forward. A segment's own contribution to the state is one batched matrix product,
+L_j = sum_t exp(G_j - C_t) phi(k_t) v_t^T, with C_t its cumulative log-gate and G_j its total;
+the state entering each segment follows in S small steps, S_in[j+1] = exp(G_j) S_in[j] + L_j.
+Then one kernel launch computes every segment's outputs from its S_in, the window looking back
+across the segment boundary (`window_starts` in gla/chunk_triton.py).
+
+Backward. The gradient reaching a segment's final state comes from the segments after it:
+dS_in[j] = exp(G_j) dS_out[j] + sum_t exp(C_t) phi(q_t) do_t^T (again one batched product),
+dS_out[j - 1] = dS_in[j], run backwards. Then one launch of the two sweeps takes each segment's
+initial and final state and its final-state gradient. The window's backward kernels are parallel
+over blocks already and run on the whole sequences as before.
+
+The extra work (the prologue's products, a second pass over q and k in PyTorch) is small next to
+the sweeps; it pays where programs are few, so `segment_length` only splits then.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
+
+from ..gla import chunk_triton
+from ..gla.backward_triton import gla_bwd
+from ..gla.chunk_triton import gla_fwd
+from .window_bwd_triton import window_bwd, window_bwd_torch
+
+# Rows per segment: None chooses (segment_length), 0 never splits; tests set a small value.
+SEGMENT_LEN: int | None = None
+MIN_SEGMENT = 512  # shorter segments spend too much on the window's look-back and the prologue
+PROGRAMS_PER_SM = 2  # when splitting, aim at about this many programs per SM
+
+
+def segment_length(batch: int, length: int, q_heads: int, device: torch.device) -> int | None:
+    """Rows per segment, or None to keep whole sequences: they already give every SM a program
+    (B8 H32 does, at 256 programs for 132 SMs), or are too short to split."""
+    if SEGMENT_LEN is not None:
+        return SEGMENT_LEN or None
+    if os.environ.get("LINEARIZE_SEGMENTS") == "0" or device.type != "cuda":  # the env variable turns it off
+        return None
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = batch * q_heads
+    if programs >= sms:
+        return None
+    pieces = min(-(-PROGRAMS_PER_SM * sms // programs), length // MIN_SEGMENT)
+    if pieces < 2:
+        return None
+    step = 4 * chunk_triton.BT  # whole blocks, and a full window look-back (4 blocks) from the second segment on
+    return -(-length // pieces // step) * step
+
+
+def _segments(x: torch.Tensor, pieces: int, rows: int) -> torch.Tensor:
+    """[B, T, H, D] -> [B, S, rows, H, D] in fp32, the last segment padded with zero rows."""
+    x = F.pad(x.float(), (0, 0, 0, 0, 0, pieces * rows - x.shape[1]))
+    return x.view(x.shape[0], pieces, rows, *x.shape[2:])
+
+
+def _gates(k: torch.Tensor, pieces: int, rows: int, gate_normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative log-gate within each segment C [B, S, rows, Hkv, K] and each segment's total [B, S, Hkv, K]
+    (padding rows add nothing)."""
+    cum = _segments(F.logsigmoid(k.float()) / gate_normalizer, pieces, rows).cumsum(2)
+    return cum, cum[:, :, -1]
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _layout(batch: int, length: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment offsets in the packed [1, B*T] layout (cu_seqlens form) and each segment's sequence start."""
+    pieces = -(-length // rows)
+    firsts = torch.arange(batch, device=device)[:, None] * length
+    starts = firsts + (torch.arange(pieces, device=device) * rows)[None]
+    cu = torch.cat([starts.flatten(), torch.tensor([batch * length], device=device)]).to(torch.int32)
+    return cu, firsts.expand(batch, pieces).flatten().to(torch.int32).contiguous()
+
+
+def _rope_packed(table: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    return table.expand(batch, length, table.shape[-1]).reshape(1, batch * length, -1).contiguous()
+
+
+class SegmentedLigerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, initial_state, cos, sin, window, mix, gate_normalizer, output_final_state, rows):
+        B, T, HQ, K = q.shape
+        HKV, V = k.shape[2], v.shape[-1]
+        group, pieces = HQ // HKV, -(-T // rows)
+        cum, total = _gates(k, pieces, rows, gate_normalizer)
+        phi_k = _segments(k.float().softmax(-1), pieces, rows)
+        local = torch.einsum("bslhk,bslhv->bshkv", phi_k * torch.exp(total[:, :, None] - cum), _segments(v, pieces, rows))
+        decay = torch.exp(total).repeat_interleave(group, dim=2)[..., None]  # [B, S, HQ, K, 1]
+        local = local.repeat_interleave(group, dim=2)
+        state = torch.zeros(B, HQ, K, V, device=q.device) if initial_state is None else initial_state.float()
+        entering, leaving = [], []
+        for j in range(pieces):
+            entering.append(state)
+            state = decay[:, j] * state + local[:, j]
+            leaving.append(state)
+        entering, leaving = torch.stack(entering, 1), torch.stack(leaving, 1)  # [B, S, HQ, K, V]
+
+        cu, starts = _layout(B, T, rows, q.device)
+        cos_p, sin_p = (_rope_packed(x, B, T) for x in (cos, sin)) if window > 0 else (None, None)
+        o, _ = gla_fwd(
+            _packed(q), _packed(k), _packed(v), feature_map=True, gate_mult=1.0 / gate_normalizer, window=window,
+            mix=mix, cos=cos_p, sin=sin_p, initial_state=entering.flatten(0, 1), cu_seqlens=cu,
+            window_starts=starts if window > 0 else None, num_warps=8,  # 4 spilled at D 64 (kernel_registers.py)
+        )
+        ctx.save_for_backward(q, k, v, cos, sin, entering, leaving, cu)
+        ctx.cfg = (window, mix, gate_normalizer, rows, initial_state is not None)
+        return o.view(B, T, HQ, V), leaving[:, -1].clone() if output_final_state else None
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, cos, sin, entering, leaving, cu = ctx.saved_tensors
+        window, mix, gn, rows, has_h0 = ctx.cfg
+        B, T, HQ, K = q.shape
+        group, pieces = HQ // k.shape[2], -(-T // rows)
+        do_linear = do * ((1.0 - mix) if window > 0 else 1.0)
+        cum, total = _gates(k, pieces, rows, gn)
+        phi_q = _segments(q.float().softmax(-1), pieces, rows)
+        reach = torch.exp(cum).repeat_interleave(group, dim=3)  # exp(C_t) per query head
+        local = torch.einsum("bslhk,bslhv->bshkv", phi_q * reach, _segments(do_linear, pieces, rows))
+        decay = torch.exp(total).repeat_interleave(group, dim=2)[..., None]
+        grad = torch.zeros_like(leaving[:, 0]) if dht is None else dht.float()
+        leaving_grads = []
+        for j in reversed(range(pieces)):
+            leaving_grads.append(grad)
+            grad = decay[:, j] * grad + local[:, j]
+        leaving_grads = torch.stack(leaving_grads[::-1], 1)
+
+        dq, dk, dv, _, dh0 = gla_bwd(
+            _packed(q), _packed(k), _packed(v), None, _packed(do_linear), scale=1.0, feature_map=True,
+            gate_mult=1.0 / gn, initial_state=entering.flatten(0, 1), dht=leaving_grads.flatten(0, 1),
+            final_state=leaving.flatten(0, 1), cu_seqlens=cu, need_dh0=has_h0 and ctx.needs_input_grad[3],
+        )
+        dq, dk, dv = dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+        if window > 0:
+            try:
+                window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, add_to=(dq, dk, dv))
+            except OutOfResources:  # a device with less shared memory than the window kernels' tiles need
+                window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, add_to=(dq, dk, dv))
+        dh0 = dh0.view(B, pieces, *dh0.shape[1:])[:, 0] if dh0 is not None else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None, None, None, None, None, None
