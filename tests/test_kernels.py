@@ -446,7 +446,8 @@ def test_chunked_gated_deltanet_equals_the_step_by_step_reference(T, window, pad
 
 def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
     """liger/segmented.py's choice, on a pretend 132-SM GPU: SmolLM2's 9 heads at batch 4 and 4096
-    tokens get 8 segments of 512 rows; B8 x 32 heads already fill the SMs; short sequences stay whole."""
+    tokens get 3 segments (108 programs, one wave); B8 x 32 heads already fill the SMs; short
+    sequences stay whole."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
@@ -454,10 +455,12 @@ def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     gpu = torch.device("cuda")
-    assert segmented.segment_length(4, 4096, 9, gpu) == 512
-    assert segmented.segment_length(1, 32768, 9, gpu) == 1152  # 30 segments, rounded up to whole 64-row pieces
+    assert segmented.segment_length(4, 4096, 9, gpu) == 1408
+    assert segmented.segment_length(1, 32768, 9, gpu) == 2560  # 13 segments: 117 programs
+    assert segmented.segment_length(1, 4096, 32, gpu) == 1024
     assert segmented.segment_length(8, 4096, 32, gpu) is None
-    assert segmented.segment_length(4, 600, 9, gpu) is None
+    assert segmented.segment_length(16, 1024, 9, gpu) is None  # 2 segments: 3 waves of 640 rows, not 10% better
+    assert segmented.segment_length(4, 400, 9, gpu) is None
     assert segmented.segment_length(4, 4096, 9, torch.device("cpu")) is None
     monkeypatch.setenv("LINEARIZE_SEGMENTS", "0")
     assert segmented.segment_length(4, 4096, 9, gpu) is None
