@@ -152,3 +152,19 @@ def test_decode_holds_no_prefill_logits(converted):
         assert not run.start_decode(cuda_graph=True)  # no CUDA here: eager steps
         run.decode(2)
     assert run.cache.get_seq_length() == 26
+
+
+def test_branch_scale_reports_every_layer():
+    """benchmarks/branch_scale.py (the quality finding's diagnostic) on the fixture: one row per layer,
+    gates in (0, 1], and the GLA/window ratio for each position bucket the text reaches."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("branch_scale", Path(__file__).parents[1] / "benchmarks" / "branch_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (Path(__file__).parent / "fixtures" / "text" / "story.txt").read_text()
+    rows = module.measure(str(STORIES), text, 100)
+    assert len(rows) == 5 and [r["layer"] for r in rows] == list(range(5))
+    for r in rows:
+        assert 0 < r["mean_alpha"] <= 1 and 0 <= r["above_0_999"] <= r["above_0_99"] <= 1
+        assert set(r["gla_over_window"]) == {"0-64", "64-256"} and all(x > 0 for x in r["gla_over_window"].values())
