@@ -151,3 +151,16 @@ def test_segmented_sequences_match_whole_ones_on_gpu(D, dtype, monkeypatch):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dh0"), run(512), run(0), strict=True):
         assert relative_error(a.float(), b.float()) < tol, name
+
+
+@pytest.mark.parametrize("target", ["hedgehog", "gdn", "gsa", "mamba2"])
+@torch.no_grad()
+def test_cuda_graph_decode_of_other_targets(stories_path, tmp_path, target):
+    """Their PyTorch decode steps write the rings through index_copy_ (tensor indexing would sync and
+    could not be recorded): graphed tokens equal eager ones."""
+    from .test_decoding import greedy_tokens
+
+    out = convert(str(stories_path), tmp_path / "out", target=target, window=16, slots=4)
+    model = AutoModelForCausalLM.from_pretrained(out).cuda().eval()
+    ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(4)).cuda()
+    assert torch.equal(greedy_tokens(model, ids, steps=30, cuda_graph=True), greedy_tokens(model, ids, steps=30))

@@ -120,9 +120,30 @@ def segmented_case(T, Hq, Hkv, window, strong, rows):
         segmented.SEGMENT_LEN = None
 
 
-for _s in [(150, 4, 2, 64, False, 48), (150, 2, 2, 20, True, 32), (96, 2, 1, 0, False, 32), (64, 2, 2, 64, False, 16)]:
+for _s in [(150, 4, 2, 64, False, 48), (150, 2, 2, 20, True, 32), (96, 2, 1, 0, False, 32), (64, 2, 2, 64, False, 16),
+           (77, 2, 2, 5, False, 32)]:
     CHECKS["liger_segmented_T{}_Hq{}_Hkv{}_W{}_{}_rows{}".format(*_s[:4], "strong" if _s[4] else "weak", _s[5])] = (
         lambda c=_s: segmented_case(*c))
+
+
+@check("liger_segmented_fp16")
+def liger_segmented_fp16():
+    """Segments with half-precision I/O (one batch row, T not a multiple of the segment) against float64."""
+    from linearize.kernels.liger import segmented  # noqa: PLC0415
+
+    torch.manual_seed(15)
+    B, T, Hq, Hkv, D = 1, 90, 4, 2, 32
+    q, k, v = (torch.randn(B, T, h, D).half() for h in (Hq, Hkv, Hkv))
+    cos, sin = rope(B, T, D)
+    segmented.SEGMENT_LEN = 32
+    try:
+        o, s = kernels().liger_attention(q, k, v, cos=cos, sin=sin, output_final_state=True, backend="triton")
+    finally:
+        segmented.SEGMENT_LEN = None
+    r, rs = kernels().liger_attention(q.double(), k.double(), v.double(), cos=cos.double(), sin=sin.double(),
+                                      output_final_state=True, backend="torch")
+    assert o.dtype == torch.float16
+    assert rel(o, r) < 5e-3 and rel(s, rs) < 5e-3
 
 
 @check("liger_packed")

@@ -91,6 +91,8 @@ class GreedyDecoder:
         try:
             with torch.cuda.graph(graph, stream=side):
                 self._forward()
+        except torch.OutOfMemoryError:
+            raise  # callers such as linearize bench report an out-of-memory setting as such
         except RuntimeError as e:
             raise LinearizeError(f"recording the decode step as a CUDA graph failed ({str(e).splitlines()[0]}); "
                                  "use --no-cuda-graph") from e
