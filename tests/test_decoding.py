@@ -46,8 +46,11 @@ def test_graph_blockers_are_named(stories_path, tmp_path):
 
 
 @torch.no_grad()
-def test_left_padded_batch_decodes_like_generate(stories_path, tmp_path):
+def test_greedy_generate_equals_generate_with_padding_and_eos(stories_path, tmp_path):
+    """A left-padded batch (GreedyDecoder's next_positions), end and pad tokens, the early stop."""
     from transformers import AutoTokenizer
+
+    from linearize.decoding import greedy_generate
 
     out = convert(str(stories_path), tmp_path / "out", window=16)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -55,10 +58,17 @@ def test_left_padded_batch_decodes_like_generate(stories_path, tmp_path):
     tok.pad_token, tok.padding_side = tok.unk_token, "left"
     batch = tok(["Once upon a time there was a little girl named Lily who", "The dog ran"], return_tensors="pt",
                 padding=True)
-    assert not bool(batch.attention_mask.all())
-    positions = batch.attention_mask.cumsum(-1) - 1
-    prompt = model(**batch, position_ids=positions.clamp(min=0), use_cache=True, logits_to_keep=1)
-    decoder = GreedyDecoder(model, prompt.past_key_values, prompt.logits[:, -1], next_positions=positions[:, -1:] + 1)
-    decoder.run(19)
-    expected = model.generate(**batch, max_new_tokens=20, do_sample=False)[:, batch.input_ids.shape[1]:]
-    assert torch.equal(torch.cat(decoder.tokens, 1), expected)
+    plain = greedy_generate(model, batch.input_ids, 20, attention_mask=batch.attention_mask)
+    assert torch.equal(plain, model.generate(**batch, max_new_tokens=20, do_sample=False))
+    # an end token that row 0 reaches early (row 1 may never reach it): pads after it, as generate() does
+    n = batch.input_ids.shape[1]
+    eos = int(plain[0, n + 4])
+    kw = dict(max_new_tokens=20, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+    ours = greedy_generate(model, batch.input_ids, attention_mask=batch.attention_mask, **kw)
+    theirs = model.generate(**batch, do_sample=False, **kw)
+    assert torch.equal(ours, theirs)
+    one = batch.input_ids[:1, batch.attention_mask[0].bool()]  # row 0 alone: every row ends, decoding stops early
+    ended = greedy_generate(model, one, **kw)
+    assert ended.shape[1] == one.shape[1] + 5 and torch.equal(ended, model.generate(one, do_sample=False, **kw))
+    with pytest.raises(LinearizeError, match="at least 1"):
+        greedy_generate(model, batch.input_ids, 0)

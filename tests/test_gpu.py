@@ -164,3 +164,13 @@ def test_cuda_graph_decode_of_other_targets(stories_path, tmp_path, target):
     model = AutoModelForCausalLM.from_pretrained(out).cuda().eval()
     ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(4)).cuda()
     assert torch.equal(greedy_tokens(model, ids, steps=30, cuda_graph=True), greedy_tokens(model, ids, steps=30))
+
+
+@torch.no_grad()
+def test_greedy_generate_with_a_cuda_graph_equals_generate(family_models):
+    from linearize.decoding import greedy_generate
+
+    model = family_models("llama", 16, [], torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = torch.randint(0, 512, (3, 50), generator=torch.Generator().manual_seed(5)).cuda()
+    assert torch.equal(greedy_generate(model, ids, 40), model.generate(ids, max_new_tokens=40, do_sample=False))

@@ -122,3 +122,36 @@ class GreedyDecoder:
             layer.device_position = None
         self.graph = None
 
+
+
+@torch.inference_mode()
+def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *,
+                    attention_mask: torch.Tensor | None = None, eos_token_id: int | None = None,
+                    pad_token_id: int | None = None, cuda_graph: bool | None = None) -> torch.Tensor:
+    """The prompt and its greedy continuation, as `model.generate(do_sample=False)` returns them, with
+    the decode step replayed from a CUDA graph where the cache allows (cuda_graph None: on CUDA for a
+    converted model whose layers are all converted). A left-padded batch needs its attention_mask.
+    After a row's eos_token_id come pad tokens, and decoding stops once every row has ended."""
+    if max_new_tokens < 1:
+        raise LinearizeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
+    if cuda_graph is None:  # recording pays off over more than a few steps
+        cuda_graph = graph_blocker(out.past_key_values, input_ids.device) is None and max_new_tokens > 8
+    decoder = GreedyDecoder(model, out.past_key_values, out.logits[:, -1], cuda_graph=cuda_graph,
+                            next_positions=None if positions is None else positions[:, -1:] + 1)
+    check_every = 16  # whether every row has ended is a host sync: asked now and then, not every step
+    while len(decoder.tokens) < max_new_tokens:
+        decoder.run(min(check_every, max_new_tokens - len(decoder.tokens)))
+        if eos_token_id is not None and bool((torch.cat(decoder.tokens, 1) == eos_token_id).any(1).all()):
+            break
+    tokens = torch.cat(decoder.tokens, 1)[:, :max_new_tokens]
+    decoder.release()
+    if eos_token_id is not None:
+        ended = (tokens == eos_token_id).long().cumsum(1)
+        after = (ended - (tokens == eos_token_id).long()) > 0  # strictly after each row's first eos
+        tokens = tokens.masked_fill(after, eos_token_id if pad_token_id is None else pad_token_id)
+        last = int(ended.gt(0).logical_not().sum(1).max()) + 1  # generate() stops once every row has ended
+        tokens = tokens[:, : min(last, tokens.shape[1])]
+    return torch.cat([input_ids, tokens], 1)
