@@ -62,7 +62,7 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("forward (Liger, fused, sequence segment)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=True, STORE_HT=False,
               PRELOAD=True, IS_VARLEN=True),
-         8 if D * min(D, 128) >= 128 * 128 else 4, 1),
+         8, 1),  # liger/segmented.py launches 8 warps at every size
         ("backward dq sweep (Liger)", gla_bwd_dq_kernel,
          dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=False), 8, 1),
         ("backward dk/dv sweep (Liger)", gla_bwd_dkv_kernel,

@@ -63,6 +63,8 @@ ROWS = [
 TEACHER = "teacher (source model)"
 NOTES = "<!-- notes: everything below this line is kept when benchmarks/quality.py rewrites the file -->"
 ORDER = {TEACHER: -1} | {name: i for i, (name, _, _) in enumerate(ROWS)}
+
+
 def shared_settings(args) -> dict:
     """The settings rows of different runs must share to sit in one table (recorded in the JSON's meta)."""
     return {"tokens_per_row": args.tokens, "seq_len": args.seq_len, "eval_context": args.eval_context,

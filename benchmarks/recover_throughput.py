@@ -19,7 +19,9 @@ import importlib.util
 import json
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 # benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
 HERE = Path(__file__).resolve().parent
@@ -32,7 +34,6 @@ from rich.table import Table  # noqa: E402
 
 from linearize import modeling  # noqa: E402
 from linearize.families import family_for  # noqa: E402
-from linearize.kernels import liger_attention  # noqa: E402
 from linearize.kernels.gla import chunk_triton  # noqa: E402
 from linearize.kernels.liger import segmented  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
@@ -127,36 +128,35 @@ def main() -> None:
     p.add_argument("--ceiling", action="store_true", help="add a row with no token mixing (an upper bound)")
     p.add_argument("--profile", type=int, metavar="SEQ_LEN", help="print each model's top GPU kernels at this length")
     args = p.parse_args()
-    variants = [("gla", {})] + [(f"gla {v}", dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))
-                                for v in args.gla_launch.split(",") if v]
-    variants += [(f"gla seg {n}", {"segment_len": int(n)}) for n in args.segments.split(",") if n]
+    # (label, converted, module attributes patched for the row)
+    variants = [("gla", True, [])]
+    variants += [(f"gla {v}", True, [(chunk_triton, "FORWARD_LAUNCH",
+                                      dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))])
+                 for v in args.gla_launch.split(",") if v]
+    variants += [(f"gla seg {n}", True, [(segmented, "SEGMENT_LEN", int(n))]) for n in args.segments.split(",") if n]
+    if args.ceiling:
+        variants.append(("no mixing", True, [(modeling, "liger_attention", no_mixing)]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for seq_len in [int(x) for x in args.seq_lens.split(",")]:
         row = {"seq_len": seq_len}
-        ceiling = [("no mixing", {})] if args.ceiling else []
-        for label, launch in [("softmax", None), *variants, *ceiling]:
-            model = build(args.source, launch is not None, device)
-            segmented.SEGMENT_LEN = (launch or {}).get("segment_len")
-            chunk_triton.FORWARD_LAUNCH = {k: v for k, v in (launch or {}).items() if k != "segment_len"}
-            if label == "no mixing":
-                modeling.liger_attention = no_mixing
-            try:
-                row[label] = tokens_per_second(model, seq_len, args.tokens_per_step, args.steps, device)
-            except torch.OutOfMemoryError:
-                row[label] = None
-            finally:
-                chunk_triton.FORWARD_LAUNCH = {}
-                segmented.SEGMENT_LEN = None
-                modeling.liger_attention = liger_attention
+        for label, converted, patches in [("softmax", False, []), *variants]:
+            model = build(args.source, converted, device)
+            with ExitStack() as stack:
+                for module, attr, value in patches:
+                    stack.enter_context(mock.patch.object(module, attr, value))
+                try:
+                    row[label] = tokens_per_second(model, seq_len, args.tokens_per_step, args.steps, device)
+                except torch.OutOfMemoryError:
+                    row[label] = None
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         row["ratio"] = row["gla"] / row["softmax"] if row["gla"] and row["softmax"] else None
         rows.append(row)
     table = Table(title=f"LoRA recovery throughput, {args.source} on {name} (tokens/s)")
-    extra = [v for v, _ in variants[1:]] + (["no mixing"] if args.ceiling else [])
+    extra = [label for label, _, _ in variants[1:]]
     for col in ("seq len", "softmax (SDPA)", "converted gla", "gla / softmax", *extra):
         table.add_column(col, justify="right")
     for r in rows:

@@ -131,15 +131,15 @@ def test_segmented_sequences_match_whole_ones_on_gpu(D, dtype, monkeypatch):
     from linearize.kernels import liger_attention
     from linearize.kernels.liger import segmented
 
+    from .test_kernels_triton import rope
+
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(3)
     B, T, Hq, Hkv = 2, 2000, 4, 2
     q, do = (torch.randn(B, T, Hq, D, device="cuda", generator=g).to(dtype) for _ in range(2))
     k, v = (torch.randn(B, T, Hkv, D, device="cuda", generator=g).to(dtype) for _ in range(2))
     h0, dht = (torch.randn(B, Hq, D, D, device="cuda", generator=g) * 0.3 for _ in range(2))
-    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda") / D))
-    ang = torch.arange(T, device="cuda")[:, None] * inv[None]
-    cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
+    cos, sin = (x.cuda() for x in rope(1, T, D))
 
     def run(rows: int):
         monkeypatch.setattr(segmented, "SEGMENT_LEN", rows)

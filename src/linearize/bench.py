@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from rich.console import Console
 from rich.table import Table
 
-from .decoding import GreedyDecoder, graph_blocker
+from .decoding import GreedyDecoder, graph_blocker, last_logits_only
 from .errors import LinearizeError
 from .evaluate import device_name, versions
-from .evaluate.scoring import accepts, progress_bar
+from .evaluate.scoring import progress_bar
 from .footprint import footprint
 from .loading import load_causal_lm, resolve_device, resolve_dtype
 
@@ -221,12 +221,11 @@ class Run:
     model: torch.nn.Module
     cache: Any = None
     logits: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(init=False)
     decoder: GreedyDecoder | None = None
 
     def __post_init__(self) -> None:
-        if accepts(self.model, "logits_to_keep"):
-            self.extra["logits_to_keep"] = 1  # a prefill needs only its last position's logits
+        self.extra = last_logits_only(self.model)
 
     def step(self, ids: torch.Tensor) -> None:
         out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, **self.extra)

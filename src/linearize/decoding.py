@@ -21,6 +21,12 @@ from .errors import LinearizeError
 from .evaluate.scoring import accepts
 
 
+def last_logits_only(model: torch.nn.Module) -> dict:
+    """Forward arguments asking for the last position's logits only, where the model takes them: a
+    prefill or decode step needs no more, and full [B, T, vocab] logits would hold memory."""
+    return {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+
+
 def graph_blocker(cache: Any, device: torch.device) -> str | None:
     """Why a decode step on this cache cannot be recorded as a CUDA graph, or None if it can."""
     if device.type != "cuda":
@@ -64,7 +70,7 @@ class GreedyDecoder:
         self.position = torch.tensor(seen, device=logits.device)  # shared by every converted layer
         for layer in self.liger_layers:
             layer.device_position = self.position
-        self.extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+        self.extra = last_logits_only(model)
         self.tokens = [self.ids.clone()]
         self.graph: torch.cuda.CUDAGraph | None = None
         if cuda_graph:
@@ -135,23 +141,28 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     if max_new_tokens < 1:
         raise LinearizeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     positions = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **extra)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                **last_logits_only(model))
     if cuda_graph is None:  # recording pays off over more than a few steps
         cuda_graph = graph_blocker(out.past_key_values, input_ids.device) is None and max_new_tokens > 8
     decoder = GreedyDecoder(model, out.past_key_values, out.logits[:, -1], cuda_graph=cuda_graph,
                             next_positions=None if positions is None else positions[:, -1:] + 1)
-    check_every = 16  # whether every row has ended is a host sync: asked now and then, not every step
+    ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    checked = 0
     while len(decoder.tokens) < max_new_tokens:
-        decoder.run(min(check_every, max_new_tokens - len(decoder.tokens)))
-        if eos_token_id is not None and bool((torch.cat(decoder.tokens, 1) == eos_token_id).any(1).all()):
-            break
+        decoder.run(min(16, max_new_tokens - len(decoder.tokens)))  # "has every row ended?" syncs: every 16 steps
+        if eos_token_id is not None:
+            ended |= (torch.cat(decoder.tokens[checked:], 1) == eos_token_id).any(1)
+            checked = len(decoder.tokens)
+            if bool(ended.all()):
+                break
     tokens = torch.cat(decoder.tokens, 1)[:, :max_new_tokens]
     decoder.release()
     if eos_token_id is not None:
-        ended = (tokens == eos_token_id).long().cumsum(1)
-        after = (ended - (tokens == eos_token_id).long()) > 0  # strictly after each row's first eos
-        tokens = tokens.masked_fill(after, eos_token_id if pad_token_id is None else pad_token_id)
-        last = int(ended.gt(0).logical_not().sum(1).max()) + 1  # generate() stops once every row has ended
-        tokens = tokens[:, : min(last, tokens.shape[1])]
+        is_eos = tokens == eos_token_id
+        length = tokens.shape[1]
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), length)  # each row's first end token
+        tokens = tokens.masked_fill(torch.arange(length, device=tokens.device) > first[:, None],
+                                    eos_token_id if pad_token_id is None else pad_token_id)
+        tokens = tokens[:, : int(first.max()) + 1]  # generate() stops once every row has ended
     return torch.cat([input_ids, tokens], 1)

@@ -72,6 +72,13 @@ def softmax_rows(x):
 
 
 @triton.jit
+def rope_rows(x, x_swapped, c, s, sign):
+    """RoPE (rotate-half convention) of rows x, given x with its two halves swapped and sign = -1
+    on the first half, +1 on the second."""
+    return x * c + sign[None, :] * x_swapped * s
+
+
+@triton.jit
 def liger_key_maps(b_k, gate_mult):
     """Liger's key side, in registers: (softmax(k) over the head dimension, logsigmoid(k) * gate_mult)."""
     return softmax_rows(b_k), logsigmoid(b_k) * gate_mult
@@ -143,7 +150,7 @@ def gla_fwd_kernel(
             c_t = tl.load(cos + t_pre[:, None] * K + ck[None, :]).to(tl.float32)
             s_t = tl.load(sin + t_pre[:, None] * K + ck[None, :]).to(tl.float32)
             b_v = tl.load(v + (t_pre * HKV + i_hk)[:, None] * V + cv[None, :]).to(dot_t)
-            kw0, kw1, kw2, kw3 = kw1, kw2, kw3, (b_k * c_t + sign[None, :] * k_sw * s_t).to(dot_t)
+            kw0, kw1, kw2, kw3 = kw1, kw2, kw3, rope_rows(b_k, k_sw, c_t, s_t, sign).to(dot_t)
             vw0, vw1, vw2, vw3 = vw1, vw2, vw3, b_v
 
     for i_c in range(0, tl.cdiv(L, BT)):
@@ -194,8 +201,8 @@ def gla_fwd_kernel(
             s_t = s_t.to(tl.float32)
             q_sw = tl.load(p_q + ck_swap[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
             k_sw = tl.load(p_k + ck_swap[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-            q_rot = ((b_q * c_t + sign[None, :] * q_sw * s_t) * (win_scale * 1.4426950408889634)).to(dot_t)
-            k_rot = (b_k * c_t + sign[None, :] * k_sw * s_t).to(dot_t)
+            q_rot = (rope_rows(b_q, q_sw, c_t, s_t, sign) * (win_scale * 1.4426950408889634)).to(dot_t)
+            k_rot = rope_rows(b_k, k_sw, c_t, s_t, sign).to(dot_t)
             # scores of this block against the 4 before it and itself; key position t - d
             s_c = tl.dot(q_rot, tl.trans(k_rot), input_precision="ieee")
             s_c = tl.where(causal & (rows[:, None] - rows[None, :] < WINDOW), s_c, -float("inf"))

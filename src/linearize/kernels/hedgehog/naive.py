@@ -160,7 +160,7 @@ def hedgehog_decode_step_torch(
     ring_write(k_ring, slot, apply_rope(k, cos, sin)[:, 0])
     ring_write(v_ring, slot, v[:, 0])
     ring_write(f_ring, slot, phi_k[:, 0])
-    ring_write(ring_valid, slot, ring_valid.new_ones(ring_valid.shape[0]))
+    ring_write(ring_valid, slot, True)
     q_rot = apply_rope(q, cos, sin)[:, 0].to(dt).unflatten(1, (Hkv, -1))
     scores = torch.einsum("bhgd,bhwd->bhgw", q_rot, k_ring.to(dt)) * D**-0.5
     scores = scores.masked_fill(~ring_valid[:, None, None, :], float("-inf"))

@@ -19,12 +19,11 @@ import os
 
 import torch
 import torch.nn.functional as F
-from triton.runtime.errors import OutOfResources
 
 from ..gla.backward_triton import gla_bwd
 from ..gla.chunk_triton import MAX_WINDOW, gla_fwd, supported
 from . import segmented
-from .window_bwd_triton import window_bwd, window_bwd_torch
+from .window_bwd_triton import window_bwd
 
 # The feature-map sweeps hold a whole head's state tile [D, D] in registers; beyond 128 that
 # spills, so wider heads differentiate the maps in PyTorch around the plain GLA sweeps.
@@ -69,10 +68,7 @@ class _LigerFunction(torch.autograd.Function):
         else:
             dq, dk, dv, dh0 = _backward_through_torch_maps(q, k, v, do * linear_share, gn, common)
         if window > 0:
-            try:
-                window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu, add_to=(dq, dk, dv))
-            except OutOfResources:  # a device with less shared memory than the window kernels' tiles need
-                window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu, add_to=(dq, dk, dv))
+            window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu, add_to=(dq, dk, dv))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None, None, None, None, None, None
 
 

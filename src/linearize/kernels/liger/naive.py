@@ -236,15 +236,17 @@ def liger_decode_step_torch(
     return o[:, None].to(q.dtype)
 
 
-def ring_write(ring: torch.Tensor, slot: int | torch.Tensor, value: torch.Tensor) -> None:
+def ring_write(ring: torch.Tensor, slot: int | torch.Tensor, value: torch.Tensor | bool) -> None:
     """ring[:, :, slot] = value for a ring [B, H, W, D] (value [B, H, D]), ring[:, slot] = value for
-    validity [B, W] (value [B]). A tensor slot goes through index_copy_: a CUDA graph can record
-    that, not indexing by a tensor (which synchronises)."""
+    validity [B, W] (value [B], or one bool for every row). A tensor slot goes through index_copy_ /
+    index_fill_: a CUDA graph can record those, not indexing by a tensor (which synchronises)."""
     dim = 2 if ring.dim() == 4 else 1
-    if isinstance(slot, torch.Tensor):
+    if not isinstance(slot, torch.Tensor):
+        ring.select(dim, slot)[...] = value
+    elif isinstance(value, torch.Tensor):
         ring.index_copy_(dim, slot.reshape(1), value.unsqueeze(dim).to(ring.dtype))
     else:
-        ring.select(dim, slot).copy_(value)
+        ring.index_fill_(dim, slot.reshape(1), value)
 
 
 def ring_read(ring: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
@@ -274,7 +276,7 @@ def window_decode_step(
     slot = position % k_ring.shape[2]
     ring_write(k_ring, slot, apply_rope(k, cos, sin)[:, 0])
     ring_write(v_ring, slot, v[:, 0])
-    ring_write(ring_valid, slot, ring_valid.new_ones(ring_valid.shape[0]))
+    ring_write(ring_valid, slot, True)
     q_rot = apply_rope(q, cos, sin)[:, 0].to(dtype).unflatten(1, (Hkv, Hq // Hkv))  # query heads grouped by kv head
     scores = torch.einsum("bhgd,bhwd->bhgw", q_rot, k_ring.to(dtype)) * D**-0.5
     scores = scores.masked_fill(~ring_valid[:, None, None, :], float("-inf"))

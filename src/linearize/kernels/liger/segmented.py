@@ -23,16 +23,16 @@ the sweeps; it pays where programs are few, so `segment_length` only splits then
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
-from triton.runtime.errors import OutOfResources
 
 from ..gla import chunk_triton
 from ..gla.backward_triton import gla_bwd
 from ..gla.chunk_triton import gla_fwd
-from .window_bwd_triton import window_bwd, window_bwd_torch
+from .window_bwd_triton import window_bwd
 
 # Rows per segment: None chooses (segment_length), 0 never splits; tests set a small value.
 SEGMENT_LEN: int | None = None
@@ -54,16 +54,21 @@ def segment_length(batch: int, length: int, q_heads: int, device: torch.device) 
         return SEGMENT_LEN or None
     if os.environ.get("LINEARIZE_SEGMENTS") == "0" or device.type != "cuda":  # the env variable turns it off
         return None
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return _best_split(batch * q_heads, length, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+@functools.cache  # asked by every layer on every call: the same few shapes each step
+def _best_split(programs: int, length: int, sms: int) -> int | None:
     step = 4 * chunk_triton.BT  # whole blocks, and a full window look-back (4 blocks) from the second segment on
-    best, best_cost = None, -(-batch * q_heads // sms) * length
+    best, best_cost = None, -(-programs // sms) * length
     for pieces in range(2, length // MIN_SEGMENT + 1):
         rows = -(-length // pieces // step) * step
         pieces = -(-length // rows)  # after rounding rows up to whole steps
-        cost = -(-batch * q_heads * pieces // sms) * (rows + SEGMENT_OVERHEAD)
+        cost = -(-programs * pieces // sms) * (rows + SEGMENT_OVERHEAD)
         if cost < 0.9 * best_cost:  # a clear gain only: splitting has costs this model leaves out
             best, best_cost = rows, cost
     return best
+
 
 def _segments(x: torch.Tensor, pieces: int, rows: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, S, rows, H, D] in fp32, the last segment padded with zero rows."""
@@ -151,9 +156,6 @@ class SegmentedLigerFunction(torch.autograd.Function):
         )
         dq, dk, dv = dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
         if window > 0:
-            try:
-                window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, add_to=(dq, dk, dv))
-            except OutOfResources:  # a device with less shared memory than the window kernels' tiles need
-                window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, add_to=(dq, dk, dv))
+            window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, add_to=(dq, dk, dv))
         dh0 = dh0.view(B, pieces, *dh0.shape[1:])[:, 0] if dh0 is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None, None, None, None, None, None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from ..gla import chunk_triton
 from .naive import apply_rope, sliding_window_attention
@@ -61,6 +62,17 @@ def halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr, mult, d
     x1 = tl.load(p_x, mask=row_ok, other=0.0).to(tl.float32) * mult
     x2 = tl.load(p_x + H2, mask=row_ok, other=0.0).to(tl.float32) * mult
     return x1.to(dot_t), x2.to(dot_t)
+
+
+@triton.jit
+def query_rows(q, do, starts, cos, sin, r, NT, HQ: tl.constexpr, i_h, D: tl.constexpr, mix, dot_t):
+    """A tile of query rows r of head i_h: (r as int64, which rows exist, rotated q halves, do halves
+    times mix, each row's sequence start)."""
+    r64 = r.to(tl.int64)
+    valid = r < NT
+    q1, q2 = rotated_halves(q, valid[:, None], r64, HQ, i_h, cos, sin, D, dot_t)
+    do1, do2 = halves(do, valid[:, None], r64, HQ, i_h, D, mix, dot_t)
+    return r64, valid, q1, q2, do1, do2, tl.load(starts + r, mask=valid, other=0)
 
 
 @triton.jit
@@ -123,11 +135,7 @@ def window_dq_kernel(
     i_hk = i_h // (HQ // HKV)
     dot_t = q.dtype.element_ty if LOW_PRECISION else tl.float32
     r = i_q * BQ + tl.arange(0, BQ)
-    r64 = r.to(tl.int64)
-    valid = r < NT
-    q1, q2 = rotated_halves(q, valid[:, None], r64, HQ, i_h, cos, sin, D, dot_t)
-    do1, do2 = halves(do, valid[:, None], r64, HQ, i_h, D, mix, dot_t)
-    start = tl.load(starts + r, mask=valid, other=0)
+    r64, valid, q1, q2, do1, do2, start = query_rows(q, do, starts, cos, sin, r, NT, HQ, i_h, D, mix, dot_t)
 
     # pass 1: online softmax statistics over this key block, then the one before (a finite initial
     # max keeps rows with no visible key so far free of inf - inf)
@@ -185,11 +193,7 @@ def window_dkv_kernel(
     for it in range(2 * G):  # (one loop, not two nested: the nested form spilled registers on sm_90)
         i_h = i_hk * G + it // 2
         r = i_k * BKV + (it % 2) * BQ + tl.arange(0, BQ)
-        r64 = r.to(tl.int64)
-        valid = r < NT
-        q1, q2 = rotated_halves(q, valid[:, None], r64, HQ, i_h, cos, sin, D, dot_t)
-        do1, do2 = halves(do, valid[:, None], r64, HQ, i_h, D, mix, dot_t)
-        start = tl.load(starts + r, mask=valid, other=0)
+        r64, valid, q1, q2, do1, do2, start = query_rows(q, do, starts, cos, sin, r, NT, HQ, i_h, D, mix, dot_t)
         b_lse = tl.load(lse + r64 * HQ + i_h, mask=valid, other=0.0)
         b_delta = tl.load(delta + r64 * HQ + i_h, mask=valid, other=0.0)
         p = tl.exp(window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W) - b_lse[:, None])  # [queries, keys]
@@ -240,7 +244,9 @@ def window_bwd(
 
     q, do [B, T, Hq, D]; k, v [B, T, Hkv, D]; cos, sin [B or 1, T, D]; window <= 64. Returns dq, dk,
     dv; with `add_to` (contiguous fp32 dq, dk, dv of those shapes) adds into them and returns them.
-    Heads narrower than MIN_D take the PyTorch form. block_kv: key rows per dk/dv program (<= 64).
+    Heads narrower than MIN_D take the PyTorch form, as does a kernel whose tiles do not fit the
+    device's shared memory (Triton raises OutOfResources when it is built). block_kv: key rows per
+    dk/dv program (<= 64).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -272,7 +278,19 @@ def window_bwd(
                   ACCUMULATE=add_to is not None, num_warps=8, num_stages=1)
     n_blocks = triton.cdiv(NT, BQ)
     args = (q, k, v, do, tables[0], tables[1], starts.contiguous())
-    window_dq_kernel[(n_blocks, HQ)](*args, dq, lse, delta, NT, float(mix), float(D) ** -0.5, **common)
-    window_dkv_kernel[(triton.cdiv(NT, block_kv), HKV)](*args, lse, delta, dk, dv, NT, float(mix), float(D) ** -0.5,
-                                                         BKV=block_kv, **common)
+    torch_form = dict(window=window, mix=mix, cu_seqlens=cu_seqlens)
+    try:
+        window_dq_kernel[(n_blocks, HQ)](*args, dq, lse, delta, NT, float(mix), float(D) ** -0.5, **common)
+    except OutOfResources:  # nothing written yet
+        return window_bwd_torch(q, k, v, do, cos, sin, **torch_form, add_to=add_to)
+    try:
+        window_dkv_kernel[(triton.cdiv(NT, block_kv), HKV)](*args, lse, delta, dk, dv, NT, float(mix),
+                                                             float(D) ** -0.5, BKV=block_kv, **common)
+    except OutOfResources:  # dq is in place already: only dk, dv from the PyTorch form
+        _, dk_torch, dv_torch = window_bwd_torch(q, k, v, do, cos, sin, **torch_form)
+        if add_to is not None:
+            dk.add_(dk_torch)
+            dv.add_(dv_torch)
+        else:
+            dk, dv = dk_torch, dv_torch
     return dq, dk, dv
