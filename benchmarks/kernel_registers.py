@@ -78,9 +78,9 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("window backward dq", wb.window_dq_kernel, window, 8, 1),
         (f"window backward dk/dv ({block_kv} keys)", wb.window_dkv_kernel, dict(window, BKV=block_kv), 8, 1),
         ("decode step (Liger, window 64)", liger_decode_kernel,
-         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 32), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
+         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 64), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
         ("decode step (Liger, window 64, CUDA-graph slot)", liger_decode_kernel,
-         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 32), W=64, BW=64, SLOT_IN_MEMORY=True), 4, 3),
+         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 64), W=64, BW=64, SLOT_IN_MEMORY=True), 4, 3),
     ]
 
 

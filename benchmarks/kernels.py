@@ -2,8 +2,10 @@
 """Benchmark the Triton Liger kernels against flash-linear-attention + PyTorch window attention.
 
     python benchmarks/kernels.py [--json out.json] [--T 1024 4096 16384] [--no-backward]
+    python benchmarks/kernels.py --B 4 --Hq 9 --Hkv 3 --D 64 --T 4096 --swa none --segments 0 1408 --profile
+    python benchmarks/kernels.py --decode-only --decode-block-v 32 64 --decode-warps 4 8
 
-Per shape (B 8, Hq 32, Hkv 32 or 8, D 128, bf16, window 64): forward and forward+backward ms
+Per shape (by default B 8, Hq 32, Hkv 32 or 8, D 128, bf16, window 64): forward and forward+backward ms
 (triton.testing.do_bench, median), the forward's achieved GB/s counting q, k, v read once and
 o written once, the HBM floor (those bytes at the device-to-device copy bandwidth measured in
 this run) and the ratio to it; against
@@ -18,15 +20,19 @@ from Python and replayed from a CUDA graph (as the model decodes; `--decode-only
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
-from linearize.kernels import liger_attention, liger_decode_step
+from linearize.kernels import liger_attention
+from linearize.kernels.liger import segmented
+from linearize.kernels.liger.decode_triton import liger_decode_step as triton_decode_step
 from linearize.kernels.liger.naive import apply_rope, repeat_heads
 
 WINDOW, MIX, GN = 64, 0.5, 16.0
@@ -132,6 +138,17 @@ def backward_parts(q, k, v, cos, sin):
     return parts
 
 
+def profile(q, k, v, cos, sin, rows=12) -> str:
+    """The top GPU kernels of one forward+backward of ours (after a warm-up call)."""
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    do = torch.randn_like(q)
+    torch.autograd.grad(ours(qg, kg, vg, cos, sin), (qg, kg, vg), do)  # compiles outside the profile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.autograd.grad(ours(qg, kg, vg, cos, sin), (qg, kg, vg), do)
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+
+
 def safe(f, failed=(float("nan"), float("nan"))):
     """f(), or `failed` after printing why (OOM, missing package, compile failure)."""
     try:
@@ -174,6 +191,16 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", help="sweep the forward kernel's block_v/num_warps/num_stages")
     ap.add_argument("--Hkv", type=int, nargs="+", default=[32, 8], help="kv heads of the shapes (Hq is 32)")
     ap.add_argument("--decode-only", action="store_true", help="only the decode step's bandwidth (seconds, no compiles)")
+    ap.add_argument("--decode-block-v", type=int, nargs="+", default=[None],
+                    help="value columns per decode program to time (default: the kernel's own choice)")
+    ap.add_argument("--decode-warps", type=int, nargs="+", default=[None],
+                    help="warps per decode program to time (default: the kernel's own choice)")
+    ap.add_argument("--B", type=int, default=8)
+    ap.add_argument("--Hq", type=int, default=32)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--segments", type=int, nargs="+", default=[],
+                    help="also time ours with sequences cut into segments of these many rows (0: whole)")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of ours' forward+backward")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name()
@@ -183,7 +210,7 @@ def main(argv=None):
         tune(bw)
         return
     result = dict(device=dev, copy_GBps=bw, shapes=[], decode=[])
-    B, Hq, D, dt = 8, 32, 128, torch.bfloat16
+    B, Hq, D, dt = args.B, args.Hq, args.D, torch.bfloat16
     layers = {}
     for name in args.swa:
         if name == "none":
@@ -205,6 +232,15 @@ def main(argv=None):
             bwd = not args.no_backward
             row["ours_fwd"], row["ours_fwdbwd"] = safe(
                 lambda: time_fwd_bwd(ours, q, k, v, cos, sin, bwd and T <= args.ours_backward_max_T))
+            for rows in args.segments:
+                with mock.patch.object(segmented, "SEGMENT_LEN", rows):
+                    f, fb = safe(lambda: time_fwd_bwd(ours, q, k, v, cos, sin, bwd))
+                    row[f"ours_seg{rows}_fwd"], row[f"ours_seg{rows}_fwdbwd"] = f, fb
+                    print(f"  ours seg {rows}: fwd {f:8.3f} ms   fwd+bwd {fb:8.3f} ms")
+                    if args.profile:
+                        print(profile(q, k, v, cos, sin))
+            if args.profile and not args.segments:
+                print(profile(q, k, v, cos, sin))
             if bwd:
                 row.update(safe(lambda: backward_parts(q, k, v, cos, sin), failed={}))
                 print("  backward parts: " + ", ".join(f"{k_} {v_:.3f} ms" for k_, v_ in row.items()
@@ -234,7 +270,7 @@ def main(argv=None):
     # decode step: per call from Python (do_bench: L2 flushed, launch cost included) and replayed
     # from a CUDA graph as the model's decode runs it, rotating over enough copies of the state
     # and rings that they cannot stay in L2 (a model's 32 layers do not either)
-    for Bd, Hkv in ((8, 32), (64, 32), (64, 8)):
+    for Bd, Hkv in itertools.product((8, 64), args.Hkv):
         q = torch.randn(Bd, 1, Hq, D, device="cuda", dtype=dt)
         k = torch.randn(Bd, 1, Hkv, D, device="cuda", dtype=dt)
         v = torch.randn(Bd, 1, Hkv, D, device="cuda", dtype=dt)
@@ -248,18 +284,20 @@ def main(argv=None):
                    torch.ones(Bd, WINDOW, dtype=torch.bool, device="cuda")) for _ in range(copies)]
         position = torch.tensor(5, device="cuda")
 
-        def step(cache, at=5):
-            return liger_decode_step(q, k, v, *cache, at, window=WINDOW, mix=MIX, gate_normalizer=GN, cos=cos,
-                                     sin=sin, backend="triton")
+        for block_v, warps in itertools.product(args.decode_block_v, args.decode_warps):
+            def step(cache, at=5):
+                return triton_decode_step(q, k, v, *cache, at, window=WINDOW, mix=MIX, gate_normalizer=GN, cos=cos,
+                                          sin=sin, block_v=block_v, num_warps=warps)
 
-        ms = bench(lambda: step(caches[0]))
-        graph_ms = do_bench_cudagraph(lambda: [step(c, position) for c in caches], return_mode="median") / copies
-        gbps, graph_gbps = (nbytes / (t * 1e-3) / 1e9 for t in (ms, graph_ms))
-        result["decode"].append(dict(B=Bd, Hq=Hq, Hkv=Hkv, D=D, ms=ms, bytes=nbytes, GBps=gbps, frac_copy=gbps / bw,
-                                     graph_ms=graph_ms, graph_GBps=graph_gbps, graph_frac_copy=graph_gbps / bw,
-                                     graph_copies=copies))
-        print(f"decode B{Bd} Hq{Hq} Hkv{Hkv}: called {ms * 1e3:.1f} us, {gbps:.0f} GB/s = {100 * gbps / bw:.0f}% of "
-              f"copy; graph replay {graph_ms * 1e3:.1f} us, {graph_gbps:.0f} GB/s = {100 * graph_gbps / bw:.0f}%")
+            ms = bench(lambda: step(caches[0]))
+            graph_ms = do_bench_cudagraph(lambda: [step(c, position) for c in caches], return_mode="median") / copies
+            gbps, graph_gbps = (nbytes / (t * 1e-3) / 1e9 for t in (ms, graph_ms))
+            result["decode"].append(dict(B=Bd, Hq=Hq, Hkv=Hkv, D=D, block_v=block_v, num_warps=warps, ms=ms,
+                                         bytes=nbytes, GBps=gbps, frac_copy=gbps / bw, graph_ms=graph_ms, graph_GBps=graph_gbps,
+                                         graph_frac_copy=graph_gbps / bw, graph_copies=copies))
+            print(f"decode B{Bd} Hq{Hq} Hkv{Hkv} block_v {block_v or 'auto'} warps {warps or 'auto'}: called "
+                  f"{ms * 1e3:.1f} us, {gbps:.0f} GB/s = {100 * gbps / bw:.0f}% of copy; graph replay {graph_ms * 1e3:.1f} us, {graph_gbps:.0f} "
+                  f"GB/s = {100 * graph_gbps / bw:.0f}%")
     print("\n| shape | ours fwd | ours fwd+bwd | (a) fwd | (a) fwd+bwd | SDPA fwd | SDPA fwd+bwd | GB/s | x floor |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["shapes"]:

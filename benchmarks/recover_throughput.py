@@ -7,7 +7,7 @@ the data. Prints a table and writes JSON with the device name.
 
     python benchmarks/recover_throughput.py --seq-lens 1024,4096 --tokens-per-step 16384 --json out.json
 
-`--ceiling` adds a row with no token mixing at all (each layer's output is its values): the most
+`--targets gdn,gsa` adds rows converted to other targets. `--ceiling` adds a row with no token mixing at all (each layer's output is its values): the most
 any linear-attention mixer could give on this model. `--profile` prints the GPU kernels that take
 the time in one training step of each model.
 """
@@ -49,7 +49,7 @@ def random_model(shape: str, device: torch.device):
     return shapes.random_llama(shape, torch.bfloat16, device)
 
 
-def build(source: str, converted: bool, device: torch.device):
+def build(source: str, converted: bool, device: torch.device, target: str = "gla"):
     if source.startswith("random:"):
         torch.manual_seed(0)
         model = random_model(source.removeprefix("random:"), device)
@@ -57,7 +57,7 @@ def build(source: str, converted: bool, device: torch.device):
         model = load_causal_lm(source, torch.bfloat16, device)
     if converted:
         family = family_for(model.config.model_type)
-        linearize_model(model, family, default_settings(family=family.name, source=source))
+        linearize_model(model, family, default_settings(family=family.name, source=source, target=target))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
     model.train()
     return model
@@ -101,14 +101,31 @@ def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, dev
 
 
 def profile(model, seq_len: int, tokens_per_step: int, device: torch.device, rows: int = 18) -> str:
-    """The kernels one training step spends its GPU time in, as torch.profiler's table."""
+    """The kernels one training step spends its GPU time in (torch.profiler's table), then the step's
+    wall time against the GPU's busy time and the host calls that wait for the GPU: a step whose
+    wall time is well above its GPU time is bound by the host (launches, synchronisations)."""
     step, _ = training_step(model, seq_len, tokens_per_step, device)
     for _ in range(3):
         step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
         step()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)
+        wall_ms = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    gpu_ms = sum(e.self_device_time_total for e in events if e.device_type != torch.autograd.DeviceType.CPU) / 1e3
+    waits = {e.key: e.count for e in events if e.key in HOST_WAITS}
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+    return (f"{table}\nstep wall {wall_ms:.1f} ms (profiled), GPU busy {gpu_ms:.1f} ms, {launches} kernel launches; "
+            f"host waits: {waits or 'none'}")
+
+
+# CUDA runtime calls that block the host until the GPU catches up (a pageable copy to the device,
+# .item(), .tolist(), bool(tensor) ...)
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
 
 
 def main() -> None:
@@ -125,11 +142,14 @@ def main() -> None:
     p.add_argument("--segments", default="",
                    help="extra converted-model rows with sequences cut into segments of these many rows "
                         "(liger/segmented.py; 0 = never cut; the default row chooses), comma-separated")
+    p.add_argument("--targets", default="",
+                   help="extra rows converted to these other targets (hgrn2, mamba2, hedgehog, gdn, gsa), comma-separated")
     p.add_argument("--ceiling", action="store_true", help="add a row with no token mixing (an upper bound)")
     p.add_argument("--profile", type=int, metavar="SEQ_LEN", help="print each model's top GPU kernels at this length")
     args = p.parse_args()
-    # (label, converted, module attributes patched for the row)
+    # (label, converted, module attributes patched for the row); a label naming another target converts to it
     variants = [("gla", True, [])]
+    variants += [(t, True, []) for t in args.targets.split(",") if t]
     variants += [(f"gla {v}", True, [(chunk_triton, "FORWARD_LAUNCH",
                                       dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))])
                  for v in args.gla_launch.split(",") if v]
@@ -142,7 +162,7 @@ def main() -> None:
     for seq_len in [int(x) for x in args.seq_lens.split(",")]:
         row = {"seq_len": seq_len}
         for label, converted, patches in [("softmax", False, []), *variants]:
-            model = build(args.source, converted, device)
+            model = build(args.source, converted, device, label if label in args.targets.split(",") else "gla")
             with ExitStack() as stack:
                 for module, attr, value in patches:
                     stack.enter_context(mock.patch.object(module, attr, value))
@@ -150,6 +170,7 @@ def main() -> None:
                     row[label] = tokens_per_second(model, seq_len, args.tokens_per_step, args.steps, device)
                 except torch.OutOfMemoryError:
                     row[label] = None
+            print(f"{label} at {seq_len}: {row[label] or 0:,.0f} tokens/s", flush=True)  # a cut run keeps these
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -24,6 +24,7 @@ the sweeps; it pays where programs are few, so `segment_length` only splits then
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -72,14 +73,26 @@ def _best_split(programs: int, length: int, sms: int) -> int | None:
 
 def _segments(x: torch.Tensor, pieces: int, rows: int) -> torch.Tensor:
     """[B, T, H, D] -> [B, S, rows, H, D] in fp32, the last segment padded with zero rows."""
-    x = F.pad(x.float(), (0, 0, 0, 0, 0, pieces * rows - x.shape[1]))
+    x = x.float()
+    if pieces * rows != x.shape[1]:
+        x = F.pad(x, (0, 0, 0, 0, 0, pieces * rows - x.shape[1]))
     return x.view(x.shape[0], pieces, rows, *x.shape[2:])
+
+
+def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
+    """cumsum over dim 2 of [B, S, rows, H, D] in two levels (within blocks, then over block totals):
+    PyTorch's scan along a middle dimension runs one thread per (B, S, H, D) element, serially over
+    all rows, which took 0.3 ms per call at SmolLM2's shape (docs/kernels.md, fifth session)."""
+    within = x.unflatten(2, (-1, math.gcd(x.shape[2], 64))).cumsum(3)
+    totals = within[:, :, :, -1]
+    before = totals.cumsum(2) - totals  # what the earlier blocks of the segment add
+    return (within + before[:, :, :, None]).flatten(2, 3)
 
 
 def _gates(k: torch.Tensor, pieces: int, rows: int, gate_normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Cumulative log-gate within each segment C [B, S, rows, Hkv, K] and each segment's total [B, S, Hkv, K]
     (padding rows add nothing)."""
-    cum = _segments(F.logsigmoid(k.float()) / gate_normalizer, pieces, rows).cumsum(2)
+    cum = _cumsum_rows(_segments(F.logsigmoid(k.float()).div_(gate_normalizer), pieces, rows))
     return cum, cum[:, :, -1]
 
 
@@ -87,12 +100,14 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, x.shape[0] * x.shape[1], *x.shape[2:])
 
 
+@functools.lru_cache(maxsize=16)  # every layer asks the same: ten small launches saved per call
 def _layout(batch: int, length: int, rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Segment offsets in the packed [1, B*T] layout (cu_seqlens form) and each segment's sequence start."""
+    """Segment offsets in the packed [1, B*T] layout (cu_seqlens form) and each segment's sequence start
+    (read-only: cached)."""
     pieces = -(-length // rows)
     firsts = torch.arange(batch, device=device)[:, None] * length
     starts = firsts + (torch.arange(pieces, device=device) * rows)[None]
-    cu = torch.cat([starts.flatten(), torch.tensor([batch * length], device=device)]).to(torch.int32)
+    cu = torch.cat([starts.flatten(), torch.full((1,), batch * length, device=device)]).to(torch.int32)
     return cu, firsts.expand(batch, pieces).flatten().to(torch.int32).contiguous()
 
 
@@ -107,17 +122,20 @@ class SegmentedLigerFunction(torch.autograd.Function):
         HKV, V = k.shape[2], v.shape[-1]
         group, pieces = HQ // HKV, -(-T // rows)
         cum, total = _gates(k, pieces, rows, gate_normalizer)
-        phi_k = _segments(k.float().softmax(-1), pieces, rows)
-        local = torch.einsum("bslhk,bslhv->bshkv", phi_k * torch.exp(total[:, :, None] - cum), _segments(v, pieces, rows))
-        decay = torch.exp(total).repeat_interleave(group, dim=2)[..., None]  # [B, S, HQ, K, 1]
-        local = local.repeat_interleave(group, dim=2)
-        state = torch.zeros(B, HQ, K, V, device=q.device) if initial_state is None else initial_state.float()
+        phi_k = _segments(k, pieces, rows).softmax(-1)
+        local = torch.einsum("bslhk,bslhv->bshkv", phi_k.mul_(torch.exp(total[:, :, None] - cum)),
+                             _segments(v, pieces, rows))[:, :, :, None]  # [B, S, HKV, 1, K, V]: one per kv group
+        decay = torch.exp(total)[:, :, :, None, :, None]  # [B, S, HKV, 1, K, 1]
+        # query heads of a group share k and v: their states differ only by the initial state
+        state = (torch.zeros(B, HKV, 1, K, V, device=q.device) if initial_state is None
+                 else initial_state.float().unflatten(1, (HKV, group)))
         entering, leaving = [], []
         for j in range(pieces):
             entering.append(state)
             state = decay[:, j] * state + local[:, j]
             leaving.append(state)
-        entering, leaving = torch.stack(entering, 1), torch.stack(leaving, 1)  # [B, S, HQ, K, V]
+        # [B, S, HQ, K, V]
+        entering, leaving = (torch.stack(x, 1).expand(-1, -1, -1, group, -1, -1).flatten(2, 3) for x in (entering, leaving))
 
         cu, starts = _layout(B, T, rows, q.device)
         cos_p, sin_p = (_rope_packed(x, B, T) for x in (cos, sin)) if window > 0 else (None, None)
@@ -138,9 +156,10 @@ class SegmentedLigerFunction(torch.autograd.Function):
         group, pieces = HQ // k.shape[2], -(-T // rows)
         do_linear = do * ((1.0 - mix) if window > 0 else 1.0)
         cum, total = _gates(k, pieces, rows, gn)
-        phi_q = _segments(q.float().softmax(-1), pieces, rows)
-        reach = torch.exp(cum).repeat_interleave(group, dim=3)  # exp(C_t) per query head
-        local = torch.einsum("bslhk,bslhv->bshkv", phi_q * reach, _segments(do_linear, pieces, rows))
+        phi_q = _segments(q, pieces, rows).softmax(-1).unflatten(3, (-1, group))  # [B, S, rows, HKV, group, K]
+        phi_q.mul_(torch.exp(cum)[:, :, :, :, None])  # times exp(C_t), shared by a group's query heads
+        do_grouped = _segments(do_linear, pieces, rows).unflatten(3, (-1, group))
+        local = torch.einsum("bslhgk,bslhgv->bshgkv", phi_q, do_grouped).flatten(2, 3)  # [B, S, HQ, K, V]
         decay = torch.exp(total).repeat_interleave(group, dim=2)[..., None]
         grad = torch.zeros_like(leaving[:, 0]) if dht is None else dht.float()
         leaving_grads = []
