@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from linearize.kernels.gla import chunk_triton  # noqa: E402
 from linearize.kernels.gla.backward_triton import gla_bwd_dkv_kernel, gla_bwd_dq_kernel  # noqa: E402
 from linearize.kernels.gla.chunk_triton import gla_fwd_kernel  # noqa: E402
+from linearize.kernels.gsa import fused_recurrent as gsa  # noqa: E402
 from linearize.kernels.liger import window_bwd_triton as wb  # noqa: E402
 from linearize.kernels.liger.decode_triton import liger_decode_kernel  # noqa: E402
 
@@ -43,7 +44,9 @@ TYPES = {
     **{n: "*fp32" for n in ("cos", "sin", "h0", "ht", "dht", "dh0", "qdq", "dq", "dk", "dv", "lse", "delta", "state")},
     **{n: "*io" for n in ("k_ring", "v_ring")},
     "ring_valid": "*u8", "position": "*i64", "starts": "*i32", "cu_seqlens": "*i32", "window_starts": "*i32",
-    **{n: "i32" for n in ("T", "TOTAL", "NT", "s_cos_b", "slot")},
+    **{n: "i32" for n in ("T", "TOTAL", "NT", "s_cos_b", "slot", "ROWS")},
+    # gsa's slot scores walk: fp32 throughout (its inputs are the feature maps, computed in fp32)
+    **{n: "*fp32" for n in ("fq", "fk", "u", "log_gate", "s", "ds", "du", "dq_parts", "dk_parts")},
     **{n: "fp32" for n in ("scale", "gate_mult", "mix", "win_scale")},
 }
 
@@ -54,6 +57,7 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     common = dict(HQ=HQ, HKV=HKV, IS_VARLEN=False, LOW_PRECISION=True, DIAG_F32=False)
     block_kv = wb.BKV_WIDE if D >= 128 else wb.BQ
     window = dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wb.BQ, LOW_PRECISION=True, ACCUMULATE=True)
+    slots = dict(H=HQ, D=D, M=64, **dict(zip(("BD", "BM"), gsa._launch_shape(D, 64), strict=True)))
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
@@ -77,6 +81,12 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
          dict(common, K=D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=False, STORE_DH0=False), 8, 1),
         ("window backward dq", wb.window_dq_kernel, window, 8, 1),
         (f"window backward dk/dv ({block_kv} keys)", wb.window_dkv_kernel, dict(window, BKV=block_kv), 8, 1),
+        ("gsa slot scores, forward walk (64 slots)", gsa.slot_scores_fwd_kernel,
+         dict(slots, USE_H0=True, STORE_HT=True, GRAD_Q=False), 4, 3),
+        ("gsa slot scores, dq walk (64 slots)", gsa.slot_scores_fwd_kernel,
+         dict(slots, USE_H0=True, STORE_HT=False, GRAD_Q=True), 4, 3),
+        ("gsa slot scores, backward walk (64 slots)", gsa.slot_scores_bwd_kernel,
+         dict(slots, USE_DHT=True, STORE_DH0=True), 4, 3),
         ("decode step (Liger, window 64)", liger_decode_kernel,
          dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 64), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
         ("decode step (Liger, window 64, CUDA-graph slot)", liger_decode_kernel,

@@ -9,7 +9,7 @@ and forward+backward ms, ours against fla-core's op for the same structure where
 |---------|--------------------------------------------------------|--------------------------|
 | mamba2  | Triton chunk_gla, the per-head gate spread on channels | chunk_simple_gla         |
 | hgrn2   | Triton chunk_gla on (softmax q, 1 - a, v, log a)       | chunk_gla, same inputs   |
-| gsa     | scores pass (PyTorch, chunked) + Triton chunk_gla      | chunk_gsa                |
+| gsa     | Triton slot-scores walk + Triton chunk_gla             | chunk_gsa                |
 | gdn     | per-channel gated delta rule, chunked (PyTorch)        | chunk_kda (per-channel)  |
 
 fla's kda decays after the delta update where ours decays the whole update (see

@@ -174,3 +174,30 @@ def test_greedy_generate_with_a_cuda_graph_equals_generate(family_models):
     torch.backends.cuda.matmul.allow_tf32 = False
     ids = torch.randint(0, 512, (3, 50), generator=torch.Generator().manual_seed(5)).cuda()
     assert torch.equal(greedy_generate(model, ids, 40), model.generate(ids, max_new_tokens=40, do_sample=False))
+
+
+@pytest.mark.parametrize("D, slots", [(64, 64), (128, 64)])
+def test_gsa_slot_scores_kernel_matches_the_chunked_form_on_gpu(D, slots):
+    """gsa/fused_recurrent.py on the GPU against the chunked PyTorch pass (float64): scores, final
+    keys and the five gradients, at a model's sizes (two slot blocks at D 128)."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from linearize.kernels.gsa.chunk import slot_scores  # noqa: PLC0415
+    from linearize.kernels.gsa.fused_recurrent import slot_scores_triton  # noqa: PLC0415
+
+    g = torch.Generator(device="cuda").manual_seed(D)
+    B, T, H = 2, 300, 4
+    fq, fk = (torch.randn(B, T, H, D, device="cuda", generator=g).softmax(-1) for _ in range(2))
+    log_gate = F.logsigmoid(torch.randn(B, T, H, slots, device="cuda", generator=g) * 3) / 4
+    write, keys0 = -torch.expm1(log_gate), torch.randn(B, H, slots, D, device="cuda", generator=g)
+    d_scores, d_keys = torch.randn(B, T, H, slots, device="cuda", generator=g), torch.randn_like(keys0)
+
+    def run(fn, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (fq, fk, write, log_gate, keys0)]
+        scores, keys = fn(*xs)
+        loss = (scores * d_scores.to(dtype)).sum() + (keys * d_keys.to(dtype)).sum()
+        return [scores, keys, *torch.autograd.grad(loss, xs)]
+
+    for name, a, b in zip(("scores", "keys", "dq", "dk", "du", "dlog_gate", "dkeys0"),
+                          run(slot_scores_triton, torch.float32), run(slot_scores, torch.float64), strict=True):
+        assert relative_error(a.double(), b) < 1e-4, name

@@ -17,6 +17,7 @@ import sys
 import traceback
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -458,6 +459,63 @@ def decode_case(Hq, Hkv, W, position, as_tensor=False):
     if W:
         assert rel(kr, kr2) < 1e-5 and rel(vr, vr2) < 1e-6 and bool((valid == valid2).all())
 
+
+def gsa_scores_case(T, H, D, m, strong):
+    """gsa's slot-scores walk (gsa/fused_recurrent.py) against the chunked PyTorch pass in float64:
+    scores, final slot keys and the gradients of all five inputs (the gates' by a reverse cumsum)."""
+    from linearize.kernels.gsa.chunk import slot_scores  # noqa: PLC0415
+    from linearize.kernels.gsa.fused_recurrent import slot_scores_triton  # noqa: PLC0415
+
+    torch.manual_seed(T + m)
+    B = 2
+    fq, fk = torch.randn(B, T, H, D).softmax(-1), torch.randn(B, T, H, D).softmax(-1)
+    log_gate = F.logsigmoid(torch.randn(B, T, H, m) * (4 if strong else 1)) / (1 if strong else 8)
+    write, keys0 = -torch.expm1(log_gate), torch.randn(B, H, m, D)
+    d_scores, d_keys = torch.randn(B, T, H, m), torch.randn(B, H, m, D)
+
+    def run(fn, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (fq, fk, write, log_gate, keys0)]
+        scores, keys = fn(*xs)
+        loss = (scores * d_scores.to(dtype)).sum() + (keys * d_keys.to(dtype)).sum()
+        return (scores, keys), torch.autograd.grad(loss, xs)
+
+    (s, h), got = run(slot_scores_triton, torch.float32)
+    (rs, rh), ref = run(slot_scores, F64)
+    assert rel(s, rs) < 1e-5 and rel(h, rh) < 1e-5
+    for name, a, b in zip(("dq", "dk", "du", "dlog_gate", "dkeys0"), got, ref, strict=True):
+        assert rel(a, b) < 1e-5, name
+
+
+@check("gsa_attention_on_triton")
+def gsa_attention_on_triton():
+    """The model's gsa path with both passes on Triton (slot scores, then chunk_gla) against the step
+    reference in float64: output, slot keys and values, gradients of q, k, v and the carried state."""
+    from linearize.kernels.gsa.chunk import gsa_attention_chunked  # noqa: PLC0415
+    from linearize.kernels.gsa.naive import gsa_attention_torch  # noqa: PLC0415
+
+    torch.manual_seed(19)
+    B, T, Hq, Hkv, D, m = 2, 23, 4, 2, 16, 4
+    q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
+    state = (torch.randn(B, Hq, m, D), torch.randn(B, Hq, m, D))
+    cos, sin = rope(B, T, D)
+
+    def run(fn, cast):
+        xs = [x.to(cast).requires_grad_() for x in (q, k, v, *state)]
+        o, (keys, values) = fn(*xs[:3], window=8, slots=m, gate_normalizer=4.0, cos=cos.to(cast), sin=sin.to(cast),
+                               initial_state=tuple(xs[3:]))
+        outs = (o, keys, values)
+        return outs, torch.autograd.grad(sum((x * torch.ones_like(x).cumsum(-1)).sum() for x in outs), xs)
+
+    with mock.patch.dict(os.environ, {"LINEARIZE_KERNELS": "triton"}):
+        got_out, got = run(gsa_attention_chunked, torch.float32)
+    ref_out, ref = run(gsa_attention_torch, F64)
+    for name, a, b in zip(("o", "keys", "values", "dq", "dk", "dv", "dkeys0", "dvalues0"), got_out + got,
+                          ref_out + ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
+for _g in [(1, 1, 16, 4, False), (21, 2, 16, 6, True), (9, 1, 128, 64, False)]:  # the last: 2 slot blocks
+    CHECKS["gsa_scores_T{}_H{}_D{}_m{}_{}".format(*_g[:4], "strong" if _g[4] else "weak")] = lambda g=_g: gsa_scores_case(*g)
 
 for _c in CASES:
     CHECKS["liger_T{}_Hq{}_Hkv{}_W{}_{}".format(*_c[:4], "strong" if _c[4] else "weak") + (f"_D{_c[5]}" if len(_c) > 5 else "")] = (

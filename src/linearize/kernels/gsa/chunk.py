@@ -5,7 +5,8 @@ With u_t = 1 - a_t (what step t writes into each slot), the slot keys and values
     K_t = diag(a_t) K_{t-1} + u_t phi(k_t)^T,   V_t = diag(a_t) V_{t-1} + u_t v_t^T     [m, D]
 
 1. scores s_t = K_t phi(q_t) [m]: linear attention of query phi(q), key phi(k) and value u whose
-   gate acts on the value (slot) side, so it is computed here in PyTorch, chunk by chunk
+   gate acts on the value (slot) side. On CUDA, fused_recurrent.py's Triton walk computes it;
+   here (the reference and the CPU path) it is computed in PyTorch, chunk by chunk
    (CHUNK steps at a time: the pairwise decays exp(b_t - b_j) <= 1 of a chunk as a
    [CHUNK, CHUNK, m] tensor, the state K^T [D, m] carried between chunks);
 2. o_t = V_t^T softmax(s_t): plain gated linear attention with query softmax(s), key u, value v
@@ -70,10 +71,12 @@ def slot_scores(
 
 def slots_chunked(phi_q, phi_k, v, log_gate, keys0, values0):
     """naive.slot_steps' contract in two chunked passes: the scores here, then chunk_gla."""
-    from .. import chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
+    from .. import _pick, _triton_ops, chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
 
     write = -torch.expm1(log_gate)  # 1 - a, exactly 0 where a padded step has log-gate 0
-    scores, keys = slot_scores(phi_q, phi_k, write, log_gate, keys0)
+    use_triton = _pick("auto", phi_q, phi_q.shape[-1]) == "triton" and phi_q.dtype != torch.float64
+    scores_pass = _triton_ops().slot_scores if use_triton else slot_scores  # fused_recurrent.py on CUDA
+    scores, keys = scores_pass(phi_q, phi_k, write, log_gate, keys0)
     o, values = chunk_gla(scores.softmax(-1), write, v, log_gate, scale=1.0, initial_state=values0,
                           output_final_state=True)
     return o.to(phi_q.dtype), (keys, values.to(phi_q.dtype))
