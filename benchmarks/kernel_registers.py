@@ -31,6 +31,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from linearize.kernels.gdn import fused_recurrent as gdn  # noqa: E402
 from linearize.kernels.gla import chunk_triton  # noqa: E402
 from linearize.kernels.gla.backward_triton import gla_bwd_dkv_kernel, gla_bwd_dq_kernel  # noqa: E402
 from linearize.kernels.gla.chunk_triton import gla_fwd_kernel  # noqa: E402
@@ -47,6 +48,8 @@ TYPES = {
     **{n: "i32" for n in ("T", "TOTAL", "NT", "s_cos_b", "slot", "ROWS")},
     # gsa's slot scores walk: fp32 throughout (its inputs are the feature maps, computed in fp32)
     **{n: "*fp32" for n in ("fq", "fk", "u", "log_gate", "s", "ds", "du", "dq_parts", "dk_parts")},
+    # gdn's delta-rule walk: its inputs are fp32 too, but q, k, v, o, do are named as the Liger kernels' ("*io")
+    **{n: "*fp32" for n in ("beta", "states", "da_parts", "db_parts")},
     **{n: "fp32" for n in ("scale", "gate_mult", "mix", "win_scale")},
 }
 
@@ -58,6 +61,7 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     block_kv = wb.BKV_WIDE if D >= 128 else wb.BQ
     window = dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wb.BQ, LOW_PRECISION=True, ACCUMULATE=True)
     slots = dict(H=HQ, D=D, M=64, **dict(zip(("BD", "BM"), gsa._launch_shape(D, 64), strict=True)))
+    delta = dict(H=HQ, D=D, V=D, **dict(zip(("BD", "BV"), gdn._launch_shape(D, D), strict=True)))
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
@@ -87,6 +91,9 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
          dict(slots, USE_H0=True, STORE_HT=False, GRAD_Q=True), 4, 3),
         ("gsa slot scores, backward walk (64 slots)", gsa.slot_scores_bwd_kernel,
          dict(slots, USE_DHT=True, STORE_DH0=True), 4, 3),
+        ("gdn delta rule, forward walk", gdn.delta_fwd_kernel,
+         dict(delta, USE_H0=True, STORE_HT=True, STORE_STATES=False), 4, 3),
+        ("gdn delta rule, backward walk", gdn.delta_bwd_kernel, dict(delta, USE_DHT=True, STORE_DH0=True), 8, 3),
         ("decode step (Liger, window 64)", liger_decode_kernel,
          dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 64), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
         ("decode step (Liger, window 64, CUDA-graph slot)", liger_decode_kernel,

@@ -9,8 +9,8 @@ and forward+backward ms, ours against fla-core's op for the same structure where
 |---------|--------------------------------------------------------|--------------------------|
 | mamba2  | Triton chunk_gla, the per-head gate spread on channels | chunk_simple_gla         |
 | hgrn2   | Triton chunk_gla on (softmax q, 1 - a, v, log a)       | chunk_gla, same inputs   |
-| gsa     | Triton slot-scores walk + Triton chunk_gla             | chunk_gsa                |
-| gdn     | per-channel gated delta rule, chunked (PyTorch)        | chunk_kda (per-channel)  |
+| gsa     | slot-scores walk (Triton) + Triton chunk_gla           | chunk_gsa                |
+| gdn     | per-channel gated delta rule, Triton walk              | chunk_kda (per-channel)  |
 
 fla's kda decays after the delta update where ours decays the whole update (see
 kernels/gdn/naive.py): the same work, not the same function. Writes JSON with the device name.
@@ -33,6 +33,10 @@ import torch.nn.functional as F  # noqa: E402
 from linearize.kernels import chunk_gla  # noqa: E402
 from linearize.kernels.gdn.chunk import gated_delta_chunked  # noqa: E402
 from linearize.kernels.gsa.chunk import slot_scores  # noqa: E402
+
+if torch.cuda.is_available():  # the Triton walks the model runs on CUDA (chunked PyTorch elsewhere)
+    from linearize.kernels.gdn.fused_recurrent import gated_delta_triton
+    from linearize.kernels.gsa.fused_recurrent import slot_scores_triton
 
 GN, SLOTS = 16.0, 64
 
@@ -90,12 +94,13 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
     def ours_gsa(pq, pk, vv, g):
         u = -torch.expm1(g)
         keys0 = pq.new_zeros(pq.shape[0], pq.shape[2], SLOTS, pq.shape[3], dtype=torch.float32)
-        scores, _ = slot_scores(pq.float(), pk.float(), u, g, keys0)
+        scores, _ = (slot_scores_triton if pq.is_cuda else slot_scores)(pq.float(), pk.float(), u, g, keys0)
         return chunk_gla(scores.softmax(-1).to(vv.dtype), u.to(vv.dtype), vv, g, scale=1.0)[0]
 
     def ours_gdn(qq, kk, vv, g, b):
         state = qq.new_zeros(qq.shape[0], qq.shape[2], qq.shape[3], vv.shape[3], dtype=torch.float32)
-        return gated_delta_chunked(qq.float(), kk.float(), vv.float(), g, b, state)[0]
+        recurrence = gated_delta_triton if qq.is_cuda else gated_delta_chunked  # as the model picks
+        return recurrence(qq.float(), kk.float(), vv.float(), g, b, state)[0]
 
     table = {
         "mamba2": (ours_mamba2, [phi_q, phi_k, v, head_gate]),

@@ -201,3 +201,30 @@ def test_gsa_slot_scores_kernel_matches_the_chunked_form_on_gpu(D, slots):
     for name, a, b in zip(("scores", "keys", "dq", "dk", "du", "dlog_gate", "dkeys0"),
                           run(slot_scores_triton, torch.float32), run(slot_scores, torch.float64), strict=True):
         assert relative_error(a.double(), b) < 1e-4, name
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_gdn_delta_rule_kernel_matches_the_chunked_form_on_gpu(D):
+    """gdn/fused_recurrent.py on the GPU against the chunked PyTorch form (float64): outputs, final
+    state and the six gradients, at a model's sizes (several value blocks at D 128)."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from linearize.kernels.gdn.chunk import gated_delta_chunked  # noqa: PLC0415
+    from linearize.kernels.gdn.fused_recurrent import gated_delta_triton  # noqa: PLC0415
+
+    g = torch.Generator(device="cuda").manual_seed(D)
+    B, T, H = 2, 300, 4
+    q, k = (F.normalize(torch.randn(B, T, H, D, device="cuda", generator=g), dim=-1) for _ in range(2))
+    v, state = torch.randn(B, T, H, D, device="cuda", generator=g), torch.randn(B, H, D, D, device="cuda", generator=g)
+    log_gate = F.logsigmoid(torch.randn(B, T, H, D, device="cuda", generator=g) * 3) / 4
+    beta = torch.sigmoid(torch.randn(B, T, H, device="cuda", generator=g))
+    do, dh = torch.randn_like(v), torch.randn_like(state)
+
+    def run(fn, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, log_gate, beta, state)]
+        o, s = fn(*xs)
+        return [o, s, *torch.autograd.grad((o * do.to(dtype)).sum() + (s * dh.to(dtype)).sum(), xs)]
+
+    for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dlog_gate", "dbeta", "dstate"),
+                          run(gated_delta_triton, torch.float32), run(gated_delta_chunked, torch.float64), strict=True):
+        assert relative_error(a.double(), b) < 1e-4, name

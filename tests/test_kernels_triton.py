@@ -486,6 +486,61 @@ def gsa_scores_case(T, H, D, m, strong):
         assert rel(a, b) < 1e-5, name
 
 
+def gdn_delta_case(T, H, D, V, strong):
+    """The gated delta rule's Triton walk (gdn/fused_recurrent.py) against the chunked PyTorch form in
+    float64: outputs, final state and the gradients of q, k, v, log-gates, write strengths, state."""
+    from linearize.kernels.gdn.chunk import gated_delta_chunked  # noqa: PLC0415
+    from linearize.kernels.gdn.fused_recurrent import gated_delta_triton  # noqa: PLC0415
+
+    torch.manual_seed(T + D)
+    B = 2
+    q, k = (F.normalize(torch.randn(B, T, H, D), dim=-1) for _ in range(2))
+    v, state = torch.randn(B, T, H, V), torch.randn(B, H, D, V)
+    log_gate = F.logsigmoid(torch.randn(B, T, H, D) * (4 if strong else 1)) / (1 if strong else 8)
+    beta = torch.sigmoid(torch.randn(B, T, H) * 2)
+    do, dh = torch.randn(B, T, H, V), torch.randn(B, H, D, V)
+
+    def run(fn, dtype):
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, log_gate, beta, state)]
+        o, s = fn(*xs)
+        return (o, s), torch.autograd.grad((o * do.to(dtype)).sum() + (s * dh.to(dtype)).sum(), xs)
+
+    (o, s), got = run(gated_delta_triton, torch.float32)
+    (r, rs), ref = run(gated_delta_chunked, F64)
+    assert rel(o, r) < 1e-5 and rel(s, rs) < 1e-5
+    for name, a, b in zip(("dq", "dk", "dv", "dlog_gate", "dbeta", "dstate"), got, ref, strict=True):
+        assert rel(a, b) < 1e-5, name
+
+
+for _g in [(1, 1, 16, 16, False), (21, 2, 16, 24, True), (9, 1, 128, 64, False)]:  # the last: 2 value blocks
+    CHECKS["gdn_delta_T{}_H{}_D{}_V{}_{}".format(*_g[:4], "strong" if _g[4] else "weak")] = lambda g=_g: gdn_delta_case(*g)
+
+
+@check("gdn_attention_on_triton")
+def gdn_attention_on_triton():
+    """The model's gdn path with the Triton walk against the step reference in float64: output, final
+    state, gradients of q, k, v and the carried state."""
+    from linearize.kernels.gdn.chunk import gdn_attention_chunked  # noqa: PLC0415
+    from linearize.kernels.gdn.naive import gdn_attention_torch  # noqa: PLC0415
+
+    torch.manual_seed(20)
+    B, T, Hq, Hkv, D = 2, 23, 4, 2, 16
+    q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
+    state = torch.randn(B, Hq, D, D)
+    cos, sin = rope(B, T, D)
+
+    def run(fn, cast):
+        xs = [x.to(cast).requires_grad_() for x in (q, k, v, state)]
+        o, s = fn(*xs[:3], window=8, gate_normalizer=4.0, cos=cos.to(cast), sin=sin.to(cast), initial_state=xs[3])
+        return (o, s), torch.autograd.grad((o * torch.ones_like(o).cumsum(-1)).sum() + s.sum(), xs)
+
+    with mock.patch.dict(os.environ, {"LINEARIZE_KERNELS": "triton"}):
+        got_out, got = run(gdn_attention_chunked, torch.float32)
+    ref_out, ref = run(gdn_attention_torch, F64)
+    for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dstate0"), got_out + got, ref_out + ref, strict=True):
+        assert rel(a, b) < 1e-4, name
+
+
 @check("gsa_attention_on_triton")
 def gsa_attention_on_triton():
     """The model's gsa path with both passes on Triton (slot scores, then chunk_gla) against the step
