@@ -117,8 +117,9 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         # programs move less. Measured on an H100 (graph replay, heads of 128, docs/kernels.md):
         # 32 -> 64 took B8 from 68% to 73% of copy bandwidth and B64 from 89% to 93%. At 4 warps
         # the [128, 64] tile spills 424 B (kernel_registers.py), yet 8 warps, spill-free, measured
-        # slower in every shape (B8 62%, B64 77%).
-        block_v = min(K, 64)
+        # slower in every shape (B8 62%, B64 77%). Heads of 256 keep 32 columns: a [256, 64] tile
+        # spills 2.4 KB, a [256, 32] tile 136 B.
+        block_v = min(K, 64 if K <= 128 else 32)
     BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
     in_memory = isinstance(position, torch.Tensor)
     grid = (triton.cdiv(K, block_v), HQ, B)
