@@ -60,8 +60,8 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     common = dict(HQ=HQ, HKV=HKV, IS_VARLEN=False, LOW_PRECISION=True, DIAG_F32=False)
     block_kv = wb.BKV_WIDE if D >= 128 else wb.BQ
     window = dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wb.BQ, LOW_PRECISION=True, ACCUMULATE=True)
-    slots = dict(H=HQ, D=D, M=64, **dict(zip(("BD", "BM"), gsa._launch_shape(D, 64), strict=True)))
-    delta = dict(H=HQ, D=D, V=D, **dict(zip(("BD", "BV"), gdn._launch_shape(D, D), strict=True)))
+    slots = dict(H=HQ, D=D, M=64, **dict(zip(("BD", "BM"), chunk_triton.walk_tile(D, 64), strict=True)))
+    delta = dict(H=HQ, D=D, V=D, **dict(zip(("BD", "BV"), chunk_triton.walk_tile(D, D), strict=True)))
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
@@ -92,7 +92,7 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("gsa slot scores, backward walk (64 slots)", gsa.slot_scores_bwd_kernel,
          dict(slots, USE_DHT=True, STORE_DH0=True), 4, 3),
         ("gdn delta rule, forward walk", gdn.delta_fwd_kernel,
-         dict(delta, USE_H0=True, STORE_HT=True, STORE_STATES=False), 4, 3),
+         dict(delta, USE_H0=True, STORE_HT=True, REPLAY=False), 4, 3),
         ("gdn delta rule, backward walk", gdn.delta_bwd_kernel, dict(delta, USE_DHT=True, STORE_DH0=True), 8, 3),
         ("decode step (Liger, window 64)", liger_decode_kernel,
          dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 64 if D <= 128 else 32), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),

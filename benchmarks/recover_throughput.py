@@ -49,13 +49,14 @@ def random_model(shape: str, device: torch.device):
     return shapes.random_llama(shape, torch.bfloat16, device)
 
 
-def build(source: str, converted: bool, device: torch.device, target: str = "gla"):
+def build(source: str, target: str | None, device: torch.device):
+    """The source with LoRA on q/k/v, converted to `target` first unless it is None (the softmax row)."""
     if source.startswith("random:"):
         torch.manual_seed(0)
         model = random_model(source.removeprefix("random:"), device)
     else:
         model = load_causal_lm(source, torch.bfloat16, device)
-    if converted:
+    if target is not None:
         family = family_for(model.config.model_type)
         linearize_model(model, family, default_settings(family=family.name, source=source, target=target))
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]))
@@ -147,22 +148,22 @@ def main() -> None:
     p.add_argument("--ceiling", action="store_true", help="add a row with no token mixing (an upper bound)")
     p.add_argument("--profile", type=int, metavar="SEQ_LEN", help="print each model's top GPU kernels at this length")
     args = p.parse_args()
-    # (label, converted, module attributes patched for the row); a label naming another target converts to it
-    variants = [("gla", True, [])]
-    variants += [(t, True, []) for t in args.targets.split(",") if t]
-    variants += [(f"gla {v}", True, [(chunk_triton, "FORWARD_LAUNCH",
+    # (label, target converted to, module attributes patched for the row)
+    variants = [("gla", "gla", [])]
+    variants += [(t, t, []) for t in args.targets.split(",") if t]
+    variants += [(f"gla {v}", "gla", [(chunk_triton, "FORWARD_LAUNCH",
                                       dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))])
                  for v in args.gla_launch.split(",") if v]
-    variants += [(f"gla seg {n}", True, [(segmented, "SEGMENT_LEN", int(n))]) for n in args.segments.split(",") if n]
+    variants += [(f"gla seg {n}", "gla", [(segmented, "SEGMENT_LEN", int(n))]) for n in args.segments.split(",") if n]
     if args.ceiling:
-        variants.append(("no mixing", True, [(modeling, "liger_attention", no_mixing)]))
+        variants.append(("no mixing", "gla", [(modeling, "liger_attention", no_mixing)]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for seq_len in [int(x) for x in args.seq_lens.split(",")]:
         row = {"seq_len": seq_len}
-        for label, converted, patches in [("softmax", False, []), *variants]:
-            model = build(args.source, converted, device, label if label in args.targets.split(",") else "gla")
+        for label, target, patches in [("softmax", None, []), *variants]:
+            model = build(args.source, target, device)
             with ExitStack() as stack:
                 for module, attr, value in patches:
                     stack.enter_context(mock.patch.object(module, attr, value))
@@ -189,7 +190,7 @@ def main() -> None:
     profiles = {}
     if args.profile and device.type == "cuda":
         for label in ("softmax", "gla"):
-            model = build(args.source, label == "gla", device)
+            model = build(args.source, "gla" if label == "gla" else None, device)
             profiles[label] = profile(model, args.profile, args.tokens_per_step, device)
             console.print(f"\n{label} at seq len {args.profile}, one training step:\n{profiles[label]}", markup=False)
             del model

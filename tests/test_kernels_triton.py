@@ -516,57 +516,39 @@ for _g in [(1, 1, 16, 16, False), (21, 2, 16, 24, True), (9, 1, 128, 64, False)]
     CHECKS["gdn_delta_T{}_H{}_D{}_V{}_{}".format(*_g[:4], "strong" if _g[4] else "weak")] = lambda g=_g: gdn_delta_case(*g)
 
 
-@check("gdn_attention_on_triton")
-def gdn_attention_on_triton():
-    """The model's gdn path with the Triton walk against the step reference in float64: output, final
-    state, gradients of q, k, v and the carried state."""
+def walk_layer_case(target):
+    """The model's gdn or gsa layer with its recurrence on Triton (gsa: the slot scores, then chunk_gla)
+    against the step reference in float64: output, final state(s), gradients of q, k, v and the
+    carried state(s)."""
     from linearize.kernels.gdn.chunk import gdn_attention_chunked  # noqa: PLC0415
     from linearize.kernels.gdn.naive import gdn_attention_torch  # noqa: PLC0415
-
-    torch.manual_seed(20)
-    B, T, Hq, Hkv, D = 2, 23, 4, 2, 16
-    q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
-    state = torch.randn(B, Hq, D, D)
-    cos, sin = rope(B, T, D)
-
-    def run(fn, cast):
-        xs = [x.to(cast).requires_grad_() for x in (q, k, v, state)]
-        o, s = fn(*xs[:3], window=8, gate_normalizer=4.0, cos=cos.to(cast), sin=sin.to(cast), initial_state=xs[3])
-        return (o, s), torch.autograd.grad((o * torch.ones_like(o).cumsum(-1)).sum() + s.sum(), xs)
-
-    with mock.patch.dict(os.environ, {"LINEARIZE_KERNELS": "triton"}):
-        got_out, got = run(gdn_attention_chunked, torch.float32)
-    ref_out, ref = run(gdn_attention_torch, F64)
-    for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dstate0"), got_out + got, ref_out + ref, strict=True):
-        assert rel(a, b) < 1e-4, name
-
-
-@check("gsa_attention_on_triton")
-def gsa_attention_on_triton():
-    """The model's gsa path with both passes on Triton (slot scores, then chunk_gla) against the step
-    reference in float64: output, slot keys and values, gradients of q, k, v and the carried state."""
     from linearize.kernels.gsa.chunk import gsa_attention_chunked  # noqa: PLC0415
     from linearize.kernels.gsa.naive import gsa_attention_torch  # noqa: PLC0415
 
-    torch.manual_seed(19)
     B, T, Hq, Hkv, D, m = 2, 23, 4, 2, 16, 4
+    torch.manual_seed(20 if target == "gdn" else 19)
     q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
-    state = (torch.randn(B, Hq, m, D), torch.randn(B, Hq, m, D))
+    states = [torch.randn(B, Hq, D, D)] if target == "gdn" else [torch.randn(B, Hq, m, D) for _ in range(2)]
     cos, sin = rope(B, T, D)
+    chunked, reference, extra = {"gdn": (gdn_attention_chunked, gdn_attention_torch, {}),
+                                 "gsa": (gsa_attention_chunked, gsa_attention_torch, dict(slots=m))}[target]
 
     def run(fn, cast):
-        xs = [x.to(cast).requires_grad_() for x in (q, k, v, *state)]
-        o, (keys, values) = fn(*xs[:3], window=8, slots=m, gate_normalizer=4.0, cos=cos.to(cast), sin=sin.to(cast),
-                               initial_state=tuple(xs[3:]))
-        outs = (o, keys, values)
+        xs = [x.to(cast).requires_grad_() for x in (q, k, v, *states)]
+        o, final = fn(*xs[:3], window=8, gate_normalizer=4.0, cos=cos.to(cast), sin=sin.to(cast),
+                      initial_state=xs[3] if target == "gdn" else tuple(xs[3:]), **extra)
+        outs = (o, *(final if isinstance(final, tuple) else (final,)))
         return outs, torch.autograd.grad(sum((x * torch.ones_like(x).cumsum(-1)).sum() for x in outs), xs)
 
     with mock.patch.dict(os.environ, {"LINEARIZE_KERNELS": "triton"}):
-        got_out, got = run(gsa_attention_chunked, torch.float32)
-    ref_out, ref = run(gsa_attention_torch, F64)
-    for name, a, b in zip(("o", "keys", "values", "dq", "dk", "dv", "dkeys0", "dvalues0"), got_out + got,
-                          ref_out + ref, strict=True):
-        assert rel(a, b) < 1e-4, name
+        got_out, got = run(chunked, torch.float32)
+    ref_out, ref = run(reference, F64)
+    for i, (a, b) in enumerate(zip(got_out + got, ref_out + ref, strict=True)):
+        assert rel(a, b) < 1e-4, f"output/gradient {i}"
+
+
+CHECKS["gdn_attention_on_triton"] = lambda: walk_layer_case("gdn")
+CHECKS["gsa_attention_on_triton"] = lambda: walk_layer_case("gsa")
 
 
 for _g in [(1, 1, 16, 4, False), (21, 2, 16, 6, True), (9, 1, 128, 64, False)]:  # the last: 2 slot blocks

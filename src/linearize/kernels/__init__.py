@@ -44,6 +44,12 @@ def _pick(backend: str, x: torch.Tensor, head_dim: int) -> str:
     return backend
 
 
+def _triton_walks(x: torch.Tensor):
+    """The Triton module where "auto" picks Triton for x, else None: the gsa and gdn recurrences ask it.
+    float64 stays in PyTorch (the kernels compute in fp32; float64 runs are references)."""
+    return _triton_ops() if _pick("auto", x, x.shape[-1]) == "triton" and x.dtype != torch.float64 else None
+
+
 def _split_packed(cu_seqlens: torch.Tensor, *tensors: torch.Tensor):
     """Yield per-sequence slices [1, T_i, ...] of packed [1, sum T_i, ...] tensors."""
     bounds = cu_seqlens.tolist()

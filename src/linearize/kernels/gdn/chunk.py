@@ -93,8 +93,8 @@ def gated_delta_chunked(
 def gdn_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """naive.gdn_attention_torch (same arguments) with the chunked recurrence: the model's path.
     On CUDA the recurrence is fused_recurrent.py's Triton walk instead."""
-    from .. import _pick, _triton_ops  # noqa: PLC0415 - the dispatcher imports this package's siblings
+    from .. import _triton_walks  # noqa: PLC0415 - the dispatcher imports this package's siblings
 
-    use_triton = _pick("auto", q, q.shape[-1]) == "triton" and q.dtype != torch.float64
-    recurrence = _triton_ops().gated_delta if use_triton else gated_delta_chunked
+    walks = _triton_walks(q)
+    recurrence = walks.gated_delta if walks else gated_delta_chunked
     return gdn_attention_torch(q, k, v, recurrence=recurrence, **kwargs)

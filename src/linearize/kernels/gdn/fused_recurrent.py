@@ -56,9 +56,10 @@ def step_inputs(k, v, log_gate, beta, row, rd, cv, d_ok, v_ok, D: tl.constexpr, 
 def delta_fwd_kernel(
     q, k, v, log_gate, beta, h0, o, ht, states, T,
     H: tl.constexpr, D: tl.constexpr, V: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, REPLAY: tl.constexpr,
 ):
-    """The forward walk; STORE_STATES also writes each S_{t-1} to states [B H, T, D, V] (backward)."""
+    """The forward walk. REPLAY (the backward's first walk): write each S_{t-1} to states [B H, T, D, V]
+    instead of the outputs."""
     i_v, i_bh, i_b, i_h, rd, cv, d_ok, v_ok, tile = delta_block(H, D, V, BD, BV)
     S = tl.zeros([BD, BV], dtype=tl.float32)
     if USE_H0:
@@ -66,12 +67,13 @@ def delta_fwd_kernel(
     for t in range(T):
         row = (i_b * T + t) * H + i_h
         k_t, v_t, a_t, b_t = step_inputs(k, v, log_gate, beta, row, rd, cv, d_ok, v_ok, D, V)
-        if STORE_STATES:
+        if REPLAY:
             tl.store(states + (i_bh * T + t) * D * V + tile[0], S, mask=tile[1])
         r = tl.sum(S * k_t[:, None], axis=0)
         S = a_t[:, None] * (S - b_t * k_t[:, None] * r[None, :]) + b_t * k_t[:, None] * v_t[None, :]
-        q_t = tl.load(q + row * D + rd, mask=d_ok, other=0.0).to(tl.float32)
-        tl.store(o + row * V + cv, tl.sum(S * q_t[:, None], axis=0), mask=v_ok)
+        if not REPLAY:
+            q_t = tl.load(q + row * D + rd, mask=d_ok, other=0.0).to(tl.float32)
+            tl.store(o + row * V + cv, tl.sum(S * q_t[:, None], axis=0), mask=v_ok)
     if STORE_HT:
         tl.store(ht + i_bh * D * V + tile[0], S, mask=tile[1])
 
@@ -114,26 +116,19 @@ def delta_bwd_kernel(
         tl.store(dh0 + i_bh * D * V + tile[0], dS, mask=tile[1])
 
 
-def _launch_shape(D: int, V: int) -> tuple[int, int]:
-    BD = triton.next_power_of_2(D)
-    return BD, min(triton.next_power_of_2(V), max(16, 4096 // BD))  # a [D, BV] fp32 tile of at most 4096
-
-
 class DeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_gate, beta, state):
         B, T, H, D = q.shape
         V = v.shape[-1]
         q, k, v, log_gate, beta, state = (x.contiguous() for x in (q, k, v, log_gate, beta, state))
-        BD, BV = _launch_shape(D, V)
+        BD, BV = chunk_triton.walk_tile(D, V)
         o = q.new_empty(B, T, H, V, dtype=torch.float32)
         ht = q.new_empty(B, H, D, V, dtype=torch.float32)
-        if chunk_triton.POISON_OUTPUTS:
-            o.fill_(float("nan"))
-            ht.fill_(float("nan"))
+        chunk_triton.poison(o, ht)
         delta_fwd_kernel[(triton.cdiv(V, BV), B * H)](
             q, k, v, log_gate, beta, state, o, ht, o, T,
-            H=H, D=D, V=V, BD=BD, BV=BV, USE_H0=True, STORE_HT=True, STORE_STATES=False,
+            H=H, D=D, V=V, BD=BD, BV=BV, USE_H0=True, STORE_HT=True, REPLAY=False,
         )
         ctx.save_for_backward(q, k, v, log_gate, beta, state)
         return o, ht
@@ -143,23 +138,21 @@ class DeltaRuleFunction(torch.autograd.Function):
         q, k, v, log_gate, beta, state = ctx.saved_tensors
         B, T, H, D = q.shape
         V = v.shape[-1]
-        BD, BV = _launch_shape(D, V)
+        BD, BV = chunk_triton.walk_tile(D, V)
         blocks, rows = triton.cdiv(V, BV), B * T * H
         grid = (blocks, B * H)
         do = torch.zeros(B, T, H, V, device=q.device) if do is None else do.float().contiguous()
         # every S_{t-1}, from the forward walk again (the step cannot be undone stably)
         states = q.new_empty(B * H, T, D, V, dtype=torch.float32)
         delta_fwd_kernel[grid](
-            q, k, v, log_gate, beta, state, torch.empty_like(do), state, states, T,
-            H=H, D=D, V=V, BD=BD, BV=BV, USE_H0=True, STORE_HT=False, STORE_STATES=True,
+            q, k, v, log_gate, beta, state, states, state, states, T,
+            H=H, D=D, V=V, BD=BD, BV=BV, USE_H0=True, STORE_HT=False, REPLAY=True,
         )
         dq_parts = q.new_empty(blocks, B, T, H, D, dtype=torch.float32)
         dk_parts, da_parts = torch.empty_like(dq_parts), torch.empty_like(dq_parts)
         db_parts = q.new_empty(blocks, B, T, H, dtype=torch.float32)
         dv, dh0 = torch.empty_like(do), q.new_empty(B, H, D, V, dtype=torch.float32)
-        if chunk_triton.POISON_OUTPUTS:
-            for x in (dq_parts, dk_parts, da_parts, db_parts, dv, dh0):
-                x.fill_(float("nan"))
+        chunk_triton.poison(dq_parts, dk_parts, da_parts, db_parts, dv, dh0)
         delta_bwd_kernel[grid](
             q, k, v, log_gate, beta, states, do, dht.float().contiguous() if dht is not None else dh0,
             dq_parts, dk_parts, da_parts, db_parts, dv, dh0, T, rows,

@@ -255,10 +255,7 @@ def gla_bwd(
         dk = torch.empty(NV, B, T, HQ, K, **f32)
         dv = torch.empty(B, T, HQ, V, **f32)
     dh0 = torch.empty(N, HQ, K, V, **f32) if need_dh0 else None
-    if chunk_triton.POISON_OUTPUTS:
-        for x in (dq, qdq, dh0) if feature_map else (dq, dk, dv, dh0):
-            if x is not None:
-                x.fill_(float("nan"))
+    chunk_triton.poison(*((dq, qdq, dh0) if feature_map else (dq, dk, dv, dh0)))
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = dht.to(torch.float32).contiguous() if dht is not None else None
     ht = final_state.to(torch.float32).contiguous() if dht is not None else None

@@ -34,6 +34,7 @@ boundary comes in through initial_state.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -43,6 +44,22 @@ LOG2E = 1.4426950408889634
 # Tests and benchmarks/kernel_check.py set this to fill outputs with NaN before each launch,
 # so that an element the kernel fails to write shows up.
 POISON_OUTPUTS = False
+
+
+def poison(*outputs: torch.Tensor | None) -> None:
+    """Fill the outputs (None skipped) with NaN where POISON_OUTPUTS is set: an unwritten element then fails."""
+    if POISON_OUTPUTS:
+        for x in outputs:
+            if x is not None:
+                x.fill_(float("nan"))
+
+
+def walk_tile(D: int, columns: int) -> tuple[int, int]:
+    """(BD, BC) of the step-by-step walks' [D, BC] fp32 state tile (gsa and gdn fused_recurrent.py):
+    the whole head dimension and at most 4096 elements, so the tile stays in registers."""
+    BD = triton.next_power_of_2(D)
+    return BD, min(triton.next_power_of_2(columns), max(16, 4096 // BD))
+
 # Launch settings for gla_fwd where its caller passes none, e.g. {"block_v": 32, "num_warps": 8}: lets a
 # benchmark A/B them through a whole model (benchmarks/recover_throughput.py --gla-launch). Empty: the defaults.
 FORWARD_LAUNCH: dict = {}
@@ -290,10 +307,7 @@ def gla_fwd(
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
     o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
     ht = torch.empty(N, HQ, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    if POISON_OUTPUTS:
-        o.fill_(float("nan"))
-        if ht is not None:
-            ht.fill_(float("nan"))
+    poison(o, ht)
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     s_cos_b = 0
     if window > 0:

@@ -105,11 +105,6 @@ def slot_scores_bwd_kernel(
         tl.store(dh0 + tile[0], dS, mask=tile[1])
 
 
-def _launch_shape(D: int, M: int) -> tuple[int, int]:
-    BD = triton.next_power_of_2(D)
-    return BD, min(triton.next_power_of_2(M), max(16, 4096 // BD))  # a [D, BM] fp32 tile of at most 4096
-
-
 class SlotScoresFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, phi_q, phi_k, write, log_gate, keys0):
@@ -117,12 +112,10 @@ class SlotScoresFunction(torch.autograd.Function):
         M = write.shape[-1]
         phi_q, phi_k, write, log_gate = (x.contiguous() for x in (phi_q, phi_k, write, log_gate))
         keys0 = keys0.contiguous()
-        BD, BM = _launch_shape(D, M)
+        BD, BM = chunk_triton.walk_tile(D, M)
         scores = phi_q.new_empty(B, T, H, M, dtype=torch.float32)
         keys = phi_q.new_empty(B, H, M, D, dtype=torch.float32)
-        if chunk_triton.POISON_OUTPUTS:
-            scores.fill_(float("nan"))
-            keys.fill_(float("nan"))
+        chunk_triton.poison(scores, keys)
         grid = (triton.cdiv(M, BM), B * H)
         slot_scores_fwd_kernel[grid](
             phi_q, phi_k, write, log_gate, scores, keys0, keys, scores, scores, T, B * T * H,
@@ -136,16 +129,14 @@ class SlotScoresFunction(torch.autograd.Function):
         phi_q, phi_k, write, log_gate, keys0, scores, keys = ctx.saved_tensors
         B, T, H, D = phi_q.shape
         M = write.shape[-1]
-        BD, BM = _launch_shape(D, M)
+        BD, BM = chunk_triton.walk_tile(D, M)
         blocks = triton.cdiv(M, BM)
         grid, rows = (blocks, B * H), B * T * H
         d_scores = torch.zeros_like(scores) if d_scores is None else d_scores.float().contiguous()
         dq_parts = phi_q.new_empty(blocks, B, T, H, D, dtype=torch.float32)
         dk_parts, du = torch.empty_like(dq_parts), torch.empty_like(scores)
         dh0 = torch.empty_like(keys)
-        if chunk_triton.POISON_OUTPUTS:
-            for x in (dq_parts, dk_parts, du, dh0):
-                x.fill_(float("nan"))
+        chunk_triton.poison(dq_parts, dk_parts, du, dh0)
         slot_scores_fwd_kernel[grid](
             phi_q, phi_k, write, log_gate, scores, keys0, keys, dq_parts, d_scores, T, rows,
             H=H, D=D, M=M, BD=BD, BM=BM, USE_H0=True, STORE_HT=False, GRAD_Q=True,
