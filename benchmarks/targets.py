@@ -148,25 +148,25 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     fla = load_fla() if cuda else None
     print(f"{name}: B{args.B} T{args.T} H{args.H} D{args.D} {str(dtype).removeprefix('torch.')}, recurrent part only")
-    result = {"device": name, "shape": vars(args), "rows": []}
-    for target, (ours, ours_in, theirs, theirs_in) in rows(inputs(args.B, args.T, args.H, args.D, dtype, device),
-                                                           fla).items():
-        row = {"target": target}
-        for side, fn, xs in (("ours", ours, ours_in), ("fla", theirs, theirs_in)):
+    table = rows(inputs(args.B, args.T, args.H, args.D, dtype, device), fla)
+    result = {"device": name, "shape": vars(args), "rows": [{"target": target} for target in table]}
+    # ours for every target first, then fla's: fla's first calls autotune for minutes (gsa's for
+    # more than seven on Triton 3.6), and a run cut short keeps what it has
+    for side in ("ours", "fla"):
+        for row, (ours, ours_in, theirs, theirs_in) in zip(result["rows"], table.values(), strict=True):
+            fn, xs = (ours, ours_in) if side == "ours" else (theirs, theirs_in)
             if fn is None:
                 continue
+            target = row["target"]
             try:
                 row[f"{side}_fwd"], row[f"{side}_fwdbwd"] = fwd_and_fwdbwd(fn, xs)
-                # printed and saved as soon as measured: fla's first calls autotune for minutes,
-                # and a run cut short keeps what it has
                 print(f"  {target:7s} {side:4s} fwd {row[side + '_fwd']:.2f} ms, fwd+bwd {row[side + '_fwdbwd']:.2f} ms",
                       flush=True)
             except Exception as e:  # noqa: BLE001 - report (OOM, API mismatch) and go on
                 print(f"  {target} {side}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
                 if cuda:
                     torch.cuda.empty_cache()
-            Path(args.json).write_text(json.dumps({**result, "rows": [*result["rows"], row]}, indent=1))
-        result["rows"].append(row)
+            Path(args.json).write_text(json.dumps(result, indent=1))  # saved as soon as measured
     print(f"wrote {args.json}")
 
 
