@@ -10,6 +10,10 @@ converted model, then the very same weights in teacher (softmax) mode.
 Targets (H100, bf16, batch 16): decode memory flat with context; at 32K decode >= 4x the
 softmax model's tokens/s; decode step within 1.5x of the weight-read floor. The script prints
 the figures and a verdict for each, met or not.
+
+`--profile` adds where one decode step's GPU time goes (eager steps under torch.profiler: the
+weight GEMMs, the Liger decode kernel, everything else), against the floor. `--compile` runs each
+layer's norms and MLP through torch.compile (fusing their elementwise kernels) before measuring.
 """
 
 from __future__ import annotations
@@ -23,7 +27,20 @@ from rich.console import Console
 from shapes import SHAPES, random_llama
 
 from linearize import teacher
-from linearize.bench import BenchOptions, Side, bench_sides, parse_sizes, plot, render, speedups
+from linearize.bench import (
+    BenchOptions,
+    Run,
+    Side,
+    bench_sides,
+    measure_bandwidth,
+    parse_sizes,
+    plot,
+    render,
+    speedups,
+    sync,
+    weight_bytes,
+)
+from linearize.decoding import GreedyDecoder
 from linearize.evaluate.report import write_json
 from linearize.families import family_for
 from linearize.modeling import default_settings, linearize_model
@@ -61,6 +78,50 @@ def verdicts(report: dict, batch: int, console: Console) -> None:
                       f"{'met' if r['floor_ratio'] <= 1.5 else 'NOT met'})")
 
 
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    if any(word in name for word in ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk")):
+        return "weight GEMMs"
+    if "liger_decode" in name:
+        return "Liger decode kernel"
+    return "other (norms, activations, adds, copies, argmax)"
+
+
+@torch.inference_mode()
+def profile_step(model: torch.nn.Module, batch: int, context: int, console: Console, steps: int = 5,
+                 device: torch.device = torch.device("cuda")) -> dict:
+    """Where an eager decode step's GPU time goes, by kind of kernel, against the weight-read floor.
+    Eager steps run the same kernels as a graph replay, each visible to the profiler."""
+    run = Run(model)
+    run.prefill(torch.randint(model.config.vocab_size, (batch, context), device=device), 4096)
+    decoder = GreedyDecoder(model, run.cache, run.logits)
+    decoder.run(3)  # first calls compile and tune
+    sync(device)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        decoder.run(steps)
+        sync(device)
+    kinds: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
+            entry = kinds.setdefault(kind_of(e.key), [0, 0.0])
+            entry[0] += e.count / steps
+            entry[1] += e.self_device_time_total / steps / 1e3  # ms per step
+    decoder.release()
+    run.close()
+    floor_ms = weight_bytes(model) / measure_bandwidth(device) * 1e3
+    busy = sum(ms for _, ms in kinds.values()) or float("nan")  # nan: no GPU kernels seen
+    console.print(f"one eager decode step, batch {batch}, context {context}: GPU busy {busy:.2f} ms, "
+                  f"weight-read floor {floor_ms:.2f} ms")
+    for kind, (count, ms) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        console.print(f"  {kind:50s} {count:6.0f} kernels {ms:7.3f} ms  ({ms / busy:.0%})")
+    gemm = kinds.get("weight GEMMs", [0, 0.0])[1]
+    if gemm:
+        console.print(f"  the GEMMs read the weights at {floor_ms / gemm:.0%} of the copy bandwidth")
+    return {"batch": batch, "context": context, "gpu_busy_ms": busy, "floor_ms": floor_ms,
+            "kinds": {k: {"kernels_per_step": c, "ms_per_step": ms} for k, (c, ms) in kinds.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
@@ -74,6 +135,9 @@ def main() -> None:
     parser.add_argument("--torch-kernels", action="store_true",
                         help="run converted layers on the plain-PyTorch kernels instead of Triton (a baseline, or a workaround)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps, not graph replays")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each layer's norms and MLP first")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print where an eager decode step's GPU time goes (first batch and context)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
@@ -90,7 +154,7 @@ def main() -> None:
     opts = BenchOptions(checkpoint=f"random {args.shape}", teacher=not args.no_reference,
                         batches=parse_sizes(args.batch, "--batch"), contexts=parse_sizes(args.context, "--context"),
                         new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk, device="cuda", dtype="bfloat16",
-                        cuda_graph=not args.no_cuda_graph)
+                        cuda_graph=not args.no_cuda_graph, compile=args.compile)
     sides = [Side("model", f"random {args.shape}, converted", model, nullcontext, softmax=False)]
     if not args.no_reference:
         sides.append(Side("reference", "teacher (softmax)", model, lambda: teacher(model), softmax=True))
@@ -101,6 +165,8 @@ def main() -> None:
     render(report, console)
     for batch in opts.batches:
         verdicts(report, batch, console)
+    if args.profile:
+        report["profile"] = profile_step(model, opts.batches[0], opts.contexts[0], console)
     if args.json:
         write_json(report, args.json)
     if args.plot:

@@ -168,3 +168,19 @@ def test_branch_scale_reports_every_layer():
     for r in rows:
         assert 0 < r["mean_alpha"] <= 1 and 0 <= r["above_0_999"] <= r["above_0_99"] <= 1
         assert set(r["gla_over_window"]) == {"0-64", "64-256"} and all(x > 0 for x in r["gla_over_window"].values())
+
+
+def test_compile_option_compiles_each_model_once(converted, monkeypatch):
+    """`--compile`: the teacher side shares the model's modules, so one compile_dense_parts call (the
+    compiled tokens are checked in test_decoding.py); the report says it was on."""
+    import linearize.bench as bench
+    from linearize import teacher
+
+    compiled = []
+    monkeypatch.setattr(bench, "compile_dense_parts", compiled.append)
+    model = load_causal_lm(str(converted), torch.float32, CPU)
+    sides = [Side("model", "conv", model, nullcontext, softmax=False),
+             Side("reference", "teacher", model, lambda: teacher(model), softmax=True)]
+    report = bench_sides(sides, small(compile=True, batches=[1], contexts=[8]), CPU)
+    assert compiled == [model] and report["meta"]["compiled_norms_and_mlp"] is True
+    assert not bench_sides(sides[:1], small(batches=[1], contexts=[8]), CPU)["meta"]["compiled_norms_and_mlp"]

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from linearize.convert import convert
-from linearize.decoding import GreedyDecoder, graph_blocker
+from linearize.decoding import GreedyDecoder, compile_dense_parts, graph_blocker
 from linearize.errors import LinearizeError
 
 
@@ -72,3 +72,17 @@ def test_greedy_generate_equals_generate_with_padding_and_eos(stories_path, tmp_
     assert ended.shape[1] == one.shape[1] + 5 and torch.equal(ended, model.generate(one, do_sample=False, **kw))
     with pytest.raises(LinearizeError, match="at least 1"):
         greedy_generate(model, batch.input_ids, 0)
+
+
+@torch.no_grad()
+def test_compiled_norms_and_mlp_decode_the_same_tokens(stories_path, tmp_path):
+    """`bench --compile` (compile_dense_parts): the compiled norms and MLPs are the same functions, so
+    greedy decoding picks the same tokens, with logits within float32 rounding."""
+    out = convert(str(stories_path), tmp_path / "out", target="gla", window=16)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    eager_logits, eager = model(ids).logits, greedy_tokens(model, ids, 8)
+    layers = len(model.model.layers)
+    assert compile_dense_parts(model) == 3 * layers + 1
+    torch.testing.assert_close(model(ids).logits, eager_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy_tokens(model, ids, 8), eager)

@@ -38,6 +38,22 @@ def graph_blocker(cache: Any, device: torch.device) -> str | None:
     return None
 
 
+def compile_dense_parts(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer's norms and MLP, and the final norm, in place; returns how many
+    modules. Eager, a Llama layer's RMSNorms and SiLU-times-up run as ~20 small kernels per decode
+    step; compiled, as a few fused ones: on an H100 a Llama-3-8B-shaped decode step at batch 16 went
+    from 9.19 to 7.69 ms (docs/kernels.md). The attention stays eager: its cache advances a Python
+    counter every step, which compiled code would recompile on."""
+    body = getattr(model, "model", model)
+    modules = [getattr(layer, name) for layer in getattr(body, "layers", [])
+               for name in ("input_layernorm", "post_attention_layernorm", "mlp") if hasattr(layer, name)]
+    if isinstance(getattr(body, "norm", None), torch.nn.Module):
+        modules.append(body.norm)
+    for module in modules:
+        module.compile()
+    return len(modules)
+
+
 @functools.cache
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
     """One side stream per device for every recording: cuBLAS keeps a workspace (32 MiB on Hopper)
