@@ -154,14 +154,20 @@ def test_decode_holds_no_prefill_logits(converted):
     assert run.cache.get_seq_length() == 26
 
 
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (that folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_branch_scale_reports_every_layer():
     """benchmarks/branch_scale.py (the quality finding's diagnostic) on the fixture: one row per layer,
     gates in (0, 1], and the GLA/window ratio for each position bucket the text reaches."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("branch_scale", Path(__file__).parents[1] / "benchmarks" / "branch_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("branch_scale")
     text = (Path(__file__).parent / "fixtures" / "text" / "story.txt").read_text()
     rows = module.measure(str(STORIES), text, 100)
     assert len(rows) == 5 and [r["layer"] for r in rows] == list(range(5))
@@ -184,3 +190,19 @@ def test_compile_option_compiles_each_model_once(converted, monkeypatch):
     report = bench_sides(sides, small(compile=True, batches=[1], contexts=[8]), CPU)
     assert compiled == [model] and report["meta"]["compiled_norms_and_mlp"] is True
     assert not bench_sides(sides[:1], small(batches=[1], contexts=[8]), CPU)["meta"]["compiled_norms_and_mlp"]
+
+
+@pytest.mark.parametrize(("T", "q_heads", "kv_heads"), [(200, 4, 2), (64, 2, 2), (130, 2, 1), (5, 1, 1)])
+def test_blocked_window_baseline_equals_the_band_mask(T, q_heads, kv_heads):
+    """kernels.py --swa block (baseline (a)'s window at 16K, where a [T, T] band mask does not fit)
+    computes the same attention as SDPA under the band mask, in float64."""
+    import torch.nn.functional as F
+
+    block_window_attention = load_benchmark("kernels").block_window_attention
+    gen = torch.Generator().manual_seed(T)
+    q = torch.randn(2, q_heads, T, 16, dtype=torch.float64, generator=gen)
+    k, v = (torch.randn(2, kv_heads, T, 16, dtype=torch.float64, generator=gen) for _ in range(2))
+    i = torch.arange(T)
+    band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 64)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=q_heads != kv_heads)
+    torch.testing.assert_close(block_window_attention(q, k, v, window=64), expected, rtol=1e-12, atol=1e-12)
