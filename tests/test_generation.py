@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import linearize
+from linearize.cache import CACHE_KWARG
 from linearize.convert import convert
 
 from .helpers import relative_error
@@ -40,9 +41,9 @@ def tokenizer(stories_path):
 
 def prefill_then_decode(model, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
     out = model(ids[:, :prompt_len], use_cache=True)
-    cache, logits = out.past_key_values, [out.logits]
+    cache, logits = getattr(out, CACHE_KWARG), [out.logits]
     for t in range(prompt_len, ids.shape[1]):
-        logits.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+        logits.append(model(ids[:, t : t + 1], **{CACHE_KWARG: cache}, use_cache=True).logits)
     return torch.cat(logits, 1)
 
 
@@ -56,7 +57,7 @@ def test_decode_matches_parallel_forward(converted, window, keep):
     assert relative_error(stepwise, parallel) < 1e-4
     # a multi-token forward on top of a cache (chunked prefill) agrees too
     first = model(ids[:, :70], use_cache=True)
-    rest = model(ids[:, 70:], past_key_values=first.past_key_values, use_cache=True)
+    rest = model(ids[:, 70:], **{CACHE_KWARG: getattr(first, CACHE_KWARG)}, use_cache=True)
     assert relative_error(torch.cat([first.logits, rest.logits], 1), parallel) < 1e-4
 
 
@@ -168,7 +169,7 @@ def test_footprint_is_what_the_cache_holds(stories_path, tmp_path, target, windo
     out = convert(str(stories_path), tmp_path / "out", target=target, window=window, keep_attention=[1], slots=4)
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(0))
-    cache = model(ids, use_cache=True).past_key_values
+    cache = getattr(model(ids, use_cache=True), CACHE_KWARG)
     fp = footprint(model.config)
     state_layers = [layer for i, layer in enumerate(cache.layers) if i != 1]
     assert tensor_bytes(state_layers) == fp.state_bytes

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from linearize.cache import CACHE_KWARG
 from linearize.kernels.gla.naive import naive_recurrent_gla
 from linearize.kernels.liger.naive import liger_decode_step_torch
 
@@ -365,9 +366,9 @@ def model_through_triton():
             out = model(ids[:, :30], use_cache=True)
             steps = [out.logits]
             # a multi-token step on the cache (the recurrence on Triton, the window with the cached prefix)
-            steps.append(model(ids[:, 30:40], past_key_values=out.past_key_values, use_cache=True).logits)
+            steps.append(model(ids[:, 30:40], **{CACHE_KWARG: getattr(out, CACHE_KWARG)}, use_cache=True).logits)
             for t in range(40, 50):
-                steps.append(model(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True).logits)
+                steps.append(model(ids[:, t : t + 1], **{CACHE_KWARG: getattr(out, CACHE_KWARG)}, use_cache=True).logits)
         finally:
             del os.environ["LINEARIZE_KERNELS"]
     assert rel(parallel, reference) < 1e-4

@@ -301,3 +301,16 @@ def test_multi_process_recover_gets_the_same_options(tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     trainer.recover(opts)
     assert launched == [opts]
+
+
+def test_several_data_files_are_resolved_and_counted_together(monkeypatch):
+    """recover.data "a,b" in a recipe: each path made absolute, and the token plan adds up both files."""
+    from linearize import plan
+    from linearize.recipe import resolved
+
+    monkeypatch.chdir(ROOT)
+    data = "tests/fixtures/data/alpaca_60.json, tests/fixtures/data/tinystories.txt"
+    files = [ROOT / "tests/fixtures/data/alpaca_60.json", ROOT / "tests/fixtures/data/tinystories.txt"]
+    assert plan._local_tokens(data) == sum(f.stat().st_size for f in files) // plan.BYTES_PER_TOKEN
+    assert plan._local_tokens(f"{data},missing.txt") is None
+    assert resolved(load_recipe(SMOKE, [f"recover.data={data}"])).recover.data == ",".join(str(f) for f in files)

@@ -84,6 +84,30 @@ def test_malformed_rows_are_counted_and_empty_data_is_an_error(tokenizer, tmp_pa
         prepare(str(tmp_path / "missing.json"), tokenizer)
 
 
+def test_several_sources_mix_each_in_its_own_format(tokenizer, tmp_path):
+    """--data a.json,b.txt: both sources' examples packed together, each formatted (and masked) as its
+    own kind; counts add up, a malformed reason names its source, an empty source is an error."""
+    both, _, report = prepare(f"{ALPACA}, {STORIES_TEXT}", tokenizer, seq_len=32, val_fraction=0.0)
+    alpaca, _, a = prepare(str(ALPACA), tokenizer, seq_len=32, val_fraction=0.0)
+    text, _, t = prepare(str(STORIES_TEXT), tokenizer, seq_len=32, val_fraction=0.0)
+    assert report.format == "alpaca+text" and report.source == f"{ALPACA} + {STORIES_TEXT}"
+    assert (report.rows, report.used) == (a.rows + t.rows, a.used + t.used)
+    # the same learned tokens, in another order and packing: alpaca's prompts stay masked
+    assert report.learned_tokens == a.learned_tokens + t.learned_tokens
+    assert sorted(both.labels[both.labels != IGNORE].tolist()) == sorted(
+        alpaca.labels[alpaca.labels != IGNORE].tolist() + text.labels[text.labels != IGNORE].tolist())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": ""},
+                               {"instruction": "Count.", "input": "", "output": "1 2 3"}]))
+    _, _, report = prepare(f"{STORIES_TEXT},{bad}", tokenizer, seq_len=32)
+    assert report.malformed == {f"missing output ({bad})": 1}
+    bad.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": ""}]))
+    with pytest.raises(LinearizeError, match=f"{bad} has no usable rows"):
+        prepare(f"{STORIES_TEXT},{bad}", tokenizer, seq_len=32)
+    with pytest.raises(LinearizeError, match="--data is empty"):
+        prepare(" , ", tokenizer)
+
+
 def test_packing_split_and_seeded_shuffle(tokenizer):
     a_train, a_val, report = prepare(str(STORIES_TEXT), tokenizer, seq_len=64, seed=1)
     b_train, _, _ = prepare(str(STORIES_TEXT), tokenizer, seq_len=64, seed=1)
@@ -286,6 +310,31 @@ def test_lm_loss_of_a_block_without_labels_is_zero_not_nan(peft_model):
     labels[0, 5:] = ids[0, 5:]
     reference = peft_model(input_ids=ids, labels=labels).loss
     torch.testing.assert_close(losses.lm_loss(peft_model, ids, labels), reference)
+
+
+def test_a_rank_failing_after_the_output_is_written_does_not_fail_the_run(tmp_path, monkeypatch):
+    """torchrun's exit code is non-zero when any rank dies, also in teardown after rank 0 has renamed OUT
+    into place (its last step): then the run counts as done. Without a new OUT it is an error."""
+    from rich.console import Console
+
+    from linearize.recover import distributed
+
+    opts = RecoverOptions(ckpt=str(tmp_path), data="x.txt", out=tmp_path / "out", nproc=2)
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: 1)
+    with pytest.raises(LinearizeError, match="exited with code 1"):
+        distributed.launch(opts)
+
+    def finish_then_crash(cmd):
+        (tmp_path / "out").mkdir()
+        return 134
+
+    monkeypatch.setattr(distributed.subprocess, "call", finish_then_crash)
+    console = Console(record=True, width=200)
+    distributed.launch(opts, console)
+    assert "exited with code 134 after the run had finished" in console.export_text()
+    monkeypatch.setattr(distributed.subprocess, "call", lambda cmd: 1)  # OUT was there before: no excuse
+    with pytest.raises(LinearizeError, match="exited with code 1"):
+        distributed.launch(opts)
 
 
 def test_fsdp_two_processes_match_one(converted_dir, tmp_path, capsys):

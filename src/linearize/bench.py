@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from rich.console import Console
 from rich.table import Table
 
+from .cache import CACHE_KWARG
 from .decoding import GreedyDecoder, compile_dense_parts, graph_blocker, last_logits_only
 from .errors import LinearizeError
 from .evaluate import device_name, versions
@@ -229,9 +230,9 @@ class Run:
         self.extra = last_logits_only(self.model)
 
     def step(self, ids: torch.Tensor) -> None:
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, **self.extra)
+        out = self.model(input_ids=ids, **{CACHE_KWARG: self.cache}, use_cache=True, **self.extra)
         # clone: a view would keep the whole [B, T, vocab] logits of a prefill chunk alive during decode
-        self.cache, self.logits = out.past_key_values, out.logits[:, -1].clone()
+        self.cache, self.logits = getattr(out, CACHE_KWARG), out.logits[:, -1].clone()
 
     def prefill(self, ids: torch.Tensor, chunk: int) -> None:
         for start in range(0, ids.shape[1], chunk):

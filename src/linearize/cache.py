@@ -9,7 +9,10 @@ counts tokens even when no layer keeps keys, so a model with no softmax layer ge
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from transformers import LlamaModel
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
@@ -17,6 +20,10 @@ from transformers.cache_utils import (
     LinearAttentionLayer,
     get_layer_types_and_kwargs,
 )
+
+# transformers 5.24 renamed the `past_key_values` argument and output field to `cache` (the old name warns
+# there): every call we make passes, and every output we read, under the name the installed version declares.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 class LigerCacheLayer(LinearAttentionLayer):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .cache import LigerCacheLayer
+from .cache import CACHE_KWARG, LigerCacheLayer
 from .errors import LinearizeError
 from .evaluate.scoring import accepts
 
@@ -93,7 +93,7 @@ class GreedyDecoder:
             self._record(warmup)
 
     def _forward(self) -> None:
-        out = self.model(input_ids=self.ids, position_ids=self.positions, past_key_values=self.cache,
+        out = self.model(input_ids=self.ids, position_ids=self.positions, **{CACHE_KWARG: self.cache},
                          use_cache=True, **self.extra)
         self.logits.copy_(out.logits[:, -1])
         self.ids.copy_(self.logits.argmax(-1, keepdim=True))
@@ -160,8 +160,8 @@ def greedy_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tok
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
                 **last_logits_only(model))
     if cuda_graph is None:  # recording pays off over more than a few steps
-        cuda_graph = graph_blocker(out.past_key_values, input_ids.device) is None and max_new_tokens > 8
-    decoder = GreedyDecoder(model, out.past_key_values, out.logits[:, -1], cuda_graph=cuda_graph,
+        cuda_graph = graph_blocker(getattr(out, CACHE_KWARG), input_ids.device) is None and max_new_tokens > 8
+    decoder = GreedyDecoder(model, getattr(out, CACHE_KWARG), out.logits[:, -1], cuda_graph=cuda_graph,
                             next_positions=None if positions is None else positions[:, -1:] + 1)
     ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     checked = 0

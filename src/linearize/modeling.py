@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .cache import LigerCache, LigerCacheLayer
+from .cache import CACHE_KWARG, LigerCache, LigerCacheLayer
 from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
@@ -69,6 +69,8 @@ class LigerAttentionMixin:
         **kwargs,
     ):
         padding_mask = kwargs.pop("linearize_padding_mask", None)
+        cache = kwargs.pop("cache", None)  # transformers >= 5.24 passes it under this name
+        past_key_values = cache if past_key_values is None else past_key_values
         layer_cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         if self.linearize_kind == "softmax" or self.linearize_teacher:
             if isinstance(layer_cache, LigerCacheLayer):
@@ -203,6 +205,8 @@ class LinearizedCausalLM:
         return LigerCache(self.config, converted, self.config.linearize["window"], states)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+        cache = kwargs.pop("cache", None)  # transformers >= 5.24 passes it under this name
+        past_key_values = cache if past_key_values is None else past_key_values
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:
@@ -214,13 +218,13 @@ class LinearizedCausalLM:
         if attention_mask is not None and attention_mask.dim() == 2 and not decoding and not bool(attention_mask.all()):
             padding_mask = attention_mask.bool()
         return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-            use_cache=use_cache, linearize_padding_mask=padding_mask, **kwargs,
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+            linearize_padding_mask=padding_mask, **{CACHE_KWARG: past_key_values}, **kwargs,
         )
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = self.make_cache()
+        if model_kwargs.get(CACHE_KWARG) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_KWARG] = self.make_cache()
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
 

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from .errors import LinearizeError
 from .recipe import Recipe, resolved
+from .recover.data import split_sources
 
 GIB = 2**30
 BYTES_PER_TOKEN = 4  # rough bytes of English text per token, to size local data without tokenizing it
@@ -138,9 +139,10 @@ def memory_plan(recipe: Recipe, cfg) -> list[tuple[str, int, str]]:
 
 
 def _local_tokens(path: str) -> int | None:
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size // BYTES_PER_TOKEN
+    """Estimated tokens of local files (several, comma-separated, add up); None if any is not local."""
+    files = [Path(part) for part in split_sources(path)]
+    if files and all(p.is_file() for p in files):
+        return sum(p.stat().st_size for p in files) // BYTES_PER_TOKEN
     return None
 
 

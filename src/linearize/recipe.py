@@ -22,6 +22,7 @@ from .errors import LinearizeError
 from .evaluate.options import EvalOptions
 from .loading import packaged_file
 from .options import ConvertOptions
+from .recover.data import split_sources
 from .recover.options import RecoverOptions
 
 PYPI = "pypi:"
@@ -235,7 +236,7 @@ def resolved(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={
         "run_dir": recipe.folder.expanduser().resolve(),
         "convert": recipe.convert.model_copy(update={"source": local(recipe.convert.source)}),
-        "recover": recipe.recover.model_copy(update={"data": local(recipe.recover.data)}),
+        "recover": recipe.recover.model_copy(update={"data": ",".join(map(local, split_sources(recipe.recover.data)))}),
         "eval": ev.model_copy(update=eval_paths),
     })
 

@@ -153,27 +153,44 @@ class Blocks:
     labels: torch.Tensor  # [N, seq_len], -100 where nothing is learned
 
 
+def split_sources(source: str) -> list[str]:
+    """`--data a.json,b.txt`: several sources, mixed into one set of blocks."""
+    return [part.strip() for part in source.split(",") if part.strip()]
+
+
 def prepare(
     source: str, tokenizer, *, fmt: str = "auto", seq_len: int = 1024, val_fraction: float = 0.02, seed: int = 0
 ) -> tuple[Blocks, Blocks, DataReport]:
-    """Read, encode and pack `source`; returns train blocks, validation blocks and a report."""
+    """Read, encode and pack `source` (one, or several comma-separated, each in its own format when
+    `fmt` is auto); returns train blocks, validation blocks and a report."""
     if fmt not in FORMATS:
         raise LinearizeError(f"unknown --format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if seq_len < 2:
         raise LinearizeError(f"--seq-len must be at least 2, got {seq_len}")
-    rows = read_rows(source)
-    fmt = detect_format(rows, source) if fmt == "auto" else fmt
-    report = DataReport(source=source, format=fmt, rows=len(rows))
-    encode = ENCODERS[fmt]
-    examples = []
-    for row in rows:
-        try:
-            examples.append(encode(row, tokenizer))
-        except Malformed as why:
-            report.malformed[str(why)] += 1
-    report.used = len(examples)
-    if not examples:
-        raise LinearizeError(f"{source} has no usable rows ({report.summary()}); check --format")
+    sources = split_sources(source)
+    if not sources:
+        raise LinearizeError("--data is empty: give a data file or a Hub dataset name")
+    examples, formats, malformed, rows_read = [], [], Counter(), 0
+    for src in sources:
+        rows = read_rows(src)
+        src_fmt = detect_format(rows, src) if fmt == "auto" else fmt
+        part = DataReport(source=src, format=src_fmt, rows=len(rows))
+        encode = ENCODERS[src_fmt]
+        before = len(examples)
+        for row in rows:
+            try:
+                examples.append(encode(row, tokenizer))
+            except Malformed as why:
+                part.malformed[str(why)] += 1
+        part.used = len(examples) - before
+        if not part.used:
+            raise LinearizeError(f"{src} has no usable rows ({part.summary()}); check --format")
+        rows_read += len(rows)
+        formats += [src_fmt] if src_fmt not in formats else []
+        # with several sources a reason names its source: "missing output" alone would not say where
+        malformed.update({(f"{why} ({src})" if len(sources) > 1 else why): n for why, n in part.malformed.items()})
+    report = DataReport(source=" + ".join(sources), format="+".join(formats), rows=rows_read, used=len(examples),
+                        malformed=malformed)
     # Shuffle documents, then concatenate and cut into blocks (the remainder is padded out of the loss).
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     ids = torch.tensor([t for i in order for t in examples[i][0]])

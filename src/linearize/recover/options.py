@@ -16,7 +16,7 @@ class RecoverOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     ckpt: str = Field(description="converted checkpoint folder")
-    data: str = Field(description="Hub dataset name or local .json/.jsonl/.parquet/.txt")
+    data: str = Field(description="Hub dataset name or local .json/.jsonl/.parquet/.txt; several, comma-separated, are mixed")
     out: Path = Field(description="output folder (the adapter)")
     format: Literal[FORMATS] = Field("auto", description="data format")  # type: ignore[valid-type]
     tokens: int | None = Field(None, description="token budget per stage (e.g. 20M); default: --epochs over the data")

@@ -453,6 +453,6 @@ def recover(opts: RecoverOptions, console: Console | None = None) -> Path:
     if opts.nproc > 1 and "WORLD_SIZE" not in os.environ:
         from .distributed import launch
 
-        launch(opts)
+        launch(opts, console)
         return Path(opts.out).expanduser().resolve()
     return Recovery(opts, console).run()
