@@ -297,7 +297,7 @@ def test_multi_process_recover_gets_the_same_options(tmp_path, monkeypatch):
                           gradient_checkpointing=True, lr=2e-4, val_blocks=3, nproc=2)
     assert RecoverOptions.model_validate_json(opts.model_dump_json()) == opts
     launched = []
-    monkeypatch.setattr("linearize.recover.distributed.launch", launched.append)
+    monkeypatch.setattr("linearize.recover.distributed.launch", lambda opts, console=None: launched.append(opts))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     trainer.recover(opts)
     assert launched == [opts]

@@ -256,7 +256,7 @@ def test_cli_recover_errors(converted_dir, tmp_path, capsys):
     assert code == 2 and "not found" in err
 
 
-def assert_same_training(one_dir, two_dir) -> None:
+def assert_same_training(one_dir, two_dir, weights_rtol: float = 1e-4, weights_atol: float = 1e-6) -> None:
     """Same tokens and losses step by step (to 1e-4), and the same adapter."""
     one = [json.loads(line) for line in (one_dir / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(line) for line in (two_dir / "metrics.jsonl").read_text().splitlines()]
@@ -266,18 +266,21 @@ def assert_same_training(one_dir, two_dir) -> None:
     a, b = adapter_weights(one_dir), adapter_weights(two_dir)
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[name], b[name], rtol=weights_rtol, atol=weights_atol)
 
 
 def test_two_processes_match_one_at_equal_global_batch(converted_dir, tmp_path, capsys):
-    """torchrun with 2 CPU ranks (gloo), grad-accum 1, against 1 process with grad-accum 2."""
-    common = ["recover", converted_dir, "--data", STORIES_TEXT, "--seq-len", "64", "--micro-batch", "1",
-              "--tokens", str(8 * 2 * 64), "--eval-every", "4", "--device", "cpu"]
+    """torchrun with 2 CPU ranks (gloo), grad-accum 1, against 1 process with grad-accum 2, on Alpaca with
+    micro-batches of 2: the ranks group the step's blocks differently and the masked prompts leave
+    blocks with different numbers of labelled tokens, so only a token-weighted step loss agrees."""
+    common = ["recover", converted_dir, "--data", ALPACA, "--seq-len", "64", "--micro-batch", "2",
+              "--tokens", str(8 * 4 * 64), "--eval-every", "4", "--device", "cpu"]
     code, _, err = run_cli([*common, "-o", tmp_path / "one", "--grad-accum", "2"], capsys)
     assert code == 0, err
     code, _, err = run_cli([*common, "-o", tmp_path / "two", "--grad-accum", "1", "--nproc", "2"], capsys)
     assert code == 0, err
-    assert_same_training(tmp_path / "one", tmp_path / "two")
+    # float32 sums in another order; Adam's step divides by sqrt(v), so the weights differ by ~1e-5
+    assert_same_training(tmp_path / "one", tmp_path / "two", weights_rtol=1e-3, weights_atol=1e-4)
 
 
 def test_new_gate_projection_trains_and_travels_with_the_adapter(stories_path, tmp_path):

@@ -35,7 +35,7 @@ from .distributed import (
     shutdown,
     trainable_state,
 )
-from .losses import lm_loss, training_loss
+from .losses import IGNORE, lm_loss, training_loss
 from .options import RecoverOptions
 
 CHECKPOINTS = "checkpoints"
@@ -351,8 +351,12 @@ class Recovery:
             micro += [(spare[0], spare[1], 0.0)] * (most - len(micro))  # weight 0: no effect on the step
         optimizer.zero_grad(set_to_none=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        loss_sum = torch.zeros(3, device=self.device)  # sum of losses, micro-batches, non-finite count
-        for ids, labels, weight in micro:
+        loss_sum = torch.zeros(3, device=self.device)  # weighted sum of losses, sum of weights, non-finite count
+        for ids, labels, spare_or_not in micro:
+            # Each micro-batch's mean loss counts by the tokens it averages over, so the step's loss is
+            # the mean over the global batch's tokens, however the blocks are grouped into micro-batches
+            # and ranks (prompt masking leaves blocks with different numbers of labelled tokens).
+            weight = spare_or_not * loss_tokens(stage, ids, labels)
             ids, labels = ids.to(self.device), labels.to(self.device)
             with self.autocast():
                 loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
@@ -363,6 +367,7 @@ class Recovery:
             loss_sum[0] += loss.detach().float() * weight
             loss_sum[1] += weight
         all_reduce_sum(world, loss_sum)
+        loss_sum[1].clamp_(min=1)  # a step of prompt-only blocks: loss 0, no gradient
         if loss_sum[2] > 0:
             last = self.latest_checkpoint()
             where = f"the last good checkpoint is step {last.step} in {self.work / CHECKPOINTS}" if last else \
@@ -370,7 +375,7 @@ class Recovery:
             raise LinearizeError(
                 f"loss is nan at {stage} step {pos.step + 1}: stopped; {where} (lower --lr or check the data, then --resume)"
             )
-        # Gradients of the mean loss over the step's micro-batches, on every rank alike. FSDP has
+        # Gradients of the step's token-mean loss, on every rank alike. FSDP has
         # already averaged them over the ranks (reduce-scatter); replicated ranks sum them here.
         for p in params:
             if self.sharded:
@@ -446,6 +451,14 @@ def _report_dict(report: DataReport) -> dict:
     d = dict(report.__dict__)
     d["malformed"] = dict(report.malformed)
     return d
+
+
+def loss_tokens(stage: str, ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many tokens a micro-batch's loss is the mean over: labelled next-token targets for the lm
+    stage (lm and kd alike), every position for align and orient (CPU tensors: no device sync)."""
+    if stage in ("align", "orient"):
+        return ids.numel()
+    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def recover(opts: RecoverOptions, console: Console | None = None) -> Path:
