@@ -184,6 +184,7 @@ def main() -> None:
     if args.merge:
         paths = [Path(part) for part in split_sources(args.merge)]
         results, commands = merged(paths, args)
+        commands.append("python benchmarks/quality.py " + shlex.join(sys.argv[1:]))
         device_name = json.loads(paths[0].read_text())["meta"]["device"]
         write_report(results, args, device_name, commands)
         Console().print(table(results, device_name))
