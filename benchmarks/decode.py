@@ -14,6 +14,8 @@ the figures and a verdict for each, met or not.
 `--profile` adds where one decode step's GPU time goes (eager steps under torch.profiler: the
 weight GEMMs, the Liger decode kernel, everything else), against the floor. `--compile` runs each
 layer's norms and MLP through torch.compile (fusing their elementwise kernels) before measuring.
+`--fuse` first concatenates each converted layer's q/k/v weights and each MLP's gate/up weights,
+so each group is one GEMM (decoding.fuse_projections; the parameters become views, no memory added).
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def main() -> None:
                         help="run converted layers on the plain-PyTorch kernels instead of Triton (a baseline, or a workaround)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps, not graph replays")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer's norms and MLP first")
+    parser.add_argument("--fuse", action="store_true", help="one GEMM for q/k/v and one for gate/up first")
     parser.add_argument("--profile", action="store_true",
                         help="also print where an eager decode step's GPU time goes (first batch and context)")
     parser.add_argument("--json", type=Path)
@@ -154,7 +157,7 @@ def main() -> None:
     opts = BenchOptions(checkpoint=f"random {args.shape}", teacher=not args.no_reference,
                         batches=parse_sizes(args.batch, "--batch"), contexts=parse_sizes(args.context, "--context"),
                         new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk, device="cuda", dtype="bfloat16",
-                        cuda_graph=not args.no_cuda_graph, compile=args.compile)
+                        cuda_graph=not args.no_cuda_graph, compile=args.compile, fuse=args.fuse)
     sides = [Side("model", f"random {args.shape}, converted", model, nullcontext, softmax=False)]
     if not args.no_reference:
         sides.append(Side("reference", "teacher (softmax)", model, lambda: teacher(model), softmax=True))

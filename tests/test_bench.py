@@ -177,20 +177,24 @@ def test_branch_scale_reports_every_layer():
         assert set(r["gla_over_window"]) == {"0-64", "64-256"} and all(x > 0 for x in r["gla_over_window"].values())
 
 
-def test_compile_option_compiles_each_model_once(converted, monkeypatch):
-    """`--compile`: the teacher side shares the model's modules, so one compile_dense_parts call (the
-    compiled tokens are checked in test_decoding.py); the report says it was on."""
+def test_compile_and_fuse_options_change_each_model_once(converted, monkeypatch):
+    """`--compile` and `--fuse`: the teacher side shares the model's modules, so one compile_dense_parts
+    and one fuse_projections call, fusing first (the tokens are checked in test_decoding.py); the
+    report says they were on."""
     import linearize.bench as bench
     from linearize import teacher
 
-    compiled = []
-    monkeypatch.setattr(bench, "compile_dense_parts", compiled.append)
+    calls = []
+    monkeypatch.setattr(bench, "compile_dense_parts", lambda m: calls.append(("compile", m)))
+    monkeypatch.setattr(bench, "fuse_projections", lambda m: calls.append(("fuse", m)))
     model = load_causal_lm(str(converted), torch.float32, CPU)
     sides = [Side("model", "conv", model, nullcontext, softmax=False),
              Side("reference", "teacher", model, lambda: teacher(model), softmax=True)]
-    report = bench_sides(sides, small(compile=True, batches=[1], contexts=[8]), CPU)
-    assert compiled == [model] and report["meta"]["compiled_norms_and_mlp"] is True
-    assert not bench_sides(sides[:1], small(batches=[1], contexts=[8]), CPU)["meta"]["compiled_norms_and_mlp"]
+    report = bench_sides(sides, small(compile=True, fuse=True, batches=[1], contexts=[8]), CPU)
+    assert calls == [("fuse", model), ("compile", model)]
+    assert report["meta"]["compiled_norms_and_mlp"] is True and report["meta"]["fused_projections"] is True
+    meta = bench_sides(sides[:1], small(batches=[1], contexts=[8]), CPU)["meta"]
+    assert not meta["compiled_norms_and_mlp"] and not meta["fused_projections"]
 
 
 @pytest.mark.parametrize(("T", "q_heads", "kv_heads"), [(200, 4, 2), (64, 2, 2), (130, 2, 1), (5, 1, 1)])

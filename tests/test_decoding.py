@@ -39,7 +39,7 @@ def test_decoder_tokens_equal_generate_and_the_parallel_argmax(stories_path, tmp
 def test_graph_blockers_are_named(stories_path, tmp_path):
     out = convert(str(stories_path), tmp_path / "out", window=16, keep_attention=[1])
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    cache = model(torch.ones(1, 4, dtype=torch.long), use_cache=True).past_key_values
+    cache = getattr(model(torch.ones(1, 4, dtype=torch.long), use_cache=True), CACHE_KWARG)
     assert graph_blocker(cache, torch.device("cpu")) == "CUDA graphs need a CUDA device"
     assert "every layer must be a converted one" in graph_blocker(cache, torch.device("cuda"))
     with pytest.raises(LinearizeError, match="use --no-cuda-graph"):
@@ -87,3 +87,40 @@ def test_compiled_norms_and_mlp_decode_the_same_tokens(stories_path, tmp_path):
     assert compile_dense_parts(model) == 3 * layers + 1
     torch.testing.assert_close(model(ids).logits, eager_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(greedy_tokens(model, ids, 8), eager)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # qwen2: q/k/v biases; qwen3: q/k norms
+@torch.no_grad()
+def test_fused_projections_decode_the_same_tokens(family_source, tmp_path, family):
+    """`bench --fuse` (fuse_projections): one GEMM for q/k/v of each converted layer (not the kept
+    softmax one) and for gate/up of every MLP; the parameters stay the same tensors' views, so the
+    weight count, the state dict and teacher mode are unchanged, and greedy decoding picks the same tokens."""
+    from linearize.decoding import fuse_projections
+    from linearize.modeling import teacher
+
+    out = convert(str(family_source(family)), tmp_path / "out", window=16, keep_attention=[1])
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits, tokens = model(ids).logits, greedy_tokens(model, ids, 8)
+    with teacher(model):
+        teacher_logits = model(ids).logits
+    sizes = {name: p.shape for name, p in model.named_parameters()}
+    assert fuse_projections(model) == 2 + 3  # two converted attention layers, three MLPs
+    assert fuse_projections(model) == 0  # once only
+    assert {name: p.shape for name, p in model.named_parameters()} == sizes
+    assert model.model.layers[0].self_attn.q_proj.weight.data_ptr() == model.model.layers[0].self_attn.fused_qkv[0].data_ptr()
+    torch.testing.assert_close(model(ids).logits, logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy_tokens(model, ids, 8), tokens)
+    with teacher(model):
+        torch.testing.assert_close(model(ids).logits, teacher_logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_fusing_leaves_peft_wrapped_projections_alone(stories_path, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from linearize.decoding import fuse_projections
+
+    out = convert(str(stories_path), tmp_path / "out", window=16)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(out), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert fuse_projections(model) == len(model.base_model.model.model.layers)  # the MLPs only

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cache import CACHE_KWARG
-from .decoding import GreedyDecoder, compile_dense_parts, graph_blocker, last_logits_only
+from .decoding import GreedyDecoder, compile_dense_parts, fuse_projections, graph_blocker, last_logits_only
 from .errors import LinearizeError
 from .evaluate import device_name, versions
 from .evaluate.scoring import progress_bar
@@ -65,6 +65,7 @@ class BenchOptions(BaseModel):
     prefill_chunk: int = 4096  # tokens per prefill forward: bounds activation memory the way servers do
     cuda_graph: bool = True  # replay a recorded decode step where the cache allows it (CUDA, converted layers only)
     compile: bool = False  # torch.compile each layer's norms and MLP first (decoding.compile_dense_parts)
+    fuse: bool = False  # one GEMM for q/k/v and one for gate/up first (decoding.fuse_projections)
     device: str = "auto"
     dtype: str = "auto"
     json_out: Path | None = None
@@ -325,8 +326,10 @@ class Side:
 
 def bench_sides(sides: list[Side], opts: BenchOptions, device: torch.device) -> dict[str, Any]:
     """Measure every side at every batch and context; returns the report (rows, models, meta)."""
-    if opts.compile:  # a teacher side shares the model's modules: compile each model once
-        for model in {id(side.model): side.model for side in sides}.values():
+    for model in {id(side.model): side.model for side in sides}.values():  # a teacher side shares the model
+        if opts.fuse:
+            fuse_projections(model)
+        if opts.compile:
             compile_dense_parts(model)
     bandwidth = measure_bandwidth(device)
     generator = torch.Generator().manual_seed(opts.seed)
@@ -357,6 +360,7 @@ def bench_sides(sides: list[Side], opts: BenchOptions, device: torch.device) -> 
             "prefill_chunk": opts.prefill_chunk,
             "cuda_graph": opts.cuda_graph,
             "compiled_norms_and_mlp": opts.compile,
+            "fused_projections": opts.fuse,
             "memory": "GPU allocated (torch)" if device.type == "cuda" else "process RSS high-water mark",
             "versions": versions(),
         },

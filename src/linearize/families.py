@@ -31,9 +31,14 @@ class Family:
     def project_qkv(self, attn: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw per-head projections [B, T, H, D] as the source computes them before RoPE."""
         shape = (*hidden.shape[:-1], -1, attn.head_dim)
-        q = attn.q_proj(hidden).view(shape)
-        k = attn.k_proj(hidden).view(shape)
-        v = attn.v_proj(hidden).view(shape)
+        fused = getattr(attn, "fused_qkv", None)  # decoding.fuse_projections: one GEMM for the three
+        if fused is not None:
+            weight, bias, sizes = fused
+            q, k, v = (t.view(shape) for t in nn.functional.linear(hidden, weight, bias).split(sizes, dim=-1))
+        else:
+            q = attn.q_proj(hidden).view(shape)
+            k = attn.k_proj(hidden).view(shape)
+            v = attn.v_proj(hidden).view(shape)
         if self.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
         return q, k, v

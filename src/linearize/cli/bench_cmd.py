@@ -28,6 +28,8 @@ def bench_command(
         "--cuda-graph/--no-cuda-graph", help="On CUDA, replay a recorded decode step (converted models).")] = D["cuda_graph"],
     compile: Annotated[bool, typer.Option(
         "--compile", help="torch.compile each layer's norms and MLP first (fewer, fused kernels per decode step).")] = D["compile"],
+    fuse: Annotated[bool, typer.Option(
+        "--fuse", help="One GEMM for each converted layer's q/k/v and each MLP's gate/up (no memory added).")] = D["fuse"],
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = D["device"],
     dtype: Annotated[str, typer.Option(help="auto (the checkpoint's), float32, float16 or bfloat16.")] = D["dtype"],
     json_out: Annotated[Path | None, typer.Option("--json", metavar="OUT", help="Also write the results as JSON.")] = None,
@@ -40,7 +42,7 @@ def bench_command(
     opts = BenchOptions(
         checkpoint=checkpoint, teacher=teacher, compare=compare, batches=parse_sizes(batch, "--batch"),
         contexts=parse_sizes(context, "--context"), new_tokens=new_tokens, prefill_chunk=prefill_chunk,
-        cuda_graph=cuda_graph, compile=compile, device=device, dtype=dtype, json_out=json_out, plot_out=plot_out,
+        cuda_graph=cuda_graph, compile=compile, fuse=fuse, device=device, dtype=dtype, json_out=json_out, plot_out=plot_out,
     )
     if opts.plot_out is not None:  # fail before minutes of measuring, not after
         try:
