@@ -236,3 +236,43 @@ def test_quality_merge_joins_rows_run_apart_and_refuses_other_data(tmp_path):
     second.write_text(json.dumps({"meta": {**meta, "data": "/b/alpaca_5000.json"}, "rows": []}))
     with pytest.raises(SystemExit, match="other settings \\(data\\)"):
         quality.merged([first, second], args)
+
+
+def test_quality_script_runs_end_to_end_on_the_fixture(tmp_path, monkeypatch):
+    """benchmarks/quality.py on the fixture model (CPU, tiny budget): the teacher, Liger-GLA before and
+    after recovery on mixed data, then --extend adds an ablation; every row has every column, the
+    recovered rows their exact token budget, decode agrees with the parallel pass, and hand-written
+    notes below the marker survive the rewrite."""
+    import json
+    import shutil
+    import sys
+
+    quality = load_benchmark("quality")
+    fixtures = Path(__file__).parent / "fixtures"
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for source, names in {"lambada_stories": ["lambada_openai"], "mc_stories": ["arc_easy", "arc_challenge", "piqa"],
+                          "schema_stories": ["winogrande"]}.items():
+        for name in names:
+            shutil.copy(fixtures / "tasks" / f"{source}.jsonl", tasks / f"{name}.jsonl")
+    out, js = tmp_path / "results.md", tmp_path / "results.json"
+    common = ["quality.py", "--source", str(fixtures / "stories260k"), "--tokens", "2K", "--seq-len", "64",
+              "--micro-batch", "2", "--limit", "3", "--task-dir", str(tasks), "--ppl-file",
+              str(fixtures / "text" / "story.txt"), "--ppl-max-tokens", "256", "--eval-context", "64",
+              "--data", f"{fixtures / 'data' / 'alpaca_60.json'},{fixtures / 'data' / 'tinystories.txt'}",
+              "--run-dir", str(tmp_path / "runs"), "--out", str(out), "--json", str(js)]
+    monkeypatch.setattr(sys, "argv", [*common, "--rows", "1,2"])
+    quality.main()
+    out.write_text(out.read_text() + f"\n{quality.NOTES}\nhand-written finding\n")
+    monkeypatch.setattr(sys, "argv", [*common, "--rows", "3", "--extend"])
+    quality.main()
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["row"] for r in rows] == [quality.TEACHER, *(quality.ROWS[i][0] for i in range(3))]
+    assert [r["tokens"] for r in rows] == [0, 0, 2000, 2000]
+    assert rows[0]["recovered_pct"] == 100.0
+    for r in rows:
+        assert all(0.0 <= r[t] <= 1.0 for t in quality.TASKS) and r["wikitext2_ppl"] > 1
+    assert all(r["decode_rel_err"] < 1e-4 for r in rows[1:])
+    text = out.read_text()
+    assert text.count("\n| ") == 1 + len(rows) and "hand-written finding" in text  # the header, then a line per row
+    assert "alpaca_60.json + tinystories.txt" in text

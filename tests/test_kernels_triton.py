@@ -439,10 +439,14 @@ def chunk_gla_case(T, packed):
         assert rel(a, b) < 1e-4, name
 
 
-def decode_case(Hq, Hkv, W, position, as_tensor=False):
+def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False):
     torch.manual_seed(Hq + W)
     B, D = 3, 16
     q, k, v = torch.randn(B, 1, Hq, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
+    if fused:  # column slices of one [B, 1, (Hq + 2 Hkv) D] projection, as fuse_projections makes them
+        rows = torch.cat([t.flatten(2) for t in (q, k, v)], -1)
+        q, k, v = (t.unflatten(-1, (-1, D)) for t in rows.split([Hq * D, Hkv * D, Hkv * D], -1))
+        assert not q.is_contiguous()
     state = torch.randn(B, Hq, D, D)
     kr, vr = torch.randn(B, Hkv, max(W, 1), D), torch.randn(B, Hkv, max(W, 1), D)
     valid = torch.rand(B, max(W, 1)) > 0.5
@@ -562,6 +566,7 @@ for _T, _p in itertools.product((1, 17, 65), (False, True)):
     CHECKS[f"chunk_gla_T{_T}_{'packed' if _p else 'batched'}"] = lambda T=_T, p=_p: chunk_gla_case(T, p)
 for _d in [(2, 2, 8, 13), (4, 1, 6, 2), (4, 2, 0, 5), (4, 2, 8, 13, True)]:
     CHECKS["decode_Hq{}_Hkv{}_W{}_pos{}".format(*_d) + ("_in_memory" if len(_d) > 4 else "")] = lambda d=_d: decode_case(*d)
+CHECKS["decode_fused_qkv_rows"] = lambda: decode_case(4, 2, 8, 13, fused=True)
 
 
 def kernels():

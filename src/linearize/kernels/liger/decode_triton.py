@@ -25,7 +25,7 @@ from .naive import liger_decode_step_torch
 @triton.jit(do_not_specialize=["slot"])
 def liger_decode_kernel(
     q, k, v, state, k_ring, v_ring, ring_valid, cos, sin, o,
-    slot, position, gate_mult, mix, win_scale, s_cos_b,
+    slot, position, gate_mult, mix, win_scale, s_cos_b, s_qb, s_kb, s_vb,
     HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
     W: tl.constexpr, BW: tl.constexpr, SLOT_IN_MEMORY: tl.constexpr,
 ):
@@ -34,9 +34,10 @@ def liger_decode_kernel(
     i_hk = i_h // G
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
-    b_q = tl.load(q + (i_b * HQ + i_h) * K + ck).to(tl.float32)
-    b_k = tl.load(k + (i_b * HKV + i_hk) * K + ck).to(tl.float32)
-    b_v = tl.load(v + (i_b * HKV + i_hk) * K + cv).to(tl.float32)
+    # s_qb, s_kb, s_vb: elements between batch rows, so q/k/v may be column slices of one fused projection
+    b_q = tl.load(q + i_b * s_qb + i_h * K + ck).to(tl.float32)
+    b_k = tl.load(k + i_b * s_kb + i_hk * K + ck).to(tl.float32)
+    b_v = tl.load(v + i_b * s_vb + i_hk * K + cv).to(tl.float32)
     p_s = state + (i_b * HQ + i_h).to(tl.int64) * K * K + ck[:, None] * K + cv[None, :]
     S = tl.load(p_s)
 
@@ -56,8 +57,8 @@ def liger_decode_kernel(
         sign = tl.where(ck < K // 2, -1.0, 1.0)
         c = tl.load(cos + i_b * s_cos_b + ck).to(tl.float32)
         s = tl.load(sin + i_b * s_cos_b + ck).to(tl.float32)
-        q_sw = tl.load(q + (i_b * HQ + i_h) * K + ck_swap).to(tl.float32)
-        k_sw = tl.load(k + (i_b * HKV + i_hk) * K + ck_swap).to(tl.float32)
+        q_sw = tl.load(q + i_b * s_qb + i_h * K + ck_swap).to(tl.float32)
+        k_sw = tl.load(k + i_b * s_kb + i_hk * K + ck_swap).to(tl.float32)
         q_rot = b_q * c + sign * q_sw * s
         k_rot = b_k * c + sign * k_sw * s
         cw = tl.arange(0, BW)
@@ -89,6 +90,15 @@ def liger_decode_kernel(
     tl.store(o + (i_b * HQ + i_h) * K + cv, b_o.to(o.dtype.element_ty))
 
 
+def _packed_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [B, 1, H, K] as the kernel reads it: heads and channels packed within a row, any stride
+    between rows. The column slices of a fused q/k/v projection (decoding.fuse_projections) already
+    are, so they go in without a copy."""
+    if x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+        return x
+    return x.contiguous()
+
+
 def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int | torch.Tensor, *, window, mix,
                       gate_normalizer, cos=None, sin=None, block_v: int | None = None, num_warps: int = 4):
     """Triton form of liger_decode_step_torch (same arguments; updates state and ring in place).
@@ -103,8 +113,8 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         # must be contiguous, state fp32; power-of-two head size): the PyTorch step
         return liger_decode_step_torch(q, k, v, state, k_ring, v_ring, ring_valid, position, window=window, mix=mix,
                                        gate_normalizer=gate_normalizer, cos=cos, sin=sin)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(q)
+    q, k, v = _packed_rows(q), _packed_rows(k), _packed_rows(v)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     chunk_triton.poison(o)
     s_cos_b = 0
     if W > 0:
@@ -127,7 +137,7 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         k_ring if W > 0 else q, v_ring if W > 0 else q, valid_u8 if W > 0 else q,
         cos if W > 0 else q, sin if W > 0 else q, o,
         0 if in_memory or W == 0 else position % W, position if in_memory else q,
-        1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b,
+        1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b, q.stride(0), k.stride(0), v.stride(0),
         HQ=HQ, HKV=HKV, K=K, BV=block_v, W=W, BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
     )
     return o
