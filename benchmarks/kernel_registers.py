@@ -45,7 +45,7 @@ TYPES = {
     **{n: "*fp32" for n in ("cos", "sin", "h0", "ht", "dht", "dh0", "qdq", "dq", "dk", "dv", "lse", "delta", "state")},
     **{n: "*io" for n in ("k_ring", "v_ring")},
     "ring_valid": "*u8", "position": "*i64", "starts": "*i32", "cu_seqlens": "*i32", "window_starts": "*i32",
-    **{n: "i32" for n in ("T", "TOTAL", "NT", "s_cos_b", "slot", "ROWS")},
+    **{n: "i32" for n in ("T", "TOTAL", "NT", "s_cos_b", "s_qb", "s_kb", "s_vb", "slot", "ROWS")},
     # gsa's slot scores walk: fp32 throughout (its inputs are the feature maps, computed in fp32)
     **{n: "*fp32" for n in ("fq", "fk", "u", "log_gate", "s", "ds", "du", "dq_parts", "dk_parts")},
     # gdn's delta-rule walk: its inputs are fp32 too, but q, k, v, o, do are named as the Liger kernels' ("*io")

@@ -61,6 +61,7 @@ def fuse_projections(model: torch.nn.Module) -> int:
     count see the same parameters). At batch 16 a decode step is a string of matrix-vector
     products that read the weights; the small k and v reads (an eighth of q's under GQA 32/8) are
     the least efficient, and each launch costs the same. Layers wrapped by PEFT are left alone.
+    Call it on a model already on its device and dtype: a later `.to()` would copy the views apart.
     Returns how many modules were fused."""
     from .modeling import LigerAttentionMixin
 
@@ -79,16 +80,16 @@ def _fuse(module: torch.nn.Module, attribute: str, names: tuple[str, ...]) -> bo
     linears = [getattr(module, name) for name in names]
     if hasattr(module, attribute) or not all(type(m) is torch.nn.Linear for m in linears):
         return False
-    has_bias = [m.bias is not None for m in linears]
+    sizes = [m.out_features for m in linears]
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears])
-        bias = torch.cat([m.bias if b else m.weight.new_zeros(m.out_features) for m, b in zip(linears, has_bias, strict=True)]) \
-            if any(has_bias) else None
-    sizes = [m.out_features for m in linears]
+        bias = None
+        if any(m.bias is not None for m in linears):  # Qwen2's q/k/v have biases; a missing one adds zeros
+            bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias for m in linears])
     start = 0
-    for m, size, b in zip(linears, sizes, has_bias, strict=True):
+    for m, size in zip(linears, sizes, strict=True):
         m.weight = torch.nn.Parameter(weight[start : start + size], requires_grad=m.weight.requires_grad)
-        if b:
+        if m.bias is not None:
             m.bias = torch.nn.Parameter(bias[start : start + size], requires_grad=m.bias.requires_grad)
         start += size
     # a plain attribute, not a parameter or buffer: the weights are counted (and saved) once, as q/k/v's
