@@ -105,10 +105,15 @@ def merged(paths: list[Path], args) -> tuple[list[dict], list[str]]:
         commands += cmds
     if TEACHER not in rows:
         sys.exit("--merge: none of the files has the teacher row; run one of them with it")
-    results = sorted(rows.values(), key=lambda r: ORDER.get(r["row"], len(ORDER)))
+    return in_order(list(rows.values())), commands
+
+
+def in_order(results: list[dict]) -> list[dict]:
+    """Rows in table order (the teacher first), each with its task average as % of the teacher's."""
+    results = sorted(results, key=lambda r: ORDER.get(r["row"], len(ORDER)))
     for r in results:
         r["recovered_pct"] = 100 * r["average"] / results[0]["average"]
-    return results, commands
+    return results
 
 
 def stage_budgets(overrides: dict, tokens: str) -> dict:
@@ -222,11 +227,8 @@ def main() -> None:
         row = {"row": name, **scores(result, "model"), "tokens": tokens,
                "gpu_minutes": (time.perf_counter() - start) / 60 if device.type == "cuda" else None,
                "decode_rel_err": decode_check(folder, device)}
-        results = [r for r in results if r["row"] != name] + [row]
-        results.sort(key=lambda r: ORDER.get(r["row"], len(ORDER)))
+        results = in_order([r for r in results if r["row"] != name] + [row])
         console.print(f"[green]{name}[/]: {row}")
-        for r in results:
-            r["recovered_pct"] = 100 * r["average"] / results[0]["average"]
         write_report(results, args, device_name, commands)  # after every row: a cut run keeps what it measured
     Console().print(table(results, device_name))
 
