@@ -81,7 +81,7 @@ def main() -> None:
     if args.only:
         chosen = [chosen[int(i) - 1] for i in args.only.split(",")]
     run_dir = Path(args.run_dir)
-    rows = []
+    rows, curves = [], []
     for name, extra in chosen:
         out = run_dir / name.replace(" ", "-").replace(",", "")
         cmd = [sys.executable, "-m", "linearize", "recover", args.ckpt, "--data", args.data, "-o", str(out),
@@ -94,14 +94,14 @@ def main() -> None:
         if code != 0:
             sys.exit(f"{name}: recover exited with code {code}")
         records = metrics(out)
+        curves.append(records)
         rows.append({"run": name, "args": extra, "steps": len(records), "tokens": records[-1]["tokens"],
                      "final_loss": records[-1]["loss"], "final_val_loss": records[-1].get("val_loss"),
                      "steady_tokens_per_s": steady_rate(records, args.skip_steps), "wall_s": wall,
                      "losses": [r["loss"] for r in records],
                      "val_losses": {r["step"]: r["val_loss"] for r in records if "val_loss" in r}})
-    base_records = metrics(run_dir / chosen[0][0].replace(" ", "-").replace(",", ""))
-    for row, (name, _) in zip(rows, chosen, strict=True):
-        row.update(compare(base_records, metrics(run_dir / name.replace(" ", "-").replace(",", ""))))
+    for row, records in zip(rows, curves, strict=True):
+        row.update(compare(curves[0], records))
         row["speedup"] = row["steady_tokens_per_s"] / rows[0]["steady_tokens_per_s"]
 
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"

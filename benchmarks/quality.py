@@ -101,7 +101,7 @@ def merged(paths: list[Path], args) -> tuple[list[dict], list[str]]:
     commands: list[str] = []
     for path in paths:
         more, cmds = compatible_rows(path, args, "--merge")
-        rows.update({r["row"]: r for r in more if r["row"] not in rows or r["row"] != TEACHER})
+        rows.update({r["row"]: r for r in more if not (r["row"] == TEACHER and TEACHER in rows)})  # one teacher
         commands += cmds
     if TEACHER not in rows:
         sys.exit("--merge: none of the files has the teacher row; run one of them with it")

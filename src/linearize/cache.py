@@ -26,6 +26,12 @@ from transformers.cache_utils import (
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
+def given_cache(past_key_values, kwargs: dict):
+    """The cache a forward was given under either name (popped from kwargs: it is passed on by name)."""
+    cache = kwargs.pop("cache", None)
+    return cache if past_key_values is None else past_key_values
+
+
 class LigerCacheLayer(LinearAttentionLayer):
     is_compileable = False
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .cache import CACHE_KWARG, LigerCache, LigerCacheLayer
+from .cache import CACHE_KWARG, LigerCache, LigerCacheLayer, given_cache
 from .errors import LinearizeError
 from .families import FAMILIES, Family
 from .kernels import liger_attention, liger_decode_step
@@ -69,8 +69,7 @@ class LigerAttentionMixin:
         **kwargs,
     ):
         padding_mask = kwargs.pop("linearize_padding_mask", None)
-        cache = kwargs.pop("cache", None)  # transformers >= 5.24 passes it under this name
-        past_key_values = cache if past_key_values is None else past_key_values
+        past_key_values = given_cache(past_key_values, kwargs)  # transformers >= 5.24 names it `cache`
         layer_cache = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
         if self.linearize_kind == "softmax" or self.linearize_teacher:
             if isinstance(layer_cache, LigerCacheLayer):
@@ -205,8 +204,7 @@ class LinearizedCausalLM:
         return LigerCache(self.config, converted, self.config.linearize["window"], states)
 
     def forward(self, input_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
-        cache = kwargs.pop("cache", None)  # transformers >= 5.24 passes it under this name
-        past_key_values = cache if past_key_values is None else past_key_values
+        past_key_values = given_cache(past_key_values, kwargs)  # transformers >= 5.24 names it `cache`
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training
         if use_cache and past_key_values is None:

@@ -158,6 +158,24 @@ def split_sources(source: str) -> list[str]:
     return [part.strip() for part in source.split(",") if part.strip()]
 
 
+def encode_source(source: str, tokenizer, fmt: str) -> tuple[list, DataReport]:
+    """One source's encoded examples and its report; a source with no usable row is an error."""
+    rows = read_rows(source)
+    fmt = detect_format(rows, source) if fmt == "auto" else fmt
+    report = DataReport(source=source, format=fmt, rows=len(rows))
+    encode = ENCODERS[fmt]
+    examples = []
+    for row in rows:
+        try:
+            examples.append(encode(row, tokenizer))
+        except Malformed as why:
+            report.malformed[str(why)] += 1
+    report.used = len(examples)
+    if not examples:
+        raise LinearizeError(f"{source} has no usable rows ({report.summary()}); check --format")
+    return examples, report
+
+
 def prepare(
     source: str, tokenizer, *, fmt: str = "auto", seq_len: int = 1024, val_fraction: float = 0.02, seed: int = 0
 ) -> tuple[Blocks, Blocks, DataReport]:
@@ -170,27 +188,14 @@ def prepare(
     sources = split_sources(source)
     if not sources:
         raise LinearizeError("--data is empty: give a data file or a Hub dataset name")
-    examples, formats, malformed, rows_read = [], [], Counter(), 0
-    for src in sources:
-        rows = read_rows(src)
-        src_fmt = detect_format(rows, src) if fmt == "auto" else fmt
-        part = DataReport(source=src, format=src_fmt, rows=len(rows))
-        encode = ENCODERS[src_fmt]
-        before = len(examples)
-        for row in rows:
-            try:
-                examples.append(encode(row, tokenizer))
-            except Malformed as why:
-                part.malformed[str(why)] += 1
-        part.used = len(examples) - before
-        if not part.used:
-            raise LinearizeError(f"{src} has no usable rows ({part.summary()}); check --format")
-        rows_read += len(rows)
-        formats += [src_fmt] if src_fmt not in formats else []
-        # with several sources a reason names its source: "missing output" alone would not say where
-        malformed.update({(f"{why} ({src})" if len(sources) > 1 else why): n for why, n in part.malformed.items()})
-    report = DataReport(source=" + ".join(sources), format="+".join(formats), rows=rows_read, used=len(examples),
-                        malformed=malformed)
+    encoded = [encode_source(src, tokenizer, fmt) for src in sources]
+    examples = [example for part, _ in encoded for example in part]
+    parts = [part_report for _, part_report in encoded]
+    malformed = Counter()
+    for part in parts:  # with several sources a reason names its source: "missing output" alone says not where
+        malformed.update({(f"{why} ({part.source})" if len(parts) > 1 else why): n for why, n in part.malformed.items()})
+    report = DataReport(source=" + ".join(sources), format="+".join(dict.fromkeys(p.format for p in parts)),
+                        rows=sum(p.rows for p in parts), used=len(examples), malformed=malformed)
     # Shuffle documents, then concatenate and cut into blocks (the remainder is padded out of the loss).
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     ids = torch.tensor([t for i in order for t in examples[i][0]])

@@ -130,6 +130,15 @@ def orient_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = No
 OBJECTIVES = {"lm": lm_loss, "kd": kd_loss, "align": align_loss, "orient": orient_loss}
 
 
+def loss_tokens(stage: str, input_ids: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many tokens a stage's loss on this batch is the mean over: the labelled next-token targets
+    for the lm stage (lm and kd alike), every position for align and orient. A step weights each
+    micro-batch by it, so its loss is the token mean over the global batch however blocks are grouped."""
+    if stage in ("align", "orient"):
+        return input_ids.numel()
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
 def training_loss(stage: str, loss: str, kd_weight: float, model, input_ids, labels) -> torch.Tensor:
     """The objective of a stage: align/orient, or the --loss mix for the lm stage."""
     if stage in ("align", "orient"):

@@ -35,7 +35,7 @@ from .distributed import (
     shutdown,
     trainable_state,
 )
-from .losses import IGNORE, lm_loss, training_loss
+from .losses import lm_loss, loss_tokens, training_loss
 from .options import RecoverOptions
 
 CHECKPOINTS = "checkpoints"
@@ -344,19 +344,16 @@ class Recovery:
             group = mine[i : i + opts.micro_batch]
             for n in sorted({n for _, n in group}, reverse=True):  # a cut-short block rides alone
                 rows = [b for b, m in group if m == n]
-                micro.append((train.input_ids[rows, :n], train.labels[rows, :n], 1.0))
+                ids, labels = train.input_ids[rows, :n], train.labels[rows, :n]
+                micro.append((ids, labels, loss_tokens(stage, ids, labels)))  # counted on the CPU: no device sync
         if self.sharded:  # every rank must run as many forward/backward passes (they are collectives)
             most = all_reduce_max(world, len(micro), self.device)
             spare = micro[0] if micro else (train.input_ids[:1, :seq], train.labels[:1, :seq], 0.0)
             micro += [(spare[0], spare[1], 0.0)] * (most - len(micro))  # weight 0: no effect on the step
         optimizer.zero_grad(set_to_none=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        loss_sum = torch.zeros(3, device=self.device)  # weighted sum of losses, sum of weights, non-finite count
-        for ids, labels, spare_or_not in micro:
-            # Each micro-batch's mean loss counts by the tokens it averages over, so the step's loss is
-            # the mean over the global batch's tokens, however the blocks are grouped into micro-batches
-            # and ranks (prompt masking leaves blocks with different numbers of labelled tokens).
-            weight = spare_or_not * loss_tokens(stage, ids, labels)
+        loss_sum = torch.zeros(3, device=self.device)  # token-weighted sum of losses, tokens, non-finite count
+        for ids, labels, weight in micro:
             ids, labels = ids.to(self.device), labels.to(self.device)
             with self.autocast():
                 loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
@@ -451,14 +448,6 @@ def _report_dict(report: DataReport) -> dict:
     d = dict(report.__dict__)
     d["malformed"] = dict(report.malformed)
     return d
-
-
-def loss_tokens(stage: str, ids: torch.Tensor, labels: torch.Tensor) -> int:
-    """How many tokens a micro-batch's loss is the mean over: labelled next-token targets for the lm
-    stage (lm and kd alike), every position for align and orient (CPU tensors: no device sync)."""
-    if stage in ("align", "orient"):
-        return ids.numel()
-    return int((labels[:, 1:] != IGNORE).sum())
 
 
 def recover(opts: RecoverOptions, console: Console | None = None) -> Path:
