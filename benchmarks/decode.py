@@ -138,6 +138,8 @@ def main() -> None:
                         help="run converted layers on the plain-PyTorch kernels instead of Triton (a baseline, or a workaround)")
     parser.add_argument("--no-cuda-graph", action="store_true", help="time eager decode steps, not graph replays")
     parser.add_argument("--compile", action="store_true", help="torch.compile each layer's norms and MLP first")
+    parser.add_argument("--compile-mode", default="default",
+                        help="torch.compile mode for --compile, e.g. max-autotune-no-cudagraphs (inductor's GEMMs)")
     parser.add_argument("--fuse", action="store_true", help="one GEMM for q/k/v and one for gate/up first")
     parser.add_argument("--profile", action="store_true",
                         help="also print where an eager decode step's GPU time goes (first batch and context)")
@@ -157,7 +159,8 @@ def main() -> None:
     opts = BenchOptions(checkpoint=f"random {args.shape}", teacher=not args.no_reference,
                         batches=parse_sizes(args.batch, "--batch"), contexts=parse_sizes(args.context, "--context"),
                         new_tokens=args.new_tokens, prefill_chunk=args.prefill_chunk, device="cuda", dtype="bfloat16",
-                        cuda_graph=not args.no_cuda_graph, compile=args.compile, fuse=args.fuse)
+                        cuda_graph=not args.no_cuda_graph, compile=args.compile,
+                        compile_mode=args.compile_mode, fuse=args.fuse)
     sides = [Side("model", f"random {args.shape}, converted", model, nullcontext, softmax=False)]
     if not args.no_reference:
         sides.append(Side("reference", "teacher (softmax)", model, lambda: teacher(model), softmax=True))

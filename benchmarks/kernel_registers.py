@@ -94,10 +94,10 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("gdn delta rule, forward walk", gdn.delta_fwd_kernel,
          dict(delta, USE_H0=True, STORE_HT=True, REPLAY=False), 4, 3),
         ("gdn delta rule, backward walk", gdn.delta_bwd_kernel, dict(delta, USE_DHT=True, STORE_DH0=True), 8, 3),
-        ("decode step (Liger, window 64)", liger_decode_kernel,
-         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 64 if D <= 128 else 32), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
-        ("decode step (Liger, window 64, CUDA-graph slot)", liger_decode_kernel,
-         dict(HQ=HQ, HKV=HKV, K=D, BV=min(D, 64 if D <= 128 else 32), W=64, BW=64, SLOT_IN_MEMORY=True), 4, 3),
+        ("decode step (Liger, window 64, state per query head)", liger_decode_kernel,
+         dict(HQ=HQ, HKV=HKV, HS=HQ, K=D, BV=min(D, 64 if D <= 128 else 32), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
+        ("decode step (Liger, window 64, state per kv head, CUDA-graph slot)", liger_decode_kernel,
+         dict(HQ=HQ, HKV=HKV, HS=HKV, K=D, BV=min(D, 64 if D <= 128 else 32), W=64, BW=64, SLOT_IN_MEMORY=True), 4, 3),
     ]
 
 

@@ -214,6 +214,7 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", help="sweep the forward kernel's block_v/num_warps/num_stages")
     ap.add_argument("--Hkv", type=int, nargs="+", default=[32, 8], help="kv heads of the shapes (Hq is 32)")
     ap.add_argument("--decode-only", action="store_true", help="only the decode step's bandwidth (seconds, no compiles)")
+    ap.add_argument("--decode-batch", type=int, nargs="+", default=[8, 64], help="batch sizes of the decode rows")
     ap.add_argument("--decode-block-v", type=int, nargs="+", default=[None],
                     help="value columns per decode program to time (default: the kernel's own choice)")
     ap.add_argument("--decode-warps", type=int, nargs="+", default=[None],
@@ -293,15 +294,16 @@ def main(argv=None):
     # decode step: per call from Python (do_bench: L2 flushed, launch cost included) and replayed
     # from a CUDA graph as the model's decode runs it, rotating over enough copies of the state
     # and rings that they cannot stay in L2 (a model's 32 layers do not either)
-    for Bd, Hkv in itertools.product((8, 64), args.Hkv):
+    # the state per query head (liger_attention's final_state) and per kv head (the model's cache)
+    for Bd, Hkv, Hs in ((b, h, s) for b, h in itertools.product(args.decode_batch, args.Hkv) for s in dict.fromkeys((Hq, h))):
         q = torch.randn(Bd, 1, Hq, D, device="cuda", dtype=dt)
         k = torch.randn(Bd, 1, Hkv, D, device="cuda", dtype=dt)
         v = torch.randn(Bd, 1, Hkv, D, device="cuda", dtype=dt)
         cos, sin = rope_tables(1, D)
         cos, sin = cos[:, :1], sin[:, :1]
-        nbytes = 2 * Bd * Hq * D * D * 4 + 2 * Bd * Hkv * WINDOW * D * 2 + 2 * q.numel() * 2
+        nbytes = 2 * Bd * Hs * D * D * 4 + 2 * Bd * Hkv * WINDOW * D * 2 + 2 * q.numel() * 2
         copies = max(1, -(-(256 << 20) // nbytes))
-        caches = [(torch.randn(Bd, Hq, D, D, device="cuda") * 0.01,
+        caches = [(torch.randn(Bd, Hs, D, D, device="cuda") * 0.01,
                    torch.randn(Bd, Hkv, WINDOW, D, device="cuda", dtype=dt),
                    torch.randn(Bd, Hkv, WINDOW, D, device="cuda", dtype=dt),
                    torch.ones(Bd, WINDOW, dtype=torch.bool, device="cuda")) for _ in range(copies)]
@@ -315,10 +317,10 @@ def main(argv=None):
             ms = bench(lambda: step(caches[0]))
             graph_ms = do_bench_cudagraph(lambda: [step(c, position) for c in caches], return_mode="median") / copies
             gbps, graph_gbps = (nbytes / (t * 1e-3) / 1e9 for t in (ms, graph_ms))
-            result["decode"].append(dict(B=Bd, Hq=Hq, Hkv=Hkv, D=D, block_v=block_v, num_warps=warps, ms=ms,
+            result["decode"].append(dict(B=Bd, Hq=Hq, Hkv=Hkv, state_heads=Hs, D=D, block_v=block_v, num_warps=warps, ms=ms,
                                          bytes=nbytes, GBps=gbps, frac_copy=gbps / bw, graph_ms=graph_ms, graph_GBps=graph_gbps,
                                          graph_frac_copy=graph_gbps / bw, graph_copies=copies))
-            print(f"decode B{Bd} Hq{Hq} Hkv{Hkv} block_v {block_v or 'auto'} warps {warps or 'auto'}: called "
+            print(f"decode B{Bd} Hq{Hq} Hkv{Hkv} state heads {Hs} block_v {block_v or 'auto'} warps {warps or 'auto'}: called "
                   f"{ms * 1e3:.1f} us, {gbps:.0f} GB/s = {100 * gbps / bw:.0f}% of copy; graph replay {graph_ms * 1e3:.1f} us, {graph_gbps:.0f} "
                   f"GB/s = {100 * graph_gbps / bw:.0f}%")
     print("\n| shape | ours fwd | ours fwd+bwd | (a) fwd | (a) fwd+bwd | SDPA fwd | SDPA fwd+bwd | GB/s | x floor |")

@@ -1,6 +1,7 @@
 """The other targets' recurrences against their flash-linear-attention counterparts (issue 7).
 
-    python benchmarks/targets.py [--B 4] [--T 2048] [--H 16] [--D 128] [--json out.json]
+    python benchmarks/targets.py [--B 4] [--T 2048] [--H 16] [--D 128] [--targets gsa,gdn]
+        [--fla-configs 4] [--json out.json]
 
 The recurrent (linear) part only, bf16 on CUDA (fp32 on CPU, ours only: a smoke run), forward
 and forward+backward ms, ours against fla-core's op for the same structure where one exists:
@@ -14,6 +15,12 @@ and forward+backward ms, ours against fla-core's op for the same structure where
 
 fla's kda decays after the delta update where ours decays the whole update (see
 kernels/gdn/naive.py): the same work, not the same function. Writes JSON with the device name.
+
+fla's kernels autotune on first call, compiling every configuration in their lists (36 for each
+of chunk_gsa's kernels): on Triton 3.6 that took more than seven minutes for gsa alone.
+`--fla-configs N` keeps, for each of fla's kernels, the N configurations nearest 4 warps and 2
+stages (all tile sizes kept first); fla then picks the best of those, so its times are what a
+shortened search finds (an upper bound on what its full search would).
 """
 
 from __future__ import annotations
@@ -121,7 +128,23 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
     return out
 
 
-def load_fla():
+def shorten_autotune(keep: int) -> None:
+    """Every Triton autotuner built from now on (fla's included: its cached autotuner is a
+    subclass) tries at most `keep` configurations: those nearest 4 warps and 2 stages."""
+    from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
+
+    original = Autotuner.__init__
+
+    def init(self, fn, arg_names, configs, *args, **kwargs):
+        nearest = sorted(configs, key=lambda c: (abs(c.num_warps - 4), abs(c.num_stages - 2)))
+        original(self, fn, arg_names, nearest[:keep], *args, **kwargs)
+
+    Autotuner.__init__ = init
+
+
+def load_fla(configs: int | None = None):
+    if configs:
+        shorten_autotune(configs)
     try:
         from fla.ops.gla import chunk_gla as fla_gla  # noqa: PLC0415
         from fla.ops.gsa import chunk_gsa  # noqa: PLC0415
@@ -139,6 +162,9 @@ def main() -> None:
     p.add_argument("--T", type=int, default=2048)
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--D", type=int, default=128)
+    p.add_argument("--targets", default="mamba2,hgrn2,gsa,gdn", help="comma-separated subset")
+    p.add_argument("--fla-configs", type=int, default=None,
+                   help="try at most N autotune configurations per fla kernel (default: all)")
     p.add_argument("--json", default="targets_bench.json")
     args = p.parse_args()
     if args.D % SLOTS:
@@ -146,9 +172,13 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     name = torch.cuda.get_device_name() if cuda else "cpu"
-    fla = load_fla() if cuda else None
+    fla = load_fla(args.fla_configs) if cuda else None
     print(f"{name}: B{args.B} T{args.T} H{args.H} D{args.D} {str(dtype).removeprefix('torch.')}, recurrent part only")
+    wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
     table = rows(inputs(args.B, args.T, args.H, args.D, dtype, device), fla)
+    if unknown := set(wanted) - set(table):
+        raise SystemExit(f"--targets: unknown {sorted(unknown)}; choose from {', '.join(table)}")
+    table = {name: table[name] for name in wanted}
     result = {"device": name, "shape": vars(args), "rows": [{"target": target} for target in table]}
     # ours for every target first, then fla's: fla's first calls autotune for minutes (gsa's for
     # more than seven on Triton 3.6), and a run cut short keeps what it has

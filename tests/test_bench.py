@@ -77,9 +77,9 @@ def test_converted_state_is_flat_and_teacher_keeps_kv(converted):
     assert len(by) == 8
     for batch in (1, 2):
         short, long = by[("model", batch, 8)], by[("model", batch, 40)]
-        # per sequence and layer: fp32 state 8 heads x 8 x 8 x 4 B, plus a 64-slot ring of K and V
-        # (4 kv heads x 8 x 4 B each) and its validity byte per slot
-        per_layer = 8 * 8 * 8 * 4 + 64 * (2 * 4 * 8 * 4 + 1)
+        # per sequence and layer: fp32 state 4 kv heads x 8 x 8 x 4 B (shared by each group's two
+        # query heads), plus a 64-slot ring of K and V (4 kv heads x 8 x 4 B each) and its validity byte per slot
+        per_layer = 4 * 8 * 8 * 4 + 64 * (2 * 4 * 8 * 4 + 1)
         assert short["state_bytes"] == long["state_bytes"] == batch * 5 * per_layer
         assert short["kv_bytes"] == long["kv_bytes"] == 0
         assert short["cache_bytes_measured"] == long["cache_bytes_measured"] == short["state_bytes"]
@@ -185,7 +185,7 @@ def test_compile_and_fuse_options_change_each_model_once(converted, monkeypatch)
     from linearize import teacher
 
     calls = []
-    monkeypatch.setattr(bench, "compile_dense_parts", lambda m: calls.append(("compile", m)))
+    monkeypatch.setattr(bench, "compile_dense_parts", lambda m, mode: calls.append(("compile", m)))
     monkeypatch.setattr(bench, "fuse_projections", lambda m: calls.append(("fuse", m)))
     model = load_causal_lm(str(converted), torch.float32, CPU)
     sides = [Side("model", "conv", model, nullcontext, softmax=False),

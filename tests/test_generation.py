@@ -159,7 +159,7 @@ def test_other_targets_decode_like_they_train(stories_path, tmp_path, tokenizer,
     assert together[1].tolist() == alone.tolist()
 
 
-@pytest.mark.parametrize("target", ["gla", "hedgehog", "gsa"])
+@pytest.mark.parametrize("target", ["gla", "mamba2", "hedgehog", "gsa", "gdn"])
 @pytest.mark.parametrize("window", [16, 0])
 @torch.no_grad()
 def test_footprint_is_what_the_cache_holds(stories_path, tmp_path, target, window):

@@ -123,6 +123,25 @@ def test_cuda_graph_decode_gives_the_eager_tokens(family_models, family, window)
     assert torch.equal(logits[:, 69:-1].argmax(-1), graphed)
 
 
+@pytest.mark.parametrize("window", [16, 0])
+@torch.no_grad()
+def test_fused_projections_decode_the_same_tokens_on_gpu(family_models, window):
+    """`bench --fuse` on the GPU: the Triton decode step reads q/k/v as column slices of one fused
+    projection's rows (its row strides), eagerly and replayed from a CUDA graph; same tokens as unfused."""
+    from linearize.decoding import fuse_projections
+
+    from .test_decoding import greedy_tokens
+
+    model = family_models("llama", window, [], torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = torch.randint(0, 512, (3, 70), generator=torch.Generator().manual_seed(3)).cuda()
+    logits, tokens = model(ids).logits, greedy_tokens(model, ids, steps=40)
+    assert fuse_projections(model) > 0
+    torch.testing.assert_close(model(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(greedy_tokens(model, ids, steps=40), tokens)
+    assert torch.equal(greedy_tokens(model, ids, steps=40, cuda_graph=True), tokens)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 128])
 def test_segmented_sequences_match_whole_ones_on_gpu(D, dtype, monkeypatch):

@@ -439,7 +439,9 @@ def chunk_gla_case(T, packed):
         assert rel(a, b) < 1e-4, name
 
 
-def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False):
+def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False, shared=False):
+    """The Triton decode step against the PyTorch one in float64. shared: the state holds one head
+    per kv head (the model cache's layout); the reference then runs on it repeated per query head."""
     torch.manual_seed(Hq + W)
     B, D = 3, 16
     q, k, v = torch.randn(B, 1, Hq, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
@@ -447,11 +449,13 @@ def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False):
         rows = torch.cat([t.flatten(2) for t in (q, k, v)], -1)
         q, k, v = (t.unflatten(-1, (-1, D)) for t in rows.split([Hq * D, Hkv * D, Hkv * D], -1))
         assert not q.is_contiguous()
-    state = torch.randn(B, Hq, D, D)
+    state = torch.randn(B, Hkv if shared else Hq, D, D)
     kr, vr = torch.randn(B, Hkv, max(W, 1), D), torch.randn(B, Hkv, max(W, 1), D)
     valid = torch.rand(B, max(W, 1)) > 0.5
     cos, sin = rope(B, 1, D, offset=position)
     s2, kr2, vr2, valid2 = state.double(), kr.double(), vr.double(), valid.clone()
+    if shared:
+        s2 = s2.repeat_interleave(Hq // Hkv, dim=1)
     kw = dict(window=W, mix=0.4, gate_normalizer=16.0)
     # as_tensor: the position as a device tensor the kernel reads, as a CUDA-graph replay passes it
     at = torch.tensor([position]) if as_tensor else position
@@ -460,7 +464,7 @@ def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False):
     r = liger_decode_step_torch(q.double(), k.double(), v.double(), s2, kr2 if W else None, vr2 if W else None,
                                 valid2 if W else None, position, cos=cos.double(), sin=sin.double(), **kw)
     assert o.shape == (B, 1, Hq, D)
-    assert rel(o, r) < 1e-4 and rel(state, s2) < 1e-5
+    assert rel(o, r) < 1e-4 and rel(state, s2[:, :: Hq // Hkv] if shared else s2) < 1e-5
     if W:
         assert rel(kr, kr2) < 1e-5 and rel(vr, vr2) < 1e-6 and bool((valid == valid2).all())
 
@@ -567,6 +571,8 @@ for _T, _p in itertools.product((1, 17, 65), (False, True)):
 for _d in [(2, 2, 8, 13), (4, 1, 6, 2), (4, 2, 0, 5), (4, 2, 8, 13, True)]:
     CHECKS["decode_Hq{}_Hkv{}_W{}_pos{}".format(*_d) + ("_in_memory" if len(_d) > 4 else "")] = lambda d=_d: decode_case(*d)
 CHECKS["decode_fused_qkv_rows"] = lambda: decode_case(4, 2, 8, 13, fused=True)
+for _d in [(4, 2, 8, 13), (4, 1, 0, 5), (2, 2, 6, 3)]:  # the last: no groups, shared = per query head
+    CHECKS["decode_shared_state_Hq{}_Hkv{}_W{}_pos{}".format(*_d)] = lambda d=_d: decode_case(*d, as_tensor=True, shared=True)
 
 
 def kernels():

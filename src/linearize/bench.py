@@ -65,6 +65,7 @@ class BenchOptions(BaseModel):
     prefill_chunk: int = 4096  # tokens per prefill forward: bounds activation memory the way servers do
     cuda_graph: bool = True  # replay a recorded decode step where the cache allows it (CUDA, converted layers only)
     compile: bool = False  # torch.compile each layer's norms and MLP first (decoding.compile_dense_parts)
+    compile_mode: str = "default"  # torch.compile's mode for that
     fuse: bool = False  # one GEMM for q/k/v and one for gate/up first (decoding.fuse_projections)
     device: str = "auto"
     dtype: str = "auto"
@@ -330,7 +331,7 @@ def bench_sides(sides: list[Side], opts: BenchOptions, device: torch.device) -> 
         if opts.fuse:
             fuse_projections(model)
         if opts.compile:
-            compile_dense_parts(model)
+            compile_dense_parts(model, opts.compile_mode)
     bandwidth = measure_bandwidth(device)
     generator = torch.Generator().manual_seed(opts.seed)
     rows, models = [], {}
@@ -360,6 +361,7 @@ def bench_sides(sides: list[Side], opts: BenchOptions, device: torch.device) -> 
             "prefill_chunk": opts.prefill_chunk,
             "cuda_graph": opts.cuda_graph,
             "compiled_norms_and_mlp": opts.compile,
+            "compile_mode": opts.compile_mode if opts.compile else None,
             "fused_projections": opts.fuse,
             "memory": "GPU allocated (torch)" if device.type == "cuda" else "process RSS high-water mark",
             "versions": versions(),

@@ -38,19 +38,21 @@ def graph_blocker(cache: Any, device: torch.device) -> str | None:
     return None
 
 
-def compile_dense_parts(model: torch.nn.Module) -> int:
+def compile_dense_parts(model: torch.nn.Module, mode: str = "default") -> int:
     """torch.compile each decoder layer's norms and MLP, and the final norm, in place; returns how many
     modules. Eager, a Llama layer's RMSNorms and SiLU-times-up run as ~20 small kernels per decode
     step; compiled, as a few fused ones: on an H100 a Llama-3-8B-shaped decode step at batch 16 went
     from 9.19 to 7.69 ms (docs/kernels.md). The attention stays eager: its cache advances a Python
-    counter every step, which compiled code would recompile on."""
+    counter every step, which compiled code would recompile on. `mode` is torch.compile's: with
+    "max-autotune-no-cudagraphs" inductor also times its own GEMM kernels against cuBLAS for the
+    MLP's skinny products."""
     body = getattr(model, "model", model)
     modules = [getattr(layer, name) for layer in getattr(body, "layers", [])
                for name in ("input_layernorm", "post_attention_layernorm", "mlp") if hasattr(layer, name)]
     if isinstance(getattr(body, "norm", None), torch.nn.Module):
         modules.append(body.norm)
     for module in modules:
-        module.compile()
+        module.compile(mode=mode)
     return len(modules)
 
 

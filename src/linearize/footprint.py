@@ -41,7 +41,9 @@ def footprint(config: Any) -> Footprint:
         ring += window * hkv * 2 * head_dim * item
     elif target == "gsa":  # slot keys and slot values [m, D] per head
         state = hq * 2 * settings["slots"] * head_dim * STATE_BYTES
-    else:  # gla, mamba2, hgrn2, gdn: one [D, D] state per head
+    elif target == "gdn":  # one [D, D] state per query head
         state = hq * head_dim * head_dim * STATE_BYTES
+    else:  # gla, mamba2, hgrn2: one [D, D] state per kv head (a group's query heads share it)
+        state = hkv * head_dim * head_dim * STATE_BYTES
     per_layer_state = state + ring
     return Footprint(n - kept, kept, (n - kept) * per_layer_state, kept * kv_per_token_layer, n * kv_per_token_layer)

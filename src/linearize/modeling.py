@@ -105,7 +105,10 @@ class LigerAttentionMixin:
                 window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts,
             )
             if layer_cache is not None:
-                self.remember(layer_cache, state, k, v, position_embeddings, valid)
+                # one state per kv head: a group's query heads share keys, values and gates, so
+                # their states are the same; decoding then moves a G-th of the bytes
+                shared = state[:, :: q.shape[2] // k.shape[2]].contiguous()
+                self.remember(layer_cache, shared, k, v, position_embeddings, valid)
         return self.o_proj(o.reshape(B, T, -1)), None
 
     def remember(self, layer_cache, state, k, v, position_embeddings, valid, phi_k=None) -> None:

@@ -216,7 +216,8 @@ def liger_decode_step_torch(
 ) -> torch.Tensor:
     """One token of Liger Attention, updating the cache in place.
 
-    q [B, 1, Hq, D], k, v [B, 1, Hkv, D]; state [B, Hq, D, D] float32; k_ring, v_ring
+    q [B, 1, Hq, D], k, v [B, 1, Hkv, D]; state [B, Hq or Hkv, D, D] float32 (the state depends
+    only on keys, values and gates, so a kv group's query heads may share one); k_ring, v_ring
     [B, Hkv, window, D] hold rotated keys and values at slot (position % window), ring_valid
     [B, window] which slots hold real tokens. `position` counts the tokens already cached: an int,
     or a 0-dim int64 tensor on q's device (indexes the ring like an int, without a host sync).
@@ -224,12 +225,12 @@ def liger_decode_step_torch(
     Hq = q.shape[2]
     Hkv = k.shape[2]
     phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, None, log_gate, target)
-    # grouped views [B, Hkv, G, ...]: each kv head's key, value and gate broadcast over its query heads
-    grouped = state.unflatten(1, (Hkv, Hq // Hkv))  # a view whatever the strides: updates land in state
+    # grouped views [B, Hkv, G or 1, ...]: each kv head's key, value and gate broadcast over its query heads
+    grouped = state.unflatten(1, (Hkv, state.shape[1] // Hkv))  # a view whatever the strides: updates land in state
     phi_k, v_lin, log_gate = (x[:, 0, :, None].to(state.dtype) for x in (phi_k, v_lin, log_gate))
     grouped.mul_(log_gate.exp()[..., None])
     grouped.add_(phi_k[..., :, None] * v_lin[..., None, :])
-    o = torch.einsum("bhgk,bhgkv->bhgv", phi_q[:, 0].unflatten(1, (Hkv, -1)).to(state.dtype), grouped).flatten(1, 2)
+    o = (phi_q[:, 0].unflatten(1, (Hkv, Hq // Hkv))[..., None, :].to(state.dtype) @ grouped).flatten(1, 3)
     if window > 0:
         o_win = window_decode_step(q, k, v, k_ring, v_ring, ring_valid, position, cos, sin, state.dtype)
         o = mix * o_win + (1.0 - mix) * o
