@@ -12,6 +12,7 @@ and forward+backward ms, ours against fla-core's op for the same structure where
 | hgrn2   | Triton chunk_gla on (softmax q, 1 - a, v, log a)       | chunk_gla, same inputs   |
 | gsa     | slot-scores walk (Triton) + Triton chunk_gla           | chunk_gsa                |
 | gdn     | per-channel gated delta rule, Triton walk              | chunk_kda (per-channel)  |
+| hedgehog| Triton chunk_gla, zero gates, + running normaliser     | chunk_linear_attn        |
 
 fla's kda decays after the delta update where ours decays the whole update (see
 kernels/gdn/naive.py): the same work, not the same function. Writes JSON with the device name.
@@ -91,6 +92,8 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
     write = (-torch.expm1(slot_gate)).to(q.dtype)
     qn, kn = F.normalize(q.float(), dim=-1).to(q.dtype), F.normalize(k.float(), dim=-1).to(q.dtype)
     beta = torch.sigmoid(k.float().mean(-1))
+    # hedgehog: [softmax(x), softmax(-x)] (its map at conversion, W = I), normalised linear attention
+    hh_q, hh_k = (torch.cat([x.float().softmax(-1), (-x.float()).softmax(-1)], -1).to(q.dtype) for x in (q, k))
 
     def ours_mamba2(pq, pk, vv, g):
         return chunk_gla(pq, pk, vv, g[..., None].expand_as(pk), scale=1.0)[0]
@@ -109,11 +112,16 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
         recurrence = gated_delta_triton if qq.is_cuda else gated_delta_chunked  # as the model picks
         return recurrence(qq.float(), kk.float(), vv.float(), g, b, state)[0]
 
+    def ours_hedgehog(pq, pk, vv):  # as kernels/hedgehog/chunk.py runs its linear part
+        num, _ = chunk_gla(pq, pk, vv, torch.zeros(pk.shape, device=pk.device), scale=1.0)
+        return num / (pq.float() * pk.float().cumsum(1)).sum(-1, keepdim=True)
+
     table = {
         "mamba2": (ours_mamba2, [phi_q, phi_k, v, head_gate]),
         "hgrn2": (ours_hgrn2, [phi_q, v, log_a]),
         "gsa": (ours_gsa, [phi_q, phi_k, v, slot_gate]),
         "gdn": (ours_gdn, [qn, kn, v, log_a, beta]),
+        "hedgehog": (ours_hedgehog, [hh_q, hh_k, v]),
     }
     out = {name: (fn, args, None, None) for name, (fn, args) in table.items()}
     if fla is not None:
@@ -123,6 +131,8 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
                         [phi_q, v, log_a])
         out["gsa"] = (*table["gsa"], lambda a, b, c, s, g: fla["gsa"](a, b, c, s, g, scale=1.0)[0],
                       [phi_q, phi_k, v, write, slot_gate])
+        out["hedgehog"] = (*table["hedgehog"], lambda a, b, c: fla["linear_attn"](a, b, c, scale=1.0, normalize=True)[0],
+                           [hh_q, hh_k, v])
         out["gdn"] = (*table["gdn"], lambda a, b, c, g, bb: fla["kda"](a, b, c, g, bb, scale=1.0)[0],
                       [qn, kn, v, log_a, beta])
     return out
@@ -149,11 +159,13 @@ def load_fla(configs: int | None = None):
         from fla.ops.gla import chunk_gla as fla_gla  # noqa: PLC0415
         from fla.ops.gsa import chunk_gsa  # noqa: PLC0415
         from fla.ops.kda import chunk_kda  # noqa: PLC0415
+        from fla.ops.linear_attn import chunk_linear_attn  # noqa: PLC0415
         from fla.ops.simple_gla import chunk_simple_gla  # noqa: PLC0415
     except ImportError as e:
         print(f"fla-core not available ({e}): ours only")
         return None
-    return {"gla": fla_gla, "gsa": chunk_gsa, "kda": chunk_kda, "simple_gla": chunk_simple_gla}
+    return {"gla": fla_gla, "gsa": chunk_gsa, "kda": chunk_kda, "simple_gla": chunk_simple_gla,
+            "linear_attn": chunk_linear_attn}
 
 
 def main() -> None:
@@ -162,7 +174,7 @@ def main() -> None:
     p.add_argument("--T", type=int, default=2048)
     p.add_argument("--H", type=int, default=16)
     p.add_argument("--D", type=int, default=128)
-    p.add_argument("--targets", default="mamba2,hgrn2,gsa,gdn", help="comma-separated subset")
+    p.add_argument("--targets", default="mamba2,hgrn2,gsa,gdn,hedgehog", help="comma-separated subset")
     p.add_argument("--fla-configs", type=int, default=None,
                    help="try at most N autotune configurations per fla kernel (default: all)")
     p.add_argument("--json", default="targets_bench.json")

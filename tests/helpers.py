@@ -26,3 +26,35 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, s
 
 def relative_error(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def hedgehog_inputs(B, T, Hq, Hkv, D, W, resumed, dtype=None, seed=0):
+    """Random hedgehog inputs (GQA, a left-padded row) and, when resumed, a state and window prefix."""
+    import torch
+
+    from linearize.kernels.hedgehog.naive import HedgehogFeatureMap
+
+    dtype = dtype or torch.float64
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(B, T, Hq, D, generator=g, dtype=dtype), torch.randn(B, T, Hkv, D, generator=g, dtype=dtype)
+    v = torch.randn(B, T, Hkv, D, generator=g, dtype=dtype)
+    fq, fk = HedgehogFeatureMap(Hq, D).to(dtype), HedgehogFeatureMap(Hkv, D).to(dtype)
+    with torch.no_grad():
+        fq.weight.add_(0.3 * torch.randn(fq.weight.shape, generator=g, dtype=dtype))
+        fk.weight.add_(0.3 * torch.randn(fk.weight.shape, generator=g, dtype=dtype))
+        phi_q, phi_k = fq(q), fk(k)
+    ang = torch.randn(1, T, D // 2, generator=g, dtype=dtype)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :5] = False
+    extra = {}
+    if resumed:
+        F2 = 2 * D
+        extra["initial_state"] = (torch.rand(B, Hq, F2, D, generator=g, dtype=dtype) - 0.3,
+                                  torch.rand(B, Hq, F2, generator=g, dtype=dtype) * 3)
+        if W:
+            pphi = torch.rand(B, W, Hkv, F2, generator=g, dtype=dtype).softmax(-1)
+            extra["window_prefix"] = (torch.randn(B, W, Hkv, D, generator=g, dtype=dtype),
+                                      torch.randn(B, W, Hkv, D, generator=g, dtype=dtype), pphi,
+                                      torch.rand(B, W, generator=g) > 0.3)
+    return [q, k, v, phi_q, phi_k], dict(window=W, cos=cos, sin=sin, attention_mask=valid, **extra)

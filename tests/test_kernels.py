@@ -322,6 +322,35 @@ def test_hedgehog_matches_its_definition(window):
     torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("window", [0, 8])
+@pytest.mark.parametrize("resumed", [False, True], ids=["fresh", "resumed"])
+def test_hedgehog_chunked_equals_the_blocked_form(window, resumed):
+    """The chunked form (linear part on chunk_gla, keys fed W steps late; window normaliser through its
+    log-sum-exp) against the blocked reference in float64: outputs, final (S, z) and the gradients
+    of q, k, v and both feature maps; with a cached state and window prefix too."""
+    from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
+    from linearize.kernels.hedgehog.naive import hedgehog_attention_torch
+
+    from .helpers import hedgehog_inputs
+
+    xs, kw = hedgehog_inputs(2, 37, 4, 2, 8, window, resumed, seed=window + resumed)
+    d_o = torch.randn(2, 37, 4, 8, dtype=torch.float64)
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_() for x in xs]
+        o, (S, z) = fn(*leaves, **kw)
+        real = kw["attention_mask"][:, :, None, None]
+        loss = (torch.where(real, o, 0.0) * d_o).sum() + S.sum() + z.sum()
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # window 0 reads no raw q, k
+        return torch.where(real, o, 0.0), S, z, [torch.zeros_like(x) if d is None else d for x, d in zip(xs, grads, strict=True)]
+
+    got, ref = run(hedgehog_attention_chunked), run(hedgehog_attention_torch)
+    for name, a, b in zip(("o", "S", "z"), got[:3], ref[:3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+    for name, a, b in zip(("dq", "dk", "dv", "dphi_q", "dphi_k"), got[3], ref[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
+
+
 def test_gated_delta_rule_matches_its_matrix_form():
     """gdn's in-place step against S_t = diag(a_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T written with
     explicit matrices (float64, GQA, a left-padded row that must start from an empty state)."""

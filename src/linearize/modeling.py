@@ -23,7 +23,8 @@ from .kernels.gdn.chunk import gdn_attention_chunked
 from .kernels.gdn.naive import gdn_decode_step_torch
 from .kernels.gsa.chunk import gsa_attention_chunked
 from .kernels.gsa.naive import gsa_decode_step_torch
-from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_attention_torch, hedgehog_decode_step_torch
+from .kernels.hedgehog.chunk import hedgehog_attention_chunked
+from .kernels.hedgehog.naive import HedgehogFeatureMap, hedgehog_decode_step_torch
 from .kernels.liger.naive import TARGETS as LIGER_TARGETS
 from .kernels.liger.naive import apply_rope
 
@@ -122,8 +123,9 @@ class LigerAttentionMixin:
                           None if phi_k is None else phi_k[:, tail])
 
     def hedgehog_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
-        """The hedgehog target (PyTorch path): learnable feature maps, window and linear part sharing one
-        normaliser; the cache keeps S, z and rings of rotated keys, values and feature-mapped keys."""
+        """The hedgehog target: learnable feature maps, window and linear part sharing one normaliser
+        (the linear part on chunk_gla: Triton on CUDA); the cache keeps S, z and rings of rotated keys,
+        values and feature-mapped keys."""
         window, T = self.config.linearize["window"], q.shape[1]
         cos, sin = position_embeddings
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -137,7 +139,7 @@ class LigerAttentionMixin:
             layer_cache.advance(1)
             return o
         resumed = layer_cache is not None and layer_cache.seen > 0
-        o, state = hedgehog_attention_torch(
+        o, state = hedgehog_attention_chunked(
             q, k, v, phi_q, phi_k, window=window, cos=cos, sin=sin, attention_mask=valid,
             initial_state=(layer_cache.state, layer_cache.norm) if resumed else None,
             window_prefix=layer_cache.window_prefix() if resumed and window else None,

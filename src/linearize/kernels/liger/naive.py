@@ -84,13 +84,15 @@ def sliding_window_attention(
     window: int,
     scale: float,
     key_valid: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal softmax attention over the last `window` keys, O(T * window) memory.
 
     q [B, T, Hq, D]; k, v [B, P + T, Hkv, D] whose first P = k.shape[1] - T entries are a
     cached prefix (oldest first): query i sits at key index P + i and sees key indices
     P + i - window + 1 ... P + i. key_valid [B, P + T] marks real keys; a query always sees
-    itself, so a padded query never meets an empty row.
+    itself, so a padded query never meets an empty row. return_lse: also each query's log-sum-exp
+    of its scores [B, T, Hq] (hedgehog's linear part shares the window's normaliser through it).
     """
     B, T, Hq, D = q.shape
     P, W = k.shape[1] - T, window
@@ -121,8 +123,10 @@ def sliding_window_attention(
     allowed = (band & vis) | (c == r + W)
     scores = (qb @ kb.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
-    out = scores.softmax(-1) @ vb  # [B, H, nb, W, D]
-    return out.flatten(2, 3)[:, :, :T].transpose(1, 2)
+    out = (scores.softmax(-1) @ vb).flatten(2, 3)[:, :, :T].transpose(1, 2)  # [B, T, H, D]
+    if not return_lse:
+        return out
+    return out, scores.logsumexp(-1).flatten(2, 3)[:, :, :T].transpose(1, 2)
 
 
 def liger_attention_torch(

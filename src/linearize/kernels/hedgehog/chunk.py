@@ -1,0 +1,81 @@
+"""Hedgehog attention with its linear part on chunk_gla (Triton on CUDA); see naive.py for the maths.
+
+The linear part reads, at token t, only the tokens that have left the window:
+
+    S_{t-W} = S0 + sum_{s <= t-W} phi(k_s) v_s^T,    z_{t-W} = z0 + sum_{s <= t-W} phi(k_s).
+
+Feed the keys and values in W steps late (the window prefix's first, or zeros) and that is plain
+causal linear attention, sum_{s <= t} phi(k'_s) v'_s^T: `linearize.kernels.chunk_gla` with
+log-gates of zero, whose Triton forward and backward run on CUDA (the chunked PyTorch form
+elsewhere). The normaliser is a running sum of the late keys. The window branch is the blocked
+softmax of `sliding_window_attention`, and it shares the normaliser through its log-sum-exp:
+
+    o_t = (o_win e^lse + phi(q_t) S_{t-W}) / (e^lse + phi(q_t) z_{t-W})
+
+(divided through by e^lse, which is finite: a query always sees itself). Same contract as
+`hedgehog_attention_torch`, without its [2W, F] blocks of lagged scores and [F, D] state per block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..gla.naive import compute_dtype
+from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention
+
+
+def hedgehog_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    *,
+    window: int,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """hedgehog_attention_torch's arguments and results (o in q's dtype; (S, z) of every token older
+    than the window after these T). `backend` is chunk_gla's."""
+    from .. import chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
+
+    dt = compute_dtype(q)
+    B, T, Hq, D = q.shape
+    W = window
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask
+    keep = valid[:, :, None, None]
+    v = torch.where(keep, v.to(dt), 0.0)
+    phi_q, phi_k = phi_q.to(dt), torch.where(keep, phi_k.to(dt), 0.0)
+    if W > 0:
+        if window_prefix is None:
+            pk, pv = q.new_zeros(B, W, k.shape[2], D, dtype=dt), q.new_zeros(B, W, k.shape[2], v.shape[-1], dtype=dt)
+            pphi = q.new_zeros(B, W, k.shape[2], phi_k.shape[-1], dtype=dt)
+            pvalid = torch.zeros(B, W, dtype=torch.bool, device=q.device)
+        else:
+            pk, pv, pphi, pvalid = window_prefix
+            gone = ~pvalid[:, :, None, None]
+            pk, pv, pphi = pk.to(dt), torch.where(gone, 0.0, pv.to(dt)), torch.where(gone, 0.0, pphi.to(dt))
+        late_phi, late_v = torch.cat([pphi, phi_k], 1)[:, :T], torch.cat([pv, v], 1)[:, :T]
+    else:
+        late_phi, late_v = phi_k, v
+    late_phi, late_v = repeat_heads(late_phi, Hq), repeat_heads(late_v, Hq)
+    S0, z0 = (None, 0.0) if initial_state is None else (initial_state[0].to(dt), initial_state[1].to(dt)[:, None])
+    io = q.dtype if q.is_cuda else dt  # the Triton products run in the I/O dtype, as Liger's layer does
+    num, S = chunk_gla(phi_q.to(io), late_phi.to(io), late_v.to(io), torch.zeros_like(late_phi), scale=1.0,
+                       initial_state=S0, output_final_state=True, backend=backend)
+    z_all = z0 + late_phi.cumsum(1)  # [B, T, Hq, F]
+    num, den = num.to(dt), (phi_q * z_all).sum(-1, keepdim=True)
+    if W > 0:
+        key_valid = torch.cat([pvalid, valid], 1)
+        keys = torch.cat([pk, apply_rope(k.to(dt), cos, sin)], 1)
+        o_win, lse = sliding_window_attention(apply_rope(q.to(dt), cos, sin), keys, torch.cat([pv, v], 1),
+                                              window=W, scale=D**-0.5, key_valid=key_valid, return_lse=True)
+        w = torch.exp(-lse)[..., None]
+        o = (o_win + w * num) / (1.0 + w * den)
+    else:
+        o = num / den.clamp_min(1e-30)
+    return o.to(q.dtype), (S.to(dt), z_all[:, -1])
