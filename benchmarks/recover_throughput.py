@@ -34,7 +34,7 @@ from rich.table import Table  # noqa: E402
 
 from linearize import modeling  # noqa: E402
 from linearize.families import family_for  # noqa: E402
-from linearize.kernels.gla import chunk_triton  # noqa: E402
+from linearize.kernels.gla import backward_triton, chunk_triton  # noqa: E402
 from linearize.kernels.liger import segmented  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
 from linearize.modeling import default_settings, linearize_model  # noqa: E402
@@ -140,6 +140,9 @@ def main() -> None:
     p.add_argument("--gla-launch", default="",
                    help="extra converted-model rows with other forward launch settings, BLOCK_V:WARPS comma-separated "
                         "(e.g. 32:8,16:8): with few (batch x head) programs, splitting the value columns fills more SMs")
+    p.add_argument("--bwd-warps", default="",
+                   help="extra converted-model rows with the backward sweeps at these warps (default 8), comma-separated: "
+                        "at 4 warps two programs share an SM, so 144 (sequence, head) programs fit one wave on 132 SMs")
     p.add_argument("--segments", default="",
                    help="extra converted-model rows with sequences cut into segments of these many rows "
                         "(liger/segmented.py; 0 = never cut; the default row chooses), comma-separated")
@@ -154,6 +157,8 @@ def main() -> None:
     variants += [(f"gla {v}", "gla", [(chunk_triton, "FORWARD_LAUNCH",
                                       dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))])
                  for v in args.gla_launch.split(",") if v]
+    variants += [(f"gla bwd {w} warps", "gla", [(backward_triton, "BACKWARD_LAUNCH", {"num_warps": int(w)})])
+                 for w in args.bwd_warps.split(",") if w]
     variants += [(f"gla seg {n}", "gla", [(segmented, "SEGMENT_LEN", int(n))]) for n in args.segments.split(",") if n]
     if args.ceiling:
         variants.append(("no mixing", "gla", [(modeling, "liger_attention", no_mixing)]))

@@ -194,6 +194,12 @@ def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.T
     return total - after[:, end_of_step - 1]
 
 
+# Warps for the two sweeps where the caller passes none: lets a benchmark A/B them through a whole
+# model (benchmarks/recover_throughput.py --bwd-warps), as chunk_triton.FORWARD_LAUNCH does the
+# forward's. Empty: the default (8).
+BACKWARD_LAUNCH: dict = {}
+
+
 def gla_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -243,7 +249,8 @@ def gla_bwd(
     BK = K if feature_map else (block_k or min(K, 64))  # softmax over K and the gate's sum need whole rows
     BV = V if feature_map else (block_v or min(V, 64))
     NV = triton.cdiv(V, BV)
-    warps = num_warps or 8  # 4 warps spilled the plain dk/dv sweep at D 128 (benchmarks/kernel_registers.py)
+    # 4 warps spilled the plain dk/dv sweep at D 128 (benchmarks/kernel_registers.py)
+    warps = num_warps or BACKWARD_LAUNCH.get("num_warps") or 8
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.empty(B, T, HQ, K, **f32)
     if feature_map:  # per-query-head contributions added atomically into the kv heads' rows
