@@ -1,7 +1,8 @@
 """Generation cache for converted models.
 
 Per converted layer: the fp32 recurrent state (through transformers' native
-`LinearAttentionLayer`) and a ring buffer of the last `window` RoPE'd keys and values, with
+`LinearAttentionLayer`; for the Liger targets one per kv head, which a group's query heads
+share) and a ring buffer of the last `window` RoPE'd keys and values, with
 a validity bit per slot so left padding never enters the window. Kept softmax layers get the
 ordinary cache layer their source family uses. Unlike transformers' own caches, this one
 counts tokens even when no layer keeps keys, so a model with no softmax layer generates too.
