@@ -29,21 +29,20 @@ class Footprint:
 def footprint(config: Any) -> Footprint:
     n = config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    hq, hkv, item = config.num_attention_heads, config.num_key_value_heads, _dtype_bytes(config)
+    hkv, item = config.num_key_value_heads, _dtype_bytes(config)
     kv_per_token_layer = 2 * hkv * head_dim * item
     settings = getattr(config, "linearize", None)
     if settings is None:
         return Footprint(0, n, 0, n * kv_per_token_layer, n * kv_per_token_layer)
     kept, window, target = len(settings["keep_attention"]), settings["window"], settings.get("target", "gla")
     ring = window * (kv_per_token_layer + 1)  # rotated keys, values and a validity byte per slot
-    if target == "hedgehog":  # S [2D, D] and z [2D] per head; the ring also keeps feature-mapped keys [2D]
-        state = hq * (2 * head_dim * head_dim + 2 * head_dim) * STATE_BYTES
+    # states are kept per kv head: they depend only on keys, values and gates, so a group's query heads share them
+    if target == "hedgehog":  # S [2D, D] and z [2D]; the ring also keeps feature-mapped keys [2D]
+        state = hkv * (2 * head_dim * head_dim + 2 * head_dim) * STATE_BYTES
         ring += window * hkv * 2 * head_dim * item
-    elif target == "gsa":  # slot keys and slot values [m, D] per head
-        state = hq * 2 * settings["slots"] * head_dim * STATE_BYTES
-    elif target == "gdn":  # one [D, D] state per query head
-        state = hq * head_dim * head_dim * STATE_BYTES
-    else:  # gla, mamba2, hgrn2: one [D, D] state per kv head (a group's query heads share it)
+    elif target == "gsa":  # slot keys and slot values [m, D]
+        state = hkv * 2 * settings["slots"] * head_dim * STATE_BYTES
+    else:  # gla, mamba2, hgrn2, gdn: one [D, D] state
         state = hkv * head_dim * head_dim * STATE_BYTES
     per_layer_state = state + ring
     return Footprint(n - kept, kept, (n - kept) * per_layer_state, kept * kv_per_token_layer, n * kv_per_token_layer)

@@ -106,21 +106,30 @@ class LigerAttentionMixin:
                 window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts,
             )
             if layer_cache is not None:
-                # one state per kv head: a group's query heads share keys, values and gates, so
-                # their states are the same; decoding then moves a G-th of the bytes
-                shared = state[:, :: q.shape[2] // k.shape[2]].contiguous()
-                self.remember(layer_cache, shared, k, v, position_embeddings, valid)
+                self.remember(layer_cache, state, k, v, position_embeddings, valid)
         return self.o_proj(o.reshape(B, T, -1)), None
 
     def remember(self, layer_cache, state, k, v, position_embeddings, valid, phi_k=None) -> None:
         """Store a multi-token step's final state(s) and the window's last keys (rotated), values,
-        validity (and hedgehog's feature-mapped keys) in the cache."""
+        validity (and hedgehog's feature-mapped keys) in the cache.
+
+        Every target's state depends only on keys, values and gates, so the query heads of a kv
+        group hold equal states: the cache keeps the first of each group (a G-th of the memory, and
+        of the bytes a decode step moves), and `per_query_head` repeats it for a multi-token step."""
+        G = self.num_key_value_groups
+        states = state if isinstance(state, tuple) else (state,)
+        states = tuple(s[:, ::G].contiguous() if G > 1 else s for s in states)
+        state = states if isinstance(state, tuple) else states[0]
         window, T = self.config.linearize["window"], k.shape[1]
         tail = slice(max(T - window, 0), T)
         cos, sin = position_embeddings
         k_rot = apply_rope(k[:, tail], cos[:, tail], sin[:, tail]) if window else None
         layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail],
                           None if phi_k is None else phi_k[:, tail])
+
+    def per_query_head(self, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The cache's states (one per kv head) repeated over each group's query heads."""
+        return tuple(s.repeat_interleave(self.num_key_value_groups, dim=1) for s in states)
 
     def hedgehog_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
         """The hedgehog target: learnable feature maps, window and linear part sharing one normaliser
@@ -141,7 +150,7 @@ class LigerAttentionMixin:
         resumed = layer_cache is not None and layer_cache.seen > 0
         o, state = hedgehog_attention_chunked(
             q, k, v, phi_q, phi_k, window=window, cos=cos, sin=sin, attention_mask=valid,
-            initial_state=(layer_cache.state, layer_cache.norm) if resumed else None,
+            initial_state=self.per_query_head(layer_cache.state, layer_cache.norm) if resumed else None,
             window_prefix=layer_cache.window_prefix() if resumed and window else None,
         )
         if layer_cache is not None:
@@ -167,6 +176,8 @@ class LigerAttentionMixin:
                        layer_cache.decode_position(), **opts)
             layer_cache.advance(1)
             return o
+        if resumed:
+            states = self.per_query_head(states)[0] if s["target"] == "gdn" else self.per_query_head(*states)
         o, state = attention(q, k, v, attention_mask=valid, initial_state=states,
                              window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts)
         if layer_cache is not None:

@@ -44,9 +44,10 @@ def delta_update(state: torch.Tensor, k, v, log_gate, beta) -> torch.Tensor:
 
 
 def delta_step(state: torch.Tensor, q, k, v, log_gate, beta) -> torch.Tensor:
-    """One step in place on state [B, H, D, D] (decode: the cache's tensor); returns o [B, H, D]."""
+    """One step in place on state [B, Hs, D, D] (decode: the cache's tensor; Hs = Hkv when a kv
+    group's query heads share it); k, v, log_gate [B, Hs, D], beta [B, Hs]; q [B, Hq, D] -> o [B, Hq, D]."""
     state.copy_(delta_update(state, k, v, log_gate, beta))
-    return torch.einsum("bhk,bhkv->bhv", q, state)
+    return torch.einsum("bhgk,bhkv->bhgv", q.unflatten(1, (state.shape[1], -1)), state).flatten(1, 2)
 
 
 def delta_rule_steps(q, k, v, log_gate, beta, state) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,11 +93,13 @@ def gdn_decode_step_torch(
     q, k, v, state, k_ring, v_ring, ring_valid, position: int | torch.Tensor, *, window: int, mix: float = 0.5,
     gate_normalizer: float = 16.0, cos=None, sin=None,
 ) -> torch.Tensor:
-    """One token: the delta-rule update of `state` and the window ring, in place. Returns [B, 1, Hq, D]."""
-    Hq = q.shape[2]
+    """One token: the delta-rule update of `state` and the window ring, in place. Returns [B, 1, Hq, D].
+    state [B, Hq or Hkv, D, D]: the state depends only on keys, values, gates and write strengths,
+    so a kv group's query heads may share one."""
+    Hs = state.shape[1]
     qn, kn, vv, log_gate, beta = delta_inputs(q, k, v, gate_normalizer, None)
-    kn, vv, log_gate = (repeat_heads(x, Hq)[:, 0] for x in (kn, vv, log_gate))
-    beta = repeat_heads(beta[..., None], Hq)[:, 0, :, 0]
+    kn, vv, log_gate = (repeat_heads(x, Hs)[:, 0] for x in (kn, vv, log_gate))
+    beta = repeat_heads(beta[..., None], Hs)[:, 0, :, 0]
     o = delta_step(state, qn[:, 0].to(state.dtype), kn.to(state.dtype), vv.to(state.dtype),
                    log_gate.to(state.dtype), beta.to(state.dtype))
     if window > 0:

@@ -36,17 +36,18 @@ def slot_inputs(q, k, v, slots: int, gate_normalizer: float, valid):
 
 
 def slot_update(keys: torch.Tensor, values: torch.Tensor, q, k, v, log_gate):
-    """One step out of place (differentiable): slot memories [B, H, m, D]; q, k, v [B, H, D],
-    log_gate [B, H, m]. Returns (o [B, H, D], keys, values)."""
+    """One step out of place (differentiable): slot memories [B, Hs, m, D]; k, v [B, Hs, D],
+    log_gate [B, Hs, m]; q [B, Hq, D] (Hq a multiple of Hs: a kv group's query heads may share the
+    memories). Returns (o [B, Hq, D], keys, values)."""
     a = log_gate.exp()[..., None]
     keys = a * keys + (1 - a) * k[..., None, :]
     values = a * values + (1 - a) * v[..., None, :]
-    weights = torch.einsum("bhmd,bhd->bhm", keys, q).softmax(-1)
-    return torch.einsum("bhm,bhmd->bhd", weights, values), keys, values
+    weights = torch.einsum("bhmd,bhgd->bhgm", keys, q.unflatten(1, (keys.shape[1], -1))).softmax(-1)
+    return torch.einsum("bhgm,bhmd->bhgd", weights, values).flatten(1, 2), keys, values
 
 
 def slot_step(keys: torch.Tensor, values: torch.Tensor, q, k, v, log_gate) -> torch.Tensor:
-    """One step in place on the slot memories (decode: the cache's tensors); returns o [B, H, D]."""
+    """One step in place on the slot memories (decode: the cache's tensors); returns o [B, Hq, D]."""
     o, new_keys, new_values = slot_update(keys, values, q, k, v, log_gate)
     keys.copy_(new_keys)
     values.copy_(new_values)
@@ -89,11 +90,12 @@ def gsa_decode_step_torch(
     q, k, v, states: tuple[torch.Tensor, torch.Tensor], k_ring, v_ring, ring_valid, position: int | torch.Tensor, *,
     window: int, slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
 ) -> torch.Tensor:
-    """One token: slot memories and the window ring updated in place. Returns [B, 1, Hq, D]."""
-    Hq = q.shape[2]
+    """One token: slot memories and the window ring updated in place. Returns [B, 1, Hq, D].
+    The memories [B, Hq or Hkv, m, D] depend only on keys, values and gates, so a kv group's query
+    heads may share them."""
     keys, values = states
     fq, fk, vv, log_gate = slot_inputs(q, k, v, slots, gate_normalizer, None)
-    fk, vv, log_gate = (repeat_heads(x, Hq)[:, 0].to(keys.dtype) for x in (fk, vv, log_gate))
+    fk, vv, log_gate = (repeat_heads(x, keys.shape[1])[:, 0].to(keys.dtype) for x in (fk, vv, log_gate))
     o = slot_step(keys, values, fq[:, 0].to(keys.dtype), fk, vv, log_gate)
     if window > 0:
         o_win = window_decode_step(q, k, v, k_ring, v_ring, ring_valid, position, cos, sin, keys.dtype)

@@ -139,18 +139,24 @@ def hedgehog_decode_step_torch(
     sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token; updates the state S, normaliser z and the rings (k_rot, v, phi_k, valid) in place.
-    The token leaving the window (slot position % window) is folded into S and z first."""
-    Hq, D, Hkv = q.shape[2], q.shape[3], k.shape[2]
+    The token leaving the window (slot position % window) is folded into S and z first. S [B, Hq or
+    Hkv, F, D] and z depend only on the feature-mapped keys and the values, so a kv group's query
+    heads may share them."""
+    D, Hkv = q.shape[3], k.shape[2]
     dt = state.dtype
-    # grouped views [B, Hkv, G, ...]: each kv head's key, value and ring serve its query heads unrepeated
-    S, z = state.unflatten(1, (Hkv, Hq // Hkv)), norm.unflatten(1, (Hkv, Hq // Hkv))
+    # grouped views [B, Hkv, G or 1, ...]: each kv head's key, value and ring serve its query heads unrepeated
+    S, z = state.unflatten(1, (Hkv, -1)), norm.unflatten(1, (Hkv, -1))
     fq = phi_q[:, 0].to(dt).unflatten(1, (Hkv, -1))
+
+    def read(values: torch.Tensor, normaliser: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (fq[..., None, :] @ values).squeeze(-2), (fq * normaliser).sum(-1)
+
     if window == 0:
         fk, v1 = phi_k[:, 0, :, None].to(dt), v[:, 0, :, None].to(dt)
         S.add_(fk[..., :, None] * v1[..., None, :])
         z.add_(fk)
-        num = torch.einsum("bhgf,bhgfd->bhgd", fq, S)
-        return (num / torch.einsum("bhgf,bhgf->bhg", fq, z)[..., None]).flatten(1, 2).to(q.dtype)[:, None]
+        num, den = read(S, z)
+        return (num / den[..., None]).flatten(1, 2).to(q.dtype)[:, None]
     k_ring, v_ring, f_ring, ring_valid = rings
     slot = position % window
     leaving = ring_read(ring_valid, slot)[:, None, None, None]
@@ -167,6 +173,7 @@ def hedgehog_decode_step_torch(
     m = scores.amax(-1, keepdim=True)
     e = (scores - m).exp()
     decay = (-m).exp()
-    num = torch.einsum("bhgw,bhwd->bhgd", e, v_ring.to(dt)) + decay * torch.einsum("bhgf,bhgfd->bhgd", fq, S)
-    den = e.sum(-1, keepdim=True) + decay * torch.einsum("bhgf,bhgf->bhg", fq, z)[..., None]
+    lin_num, lin_den = read(S, z)
+    num = torch.einsum("bhgw,bhwd->bhgd", e, v_ring.to(dt)) + decay * lin_num
+    den = e.sum(-1, keepdim=True) + decay * lin_den[..., None]
     return (num / den).flatten(1, 2).to(q.dtype)[:, None]
