@@ -101,7 +101,8 @@ class LigerAttentionMixin:
         else:
             resumed = layer_cache is not None and layer_cache.seen > 0  # a multi-token step on top of a cache
             o, state = liger_attention(
-                q, k, v, window=window, cos=cos, sin=sin, initial_state=layer_cache.state if resumed else None,
+                q, k, v, window=window, cos=cos, sin=sin,
+                initial_state=self.per_query_head(layer_cache.state) if resumed else None,
                 output_final_state=layer_cache is not None, attention_mask=valid,
                 window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts,
             )
@@ -116,10 +117,7 @@ class LigerAttentionMixin:
         Every target's state depends only on keys, values and gates, so the query heads of a kv
         group hold equal states: the cache keeps the first of each group (a G-th of the memory, and
         of the bytes a decode step moves), and `per_query_head` repeats it for a multi-token step."""
-        G = self.num_key_value_groups
-        states = state if isinstance(state, tuple) else (state,)
-        states = tuple(s[:, ::G].contiguous() if G > 1 else s for s in states)
-        state = states if isinstance(state, tuple) else states[0]
+        state = self._per_group(state, lambda s: s[:, :: self.num_key_value_groups].contiguous())
         window, T = self.config.linearize["window"], k.shape[1]
         tail = slice(max(T - window, 0), T)
         cos, sin = position_embeddings
@@ -127,9 +125,14 @@ class LigerAttentionMixin:
         layer_cache.store(state, T, k_rot, v[:, tail], None if valid is None else valid[:, tail],
                           None if phi_k is None else phi_k[:, tail])
 
-    def per_query_head(self, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The cache's states (one per kv head) repeated over each group's query heads."""
-        return tuple(s.repeat_interleave(self.num_key_value_groups, dim=1) for s in states)
+    def per_query_head(self, state: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The cache's state(s), one per kv head, repeated over each group's query heads."""
+        return self._per_group(state, lambda s: s.repeat_interleave(self.num_key_value_groups, dim=1))
+
+    def _per_group(self, state, fn):
+        if self.num_key_value_groups == 1:
+            return state
+        return tuple(map(fn, state)) if isinstance(state, tuple) else fn(state)
 
     def hedgehog_forward(self, q, k, v, position_embeddings, layer_cache, padding_mask) -> torch.Tensor:
         """The hedgehog target: learnable feature maps, window and linear part sharing one normaliser
@@ -150,7 +153,7 @@ class LigerAttentionMixin:
         resumed = layer_cache is not None and layer_cache.seen > 0
         o, state = hedgehog_attention_chunked(
             q, k, v, phi_q, phi_k, window=window, cos=cos, sin=sin, attention_mask=valid,
-            initial_state=self.per_query_head(layer_cache.state, layer_cache.norm) if resumed else None,
+            initial_state=self.per_query_head((layer_cache.state, layer_cache.norm)) if resumed else None,
             window_prefix=layer_cache.window_prefix() if resumed and window else None,
         )
         if layer_cache is not None:
@@ -176,9 +179,7 @@ class LigerAttentionMixin:
                        layer_cache.decode_position(), **opts)
             layer_cache.advance(1)
             return o
-        if resumed:
-            states = self.per_query_head(states)[0] if s["target"] == "gdn" else self.per_query_head(*states)
-        o, state = attention(q, k, v, attention_mask=valid, initial_state=states,
+        o, state = attention(q, k, v, attention_mask=valid, initial_state=self.per_query_head(states) if resumed else None,
                              window_prefix=layer_cache.window_prefix() if resumed and window else None, **opts)
         if layer_cache is not None:
             self.remember(layer_cache, state, k, v, position_embeddings, valid)

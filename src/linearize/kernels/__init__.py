@@ -119,16 +119,12 @@ def liger_attention(
     tokens (False = padding); window_prefix continues a cached window (see liger_attention_torch).
     `log_gate` [B, T, Hkv, D] replaces the key-derived gate (ablations), `target` picks the
     feature maps (mamba2, hgrn2: see liger/naive.py). Returns o in q's dtype and the final state
-    [B, Hq, D, D] fp32. `initial_state` may also be [B, Hkv, D, D], one per kv head (the state
-    depends only on keys, values and gates, so a kv group's query heads share it; the model's
-    cache keeps it so): it is repeated over each group's query heads.
+    [B, Hq, D, D] fp32 (the model's cache keeps the first of each kv group's: they are equal).
 
     With Triton, Liger's own layer runs as the fused kernel; what it does not take (other maps
     and gates, a cached window prefix, padding, wide windows or odd head sizes) runs as PyTorch
     maps and window around the Triton chunk_gla.
     """
-    if initial_state is not None and initial_state.shape[1] != q.shape[2]:
-        initial_state = initial_state.repeat_interleave(q.shape[2] // initial_state.shape[1], dim=1)
     kwargs = dict(window=window, mix=mix, gate_normalizer=gate_normalizer, cos=cos, sin=sin,
                   initial_state=initial_state, output_final_state=output_final_state)
     triton = _pick(backend, q, q.shape[-1]) == "triton"
