@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 # benchmarks/kernels.py would shadow the `kernels` package transformers probes for: keep this folder off the path.
@@ -138,9 +139,10 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
     return out
 
 
-def shorten_autotune(keep: int) -> None:
-    """Every Triton autotuner built from now on (fla's included: its cached autotuner is a
-    subclass) tries at most `keep` configurations: those nearest 4 warps and 2 stages."""
+@contextmanager
+def shortened_autotune(keep: int | None):
+    """Inside, every Triton autotuner built (fla's at import: its cached autotuner is a subclass)
+    keeps at most `keep` configurations, those nearest 4 warps and 2 stages. None: all of them."""
     from triton.runtime.autotuner import Autotuner  # noqa: PLC0415
 
     original = Autotuner.__init__
@@ -149,18 +151,22 @@ def shorten_autotune(keep: int) -> None:
         nearest = sorted(configs, key=lambda c: (abs(c.num_warps - 4), abs(c.num_stages - 2)))
         original(self, fn, arg_names, nearest[:keep], *args, **kwargs)
 
-    Autotuner.__init__ = init
+    if keep:
+        Autotuner.__init__ = init
+    try:
+        yield
+    finally:
+        Autotuner.__init__ = original
 
 
 def load_fla(configs: int | None = None):
-    if configs:
-        shorten_autotune(configs)
     try:
-        from fla.ops.gla import chunk_gla as fla_gla  # noqa: PLC0415
-        from fla.ops.gsa import chunk_gsa  # noqa: PLC0415
-        from fla.ops.kda import chunk_kda  # noqa: PLC0415
-        from fla.ops.linear_attn import chunk_linear_attn  # noqa: PLC0415
-        from fla.ops.simple_gla import chunk_simple_gla  # noqa: PLC0415
+        with shortened_autotune(configs):
+            from fla.ops.gla import chunk_gla as fla_gla  # noqa: PLC0415
+            from fla.ops.gsa import chunk_gsa  # noqa: PLC0415
+            from fla.ops.kda import chunk_kda  # noqa: PLC0415
+            from fla.ops.linear_attn import chunk_linear_attn  # noqa: PLC0415
+            from fla.ops.simple_gla import chunk_simple_gla  # noqa: PLC0415
     except ImportError as e:
         print(f"fla-core not available ({e}): ours only")
         return None

@@ -276,3 +276,29 @@ def test_quality_script_runs_end_to_end_on_the_fixture(tmp_path, monkeypatch):
     text = out.read_text()
     assert text.count("\n| ") == 1 + len(rows) and "hand-written finding" in text  # the header, then a line per row
     assert "alpaca_60.json + tinystories.txt" in text
+
+
+def test_targets_benchmark_shortens_autotune_lists_only_inside():
+    """targets.py --fla-configs: autotuners built inside the context keep the N configurations nearest
+    4 warps / 2 stages, and the patch is undone on leaving it (fla's kernels autotune for minutes)."""
+    triton = pytest.importorskip("triton")
+    from triton.runtime.autotuner import Autotuner
+
+    module = load_benchmark("targets")
+    configs = [triton.Config({"B": b}, num_warps=w, num_stages=n) for b in (16, 32) for w in (2, 4, 8) for n in (1, 2, 3)]
+
+    def build():
+        return Autotuner(_noop_kernel, ["x"], configs, key=[], reset_to_zero=None, restore_value=None)
+
+    with module.shortened_autotune(3):
+        kept = build().configs
+    assert [(c.num_warps, c.num_stages) for c in kept] == [(4, 2), (4, 2), (4, 1)]
+    assert {c.kwargs["B"] for c in kept[:2]} == {16, 32}
+    assert len(build().configs) == len(configs)
+    with module.shortened_autotune(None):
+        assert len(build().configs) == len(configs)
+
+
+def _noop_kernel(x):  # what the autotuner wraps; never launched here
+    return x
+
