@@ -12,7 +12,7 @@ and forward+backward ms, ours against fla-core's op for the same structure where
 | hgrn2   | Triton chunk_gla on (softmax q, 1 - a, v, log a)       | chunk_gla, same inputs   |
 | gsa     | slot-scores walk (Triton) + Triton chunk_gla           | chunk_gsa                |
 | gdn     | per-channel gated delta rule, Triton walk              | chunk_kda (per-channel)  |
-| hedgehog| Triton chunk_gla, zero gates, + running normaliser     | chunk_linear_attn        |
+| hedgehog| hedgehog/chunk.py at window 0: Triton chunk_gla, zero gates, running normaliser | chunk_linear_attn |
 
 fla's kda decays after the delta update where ours decays the whole update (see
 kernels/gdn/naive.py): the same work, not the same function. Writes JSON with the device name.
@@ -42,6 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from linearize.kernels import chunk_gla  # noqa: E402
 from linearize.kernels.gdn.chunk import gated_delta_chunked  # noqa: E402
 from linearize.kernels.gsa.chunk import slot_scores  # noqa: E402
+from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked  # noqa: E402
 
 if torch.cuda.is_available():  # the Triton walks the model runs on CUDA (chunked PyTorch elsewhere)
     from linearize.kernels.gdn.fused_recurrent import gated_delta_triton
@@ -113,9 +114,8 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
         recurrence = gated_delta_triton if qq.is_cuda else gated_delta_chunked  # as the model picks
         return recurrence(qq.float(), kk.float(), vv.float(), g, b, state)[0]
 
-    def ours_hedgehog(pq, pk, vv):  # as kernels/hedgehog/chunk.py runs its linear part
-        num, _ = chunk_gla(pq, pk, vv, torch.zeros(pk.shape, device=pk.device), scale=1.0)
-        return num / (pq.float() * pk.float().cumsum(1)).sum(-1, keepdim=True)
+    def ours_hedgehog(pq, pk, vv):  # the model's layer with no window: its linear part alone
+        return hedgehog_attention_chunked(q, k, vv, pq, pk, window=0)[0]
 
     table = {
         "mamba2": (ours_mamba2, [phi_q, phi_k, v, head_gate]),

@@ -58,3 +58,21 @@ def hedgehog_inputs(B, T, Hq, Hkv, D, W, resumed, dtype=None, seed=0):
                                       torch.randn(B, W, Hkv, D, generator=g, dtype=dtype), pphi,
                                       torch.rand(B, W, generator=g) > 0.3)
     return [q, k, v, phi_q, phi_k], dict(window=W, cos=cos, sin=sin, attention_mask=valid, **extra)
+
+
+def hedgehog_outputs(fn, xs, kw, d_o, dtype, device="cpu"):
+    """fn (a hedgehog attention form) on hedgehog_inputs' tensors cast to `dtype` on `device`: [o (padded
+    rows zeroed), S, z, then the gradients of q, k, v, phi_q, phi_k] of o . d_o + sum S + sum z (zeros
+    for an input fn does not read: window 0 reads no raw q, k)."""
+    import torch
+
+    def cast(t):
+        return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
+    leaves = [cast(x).requires_grad_() for x in xs]
+    args = {n: tuple(map(cast, a)) if isinstance(a, tuple) else cast(a) if torch.is_tensor(a) else a for n, a in kw.items()}
+    o, (S, z) = fn(*leaves, **args)
+    o = torch.where(args["attention_mask"][:, :, None, None], o, 0.0)
+    grads = torch.autograd.grad((o * cast(d_o)).sum() + S.sum() + z.sum(), leaves, allow_unused=True)
+    return [o, S, z, *(torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads, strict=True))]
+

@@ -130,27 +130,14 @@ def test_hedgehog_chunked_on_triton_matches_the_blocked_form_on_gpu(window, resu
     from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
     from linearize.kernels.hedgehog.naive import hedgehog_attention_torch
 
-    from .helpers import hedgehog_inputs
+    from .helpers import hedgehog_inputs, hedgehog_outputs
 
     torch.backends.cuda.matmul.allow_tf32 = False
     xs, kw = hedgehog_inputs(2, 300, 8, 2, 64, window, resumed, seed=11)
-    xs = [x.cuda() for x in xs]
-    kw = {n: (tuple(t.cuda() for t in a) if isinstance(a, tuple) else a.cuda() if torch.is_tensor(a) else a)
-          for n, a in kw.items()}
-    d_o = torch.randn(2, 300, 8, 64, dtype=torch.float64, device="cuda")
-    real = kw["attention_mask"][:, :, None, None]
-
-    def run(fn, dtype):
-        leaves = [x.to(dtype).requires_grad_() for x in xs]
-        args = {n: (tuple(t.to(dtype) if t.is_floating_point() else t for t in a) if isinstance(a, tuple)
-                    else a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a) for n, a in kw.items()}
-        o, (S, z) = fn(*leaves, **args)
-        o = torch.where(real, o, 0.0)
-        grads = torch.autograd.grad((o * d_o.to(dtype)).sum() + S.sum() + z.sum(), leaves, allow_unused=True)
-        return [o, S, z, *(torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads, strict=True))]
-
-    got = run(lambda *a, **k: hedgehog_attention_chunked(*a, **k, backend="triton"), torch.float32)
-    ref = run(hedgehog_attention_torch, torch.float64)
+    d_o = torch.randn(2, 300, 8, 64, dtype=torch.float64)
+    got = hedgehog_outputs(lambda *a, **k: hedgehog_attention_chunked(*a, **k, backend="triton"), xs, kw, d_o,
+                           torch.float32, "cuda")
+    ref = hedgehog_outputs(hedgehog_attention_torch, xs, kw, d_o, torch.float64, "cuda")
     for name, a, b in zip(("o", "S", "z", "dq", "dk", "dv", "dphi_q", "dphi_k"), got, ref, strict=True):
         if b.abs().max() == 0:  # window 0 reads no raw q, k: both sides must say so
             assert a.abs().max() == 0, name

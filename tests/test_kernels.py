@@ -331,23 +331,14 @@ def test_hedgehog_chunked_equals_the_blocked_form(window, resumed):
     from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
     from linearize.kernels.hedgehog.naive import hedgehog_attention_torch
 
-    from .helpers import hedgehog_inputs
+    from .helpers import hedgehog_inputs, hedgehog_outputs
 
     xs, kw = hedgehog_inputs(2, 37, 4, 2, 8, window, resumed, seed=window + resumed)
     d_o = torch.randn(2, 37, 4, 8, dtype=torch.float64)
-
-    def run(fn):
-        leaves = [x.clone().requires_grad_() for x in xs]
-        o, (S, z) = fn(*leaves, **kw)
-        real = kw["attention_mask"][:, :, None, None]
-        loss = (torch.where(real, o, 0.0) * d_o).sum() + S.sum() + z.sum()
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)  # window 0 reads no raw q, k
-        return torch.where(real, o, 0.0), S, z, [torch.zeros_like(x) if d is None else d for x, d in zip(xs, grads, strict=True)]
-
-    got, ref = run(hedgehog_attention_chunked), run(hedgehog_attention_torch)
+    got, ref = (hedgehog_outputs(fn, xs, kw, d_o, torch.float64) for fn in (hedgehog_attention_chunked, hedgehog_attention_torch))
     for name, a, b in zip(("o", "S", "z"), got[:3], ref[:3], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
-    for name, a, b in zip(("dq", "dk", "dv", "dphi_q", "dphi_k"), got[3], ref[3], strict=True):
+    for name, a, b in zip(("dq", "dk", "dv", "dphi_q", "dphi_k"), got[3:], ref[3:], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=name)
 
 

@@ -237,28 +237,17 @@ for _target, _gate in (("mamba2", False), ("hgrn2", False), ("gla", True)):
 def hedgehog_case(window, resumed):
     """hedgehog's chunked form with its linear part on the Triton chunk_gla (fp32) against the blocked
     PyTorch reference in float64: outputs, final (S, z), gradients of q, k, v and both feature maps."""
-    from helpers import hedgehog_inputs  # noqa: PLC0415 - the worker runs as a script, tests/ first on its path
+    from helpers import hedgehog_inputs, hedgehog_outputs  # noqa: PLC0415 - the worker runs as a script, tests/ first on its path
 
     from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked  # noqa: PLC0415
     from linearize.kernels.hedgehog.naive import hedgehog_attention_torch  # noqa: PLC0415
 
     xs, kw = hedgehog_inputs(2, 37, 4, 2, 16, window, resumed, seed=7)
     d_o = torch.randn(2, 37, 4, 16, dtype=F64)
-    real = kw["attention_mask"][:, :, None, None]
-
-    def run(fn, cast):
-        leaves = [x.detach().to(cast).requires_grad_() for x in xs]
-        args = {n: (tuple(t.to(cast) if t.is_floating_point() else t for t in a) if isinstance(a, tuple)
-                    else a.to(cast) if torch.is_tensor(a) and a.is_floating_point() else a) for n, a in kw.items()}
-        o, (S, z) = fn(*leaves, **args)
-        o = torch.where(real, o, 0.0)
-        grads = torch.autograd.grad((o * d_o.to(cast)).sum() + S.sum() + z.sum(), leaves, allow_unused=True)
-        return (o, S, z), [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads, strict=True)]
-
-    got = run(lambda *a, **k: hedgehog_attention_chunked(*a, **k, backend="triton"), torch.float32)
-    ref = run(hedgehog_attention_torch, F64)
-    for name, a, b in zip(("o", "S", "z", "dq", "dk", "dv", "dphi_q", "dphi_k"), [*got[0], *got[1]], [*ref[0], *ref[1]],
-                          strict=True):
+    got = hedgehog_outputs(lambda *a, **k: hedgehog_attention_chunked(*a, **k, backend="triton"), xs, kw, d_o,
+                           torch.float32)
+    ref = hedgehog_outputs(hedgehog_attention_torch, xs, kw, d_o, F64)
+    for name, a, b in zip(("o", "S", "z", "dq", "dk", "dv", "dphi_q", "dphi_k"), got, ref, strict=True):
         assert rel(a, b) < 1e-4, name
 
 

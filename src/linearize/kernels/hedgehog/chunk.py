@@ -22,6 +22,7 @@ import torch
 
 from ..gla.naive import compute_dtype
 from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention
+from .naive import masked_inputs, prefix_or_empty
 
 
 def hedgehog_attention_chunked(
@@ -46,19 +47,10 @@ def hedgehog_attention_chunked(
     dt = compute_dtype(q)
     B, T, Hq, D = q.shape
     W = window
-    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask
-    keep = valid[:, :, None, None]
-    v = torch.where(keep, v.to(dt), 0.0)
-    phi_q, phi_k = phi_q.to(dt), torch.where(keep, phi_k.to(dt), 0.0)
+    valid, v, phi_q, phi_k = masked_inputs(q, v, phi_q, phi_k, attention_mask)
     if W > 0:
-        if window_prefix is None:
-            pk, pv = q.new_zeros(B, W, k.shape[2], D, dtype=dt), q.new_zeros(B, W, k.shape[2], v.shape[-1], dtype=dt)
-            pphi = q.new_zeros(B, W, k.shape[2], phi_k.shape[-1], dtype=dt)
-            pvalid = torch.zeros(B, W, dtype=torch.bool, device=q.device)
-        else:
-            pk, pv, pphi, pvalid = window_prefix
-            gone = ~pvalid[:, :, None, None]
-            pk, pv, pphi = pk.to(dt), torch.where(gone, 0.0, pv.to(dt)), torch.where(gone, 0.0, pphi.to(dt))
+        pk, pv, pphi, pvalid = prefix_or_empty(window_prefix, B, W, k.shape[2], D, v.shape[-1], phi_k.shape[-1], dt,
+                                               q.device)
         late_phi, late_v = torch.cat([pphi, phi_k], 1)[:, :T], torch.cat([pv, v], 1)[:, :T]
     else:
         late_phi, late_v = phi_k, v

@@ -33,6 +33,26 @@ class HedgehogFeatureMap(torch.nn.Module):
         return torch.cat([z.softmax(-1), (-z).softmax(-1)], dim=-1)
 
 
+def masked_inputs(q, v, phi_q, phi_k, attention_mask):
+    """(valid [B, T], v, phi_q, phi_k) in the compute dtype, padded steps' values and keys zeroed."""
+    dt = compute_dtype(q)
+    B, T = q.shape[:2]
+    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask
+    keep = valid[:, :, None, None]
+    return valid, torch.where(keep, v.to(dt), 0.0), phi_q.to(dt), torch.where(keep, phi_k.to(dt), 0.0)
+
+
+def prefix_or_empty(window_prefix, B: int, W: int, heads: int, D: int, V: int, features: int, dt, device):
+    """The window's W earlier tokens (rotated keys, values, feature-mapped keys, valid), kv heads, in
+    `dt`, with the values and feature-mapped keys of empty slots zeroed; W empty slots at prefill."""
+    if window_prefix is None:
+        zeros = [torch.zeros(B, W, heads, n, dtype=dt, device=device) for n in (D, V, features)]
+        return (*zeros, torch.zeros(B, W, dtype=torch.bool, device=device))
+    pk, pv, pphi, pvalid = window_prefix
+    gone = ~pvalid[:, :, None, None]
+    return pk.to(dt), torch.where(gone, 0.0, pv.to(dt)), torch.where(gone, 0.0, pphi.to(dt)), pvalid
+
+
 def hedgehog_attention_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -55,10 +75,7 @@ def hedgehog_attention_torch(
     dt = compute_dtype(q)
     B, T, Hq, D = q.shape
     W = window
-    valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if attention_mask is None else attention_mask
-    keep = valid[:, :, None, None]
-    v = torch.where(keep, v.to(dt), 0.0)
-    phi_q, phi_k = phi_q.to(dt), torch.where(keep, phi_k.to(dt), 0.0)
+    valid, v, phi_q, phi_k = masked_inputs(q, v, phi_q, phi_k, attention_mask)
     phi_k, v_rep = repeat_heads(phi_k, Hq), repeat_heads(v, Hq)
     Fdim = phi_q.shape[-1]
     S0 = q.new_zeros(B, Hq, Fdim, v.shape[-1], dtype=dt) if initial_state is None else initial_state[0].to(dt)
@@ -73,14 +90,8 @@ def hedgehog_attention_torch(
     q_rot = apply_rope(q.to(dt), cos, sin)
     k_rot = repeat_heads(apply_rope(k.to(dt), cos, sin), Hq)
     # Keys: the W prefix slots (all invalid at prefill), then the T new tokens; query i sits at key W + i.
-    if window_prefix is None:
-        pk, pv = q.new_zeros(B, W, Hq, D, dtype=dt), q.new_zeros(B, W, Hq, v.shape[-1], dtype=dt)
-        pphi = q.new_zeros(B, W, Hq, Fdim, dtype=dt)
-        pvalid = torch.zeros(B, W, dtype=torch.bool, device=q.device)
-    else:
-        pk, pv, pphi, pvalid = window_prefix
-        pk, pv, pphi = (repeat_heads(x.to(dt), Hq) for x in (pk, pv, pphi))
-        pphi, pv = torch.where(pvalid[:, :, None, None], pphi, 0.0), torch.where(pvalid[:, :, None, None], pv, 0.0)
+    pk, pv, pphi, pvalid = prefix_or_empty(window_prefix, B, W, k.shape[2], D, v.shape[-1], Fdim, dt, q.device)
+    pk, pv, pphi = (repeat_heads(x, Hq) for x in (pk, pv, pphi))
     nb = (T + W - 1) // W
     right = nb * W - T
     keys = F.pad(torch.cat([pk, k_rot], 1), (0, 0, 0, 0, 0, right))
