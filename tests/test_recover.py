@@ -369,6 +369,30 @@ def test_align_trains_hedgehog_feature_maps_and_they_travel(stories_path, tmp_pa
     assert any(not torch.equal(merged[k], before[k]) for k in before), "the feature maps should have trained"
 
 
+def test_trained_tensors_are_fp32_over_bf16_frozen_weights(stories_path, tmp_path, monkeypatch):
+    """On GPUs the frozen weights load in bf16; PEFT's copies of hedgehog's feature maps would be bf16
+    too, where AdamW's small steps round away on the identity's ones. They must train in fp32, and the
+    merged checkpoint must come back in the model's dtype."""
+    from linearize.recover import trainer
+
+    monkeypatch.setattr(trainer, "training_dtype", lambda device: torch.bfloat16)
+    ckpt = convert(str(stories_path), tmp_path / "conv", target="hedgehog", window=16)
+    run = Recovery(options(ckpt, tmp_path / "out"))
+    run.load()
+    trained = {n: p.dtype for n, p in run.model.named_parameters() if p.requires_grad}
+    assert any("hedgehog" in n for n in trained) and any("lora" in n for n in trained)
+    assert set(trained.values()) == {torch.float32}
+    frozen = {p.dtype for p in run.model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16}
+
+    out = recover(options(ckpt, tmp_path / "merged_run", stages=["align", "lm"], stage_tokens="align=256,lm=256",
+                          merge=True))
+    merged = load_file(out / "merged" / "model.safetensors")
+    assert {w.dtype for w in merged.values()} == {torch.bfloat16}
+    assert any(not torch.equal(w.float(), torch.eye(8).repeat(w.shape[0], 1, 1))
+               for k, w in merged.items() if "hedgehog" in k), "the feature maps should have trained"
+
+
 @pytest.mark.parametrize("target", ["hedgehog", "gdn", "gsa"])
 def test_probed_mixing_matrix_is_the_layers_linear_map(stories_path, tmp_path, target):
     """orient reads hedgehog/gdn/gsa mixing matrices off the layer with one-hot value probes: M v must

@@ -69,13 +69,15 @@ def all_reduce_max(world: World, value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def shard(model: torch.nn.Module, layers: list[torch.nn.Module], device: torch.device) -> None:
+def shard(model: torch.nn.Module, layers: list[torch.nn.Module]) -> None:
     """FSDP2: shard each decoder layer, then what is left (embeddings, head), across the ranks."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # bf16 compute on GPUs while the LoRA weights keep their fp32 masters; fp32 gradient reduction.
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    # Every tensor is gathered in its own dtype (bf16 frozen weights, fp32 trained ones: FSDP2 then
+    # gathers bytes) and autocast computes, as in a single process. Casting everything to bf16
+    # (param_dtype=bfloat16) computed the LoRA weights from bf16 copies and drifted 3% above one GPU's
+    # validation loss after 92 steps (docs/multi_gpu.md).
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

@@ -121,6 +121,16 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """Keep every trained tensor in fp32. PEFT makes LoRA weights fp32 but copies modules_to_save
+    (hedgehog's feature maps, the gate projection) in the frozen weights' bf16, where AdamW's steps
+    of ~lr = 1e-3 round away on weights near 1 (bf16's spacing there is 2^-7); FSDP2 also needs one
+    dtype across the tensors it trains. Autocast still computes in bf16."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -188,11 +198,12 @@ class Recovery:
             self.model = get_peft_model(model, lora)
         except ValueError as e:
             raise LinearizeError(f"--lora-targets: {str(e).splitlines()[0]}") from e
+        upcast_trainable(self.model)
         if self.opts.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.enable_input_require_grads()
         if self.sharded:
-            shard(self.model, list(model.model.layers), self.device)
+            shard(self.model, list(model.model.layers))
         self.model.train()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -436,6 +447,7 @@ class Recovery:
                 merged = PeftModel.from_pretrained(base, self.work).merge_and_unload()
             else:
                 merged = self.model.merge_and_unload()
+            merged.to(merged.get_input_embeddings().weight.dtype)  # the fp32 trained copies back to the model's dtype
             merged.eval()
             write_checkpoint(merged, self.tokenizer, self.work / "merged", card)
         shutil.rmtree(self.work / CHECKPOINTS, ignore_errors=True)
