@@ -38,6 +38,7 @@ from linearize.kernels.gla.backward_triton import gla_bwd_dkv_kernel, gla_bwd_dq
 from linearize.kernels.gla.chunk_triton import gla_fwd_kernel  # noqa: E402
 from linearize.kernels.gsa import fused_recurrent as gsa  # noqa: E402
 from linearize.kernels.liger import window_bwd_triton as wb  # noqa: E402
+from linearize.kernels.liger import window_fwd_triton as wf  # noqa: E402
 from linearize.kernels.liger.decode_triton import liger_decode_kernel  # noqa: E402
 
 # argument name -> Triton type; pointers to the I/O dtype are "*io" and filled in per run
@@ -46,7 +47,7 @@ TYPES = {
     **{n: "*fp32" for n in ("cos", "sin", "h0", "ht", "dht", "dh0", "qdq", "dq", "dk", "dv", "lse", "delta", "state")},
     **{n: "*io" for n in ("k_ring", "v_ring")},
     "ring_valid": "*u8", "position": "*i64", "starts": "*i32", "cu_seqlens": "*i32", "window_starts": "*i32",
-    **{n: "i32" for n in ("T", "TOTAL", "NT", "s_cos_b", "s_qb", "s_kb", "s_vb", "slot", "ROWS")},
+    **{n: "i32" for n in ("T", "TOTAL", "NT", "TABLE_T", "s_cos_b", "s_qb", "s_kb", "s_vb", "slot", "ROWS")},
     # gsa's slot scores walk: fp32 throughout (its inputs are the feature maps, computed in fp32)
     **{n: "*fp32" for n in ("fq", "fk", "u", "log_gate", "s", "ds", "du", "dq_parts", "dk_parts")},
     # gdn's delta-rule walk: its inputs are fp32 too, but q, k, v, o, do are named as the Liger kernels' ("*io")
@@ -71,11 +72,11 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
-              PRELOAD=False),
+              PRELOAD=False, ADD_TO_OUT=False),
          8 if D * min(D, 128) >= 128 * 128 else 4, 1),
         ("forward (Liger, fused, sequence segment)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=True, STORE_HT=False,
-              PRELOAD=True, IS_VARLEN=True),
+              PRELOAD=True, IS_VARLEN=True, ADD_TO_OUT=False),
          8, 1),  # liger/segmented.py launches 8 warps at every size
         ("backward dq sweep (Liger)", gla_bwd_dq_kernel,
          dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=False), sweep_warps("dq", D, many=True), 1),
@@ -92,6 +93,12 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
          dict(common, K=D, V=D, BT=BT, BK=min(D, 64), FEATURE_MAP=False, USE_H0=False), 8, 1),
         ("backward dk/dv sweep (chunk_gla)", gla_bwd_dkv_kernel,
          dict(common, K=D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=False, STORE_DH0=False), 8, 1),
+        ("window forward", wf.window_fwd_kernel,
+         dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wf.BQ, IS_VARLEN=False, LOW_PRECISION=True), wf.warps(D), 1),
+        ("forward (Liger, window split off: GLA sweep adding to o)", gla_fwd_kernel,
+         dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=0, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
+              PRELOAD=False, ADD_TO_OUT=True),
+         8 if D * min(D, 128) >= 128 * 128 else 4, 1),
         ("window backward dq", wb.window_dq_kernel, window, 8, 1),
         (f"window backward dk/dv ({block_kv} keys)", wb.window_dkv_kernel, dict(window, BKV=block_kv), 8, 1),
         ("gsa slot scores, forward walk (64 slots)", gsa.slot_scores_fwd_kernel,

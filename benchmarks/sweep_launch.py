@@ -4,7 +4,7 @@ The sweeps run one program per (sequence, head) at ~180-255 registers a thread, 
 or two of them and a grid of 144 programs on 132 SMs takes two rounds (Nsight Compute, ninth GPU
 session: the dk/dv sweep at SmolLM2's shape ran 1.09 waves). This times each kernel on its own
 (torch.profiler, summed over the iterations) for settings of chunk_triton.FORWARD_LAUNCH (keys
-fwd_warps, fwd_block_v) and backward_triton.BACKWARD_LAUNCH (num_warps, dq_warps, dkv_warps,
+fwd_warps, fwd_block_v, fwd_split_window) and backward_triton.BACKWARD_LAUNCH (num_warps, dq_warps, dkv_warps,
 dq_maxnreg, dkv_maxnreg), so a setting that helps one kernel and hurts another shows as such.
 
     python benchmarks/sweep_launch.py --shapes 16,1024,9,3,64 8,4096,32,32,128 \\
@@ -27,8 +27,8 @@ from triton.testing import do_bench
 from linearize.kernels import liger_attention
 from linearize.kernels.gla import backward_triton, chunk_triton
 
-KERNELS = ("gla_fwd_kernel", "gla_bwd_dq_kernel", "gla_bwd_dkv_kernel", "window_dq_kernel", "window_dkv_kernel")
-FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v"}
+KERNELS = ("window_fwd_kernel", "gla_fwd_kernel", "gla_bwd_dq_kernel", "gla_bwd_dkv_kernel", "window_dq_kernel", "window_dkv_kernel")
+FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v", "fwd_split_window": "split_window"}
 
 
 def launch_settings(text: str) -> dict:
@@ -108,7 +108,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)  # a cut run keeps what it measured
 
     table = Table(title=f"Liger kernels per forward+backward, ms ({device}, bf16, window 64)")
-    for col in ("B,T,Hq,Hkv,D", "variant", "fwd", "bwd dq", "bwd dk/dv", "win dq", "win dk/dv", "other", "GPU", "wall"):
+    for col in ("B,T,Hq,Hkv,D", "variant", "win fwd", "fwd", "bwd dq", "bwd dk/dv", "win dq", "win dk/dv", "other", "GPU", "wall"):
         table.add_column(col, justify="left" if col in ("B,T,Hq,Hkv,D", "variant") else "right")
     for r in rows:
         table.add_row(r["shape"], r["variant"], *(f"{r.get(k, 0.0):.3f}" for k in (*KERNELS, "other", "gpu_ms", "wall_ms")))

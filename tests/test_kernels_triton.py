@@ -72,7 +72,8 @@ def assert_liger_matches_reference(q, k, v, h0, do, dh, **kw):
         assert rel(a, b) < 1e-4, name
 
 
-CASES = [  # (T, Hq, Hkv, window, strong[, head_dim]); the window kernel runs from head_dim 32 (16 takes PyTorch)
+CASES = [  # (T, Hq, Hkv, window, strong[, head_dim]); the window kernels run from head_dim 32 (at 16 the window
+    # backward takes PyTorch and the forward keeps the window inside the sweep)
     (1, 2, 2, 64, False),
     (17, 4, 2, 64, True),
     (64, 2, 1, 64, False),
@@ -107,6 +108,21 @@ def liger_split_value_columns():
     chunk_triton.FORWARD_LAUNCH = {"block_v": 16, "num_warps": 8}
     try:
         liger_case(70, 4, 2, 64, False, D=32)
+    finally:
+        chunk_triton.FORWARD_LAUNCH = {}
+
+
+@check("liger_window_inside_the_sweep")
+def liger_window_inside_the_sweep():
+    """The forward with the window inside the GLA sweep (FORWARD_LAUNCH split_window 0; heads of 16
+    and wider than 128 always take it): the same outputs, state and gradients as the split form,
+    also for segments, whose window loads the rows before them."""
+    from linearize.kernels.gla import chunk_triton  # noqa: PLC0415
+
+    chunk_triton.FORWARD_LAUNCH = {"split_window": 0}
+    try:
+        liger_case(150, 4, 2, 64, False, D=32)
+        segmented_case(150, 2, 2, 20, True, 32)
     finally:
         chunk_triton.FORWARD_LAUNCH = {}
 

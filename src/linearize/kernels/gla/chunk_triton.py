@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..liger import window_fwd_triton as window_fwd
+
 BT = 16  # block length (the state is carried from block to block)
 MAX_WINDOW = 4 * BT  # window keys come from this block and the 4 before it
 LOG2E = 1.4426950408889634
@@ -120,7 +122,7 @@ def gla_fwd_kernel(
     BT: tl.constexpr, BV: tl.constexpr, WINDOW: tl.constexpr,
     FEATURE_MAP: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
-    PRELOAD: tl.constexpr,
+    PRELOAD: tl.constexpr, ADD_TO_OUT: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HQ // HKV)
@@ -269,6 +271,8 @@ def gla_fwd_kernel(
             vw0, vw1, vw2, vw3 = vw1, vw2, vw3, b_v
 
         p_o = o + ((bos + t) * HQ + i_h)[:, None] * V + cv[None, :]
+        if ADD_TO_OUT:  # the window's share, mix * o_win, is in o already (liger/window_fwd_triton.py)
+            b_o = (1.0 - mix) * b_o + tl.load(p_o, mask=m_t[:, None], other=0.0).to(tl.float32)
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None])
 
     if STORE_HT:
@@ -321,6 +325,13 @@ def gla_fwd(
         block_v = FORWARD_LAUNCH.get("block_v") or min(V, 128)
     if num_warps is None:
         num_warps = FORWARD_LAUNCH.get("num_warps") or (8 if K * block_v >= 128 * 128 else 4)
+    # Liger's window as a kernel of its own, parallel over blocks, then the sweep without it (see
+    # liger/window_fwd_triton.py); FORWARD_LAUNCH {"split_window": 0} keeps it inside the sweep.
+    split = (window > 0 and feature_map and window_fwd.supported(K, V) and FORWARD_LAUNCH.get("split_window", 1))
+    if split:
+        window_fwd.window_fwd_into(o, q, k, v, cos, sin, window=window, mix=mix, cu_seqlens=cu_seqlens,
+                                   window_starts=window_starts)
+        window, window_starts = 0, None
     grid = (triton.cdiv(V, block_v), HQ, N)
     low = q.dtype in (torch.bfloat16, torch.float16)
     gla_fwd_kernel[grid](
@@ -331,6 +342,6 @@ def gla_fwd(
         HQ=HQ, HKV=HKV, K=K, V=V, BT=block_t, BV=block_v, WINDOW=int(window),
         FEATURE_MAP=feature_map, USE_H0=h0 is not None, STORE_HT=output_final_state,
         IS_VARLEN=cu_seqlens is not None, LOW_PRECISION=low, DIAG_F32=q.dtype == torch.float16,
-        PRELOAD=window_starts is not None, num_warps=num_warps, num_stages=num_stages,
+        PRELOAD=window_starts is not None, ADD_TO_OUT=bool(split), num_warps=num_warps, num_stages=num_stages,
     )
     return o, ht
