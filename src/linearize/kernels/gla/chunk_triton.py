@@ -19,7 +19,11 @@ block it
 5. with WINDOW > 0, softmax attention with RoPE (rotate-half, scale K^-1/2) of the block's
    queries over keys t - WINDOW + 1 .. t: the rotated keys and the values of the previous
    4 blocks stay in registers (so WINDOW <= 4 BT = 64), each key rotated once; then
-   o = mix * o_win + (1 - mix) * o_gla, written once.
+   o = mix * o_win + (1 - mix) * o_gla, written once. gla_fwd runs this only where the window
+   kernel of liger/window_fwd_triton.py cannot (heads of 16 or over 128, or FORWARD_LAUNCH
+   split_window 0): elsewhere that kernel writes mix * o_win into o first and the sweep, at
+   WINDOW = 0 with ADD_TO_OUT, adds (1 - mix) * o_gla to it (faster: the window's registers and
+   instructions left the sequential sweep; docs/kernels.md, ninth session).
 
 Packed sequences (cu_seqlens, FlashAttention-style offsets) are native: program (n, h)
 reads rows cu_seqlens[n] .. cu_seqlens[n + 1] of the packed [1, sum T, H, D] tensors, and

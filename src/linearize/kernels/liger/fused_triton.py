@@ -1,7 +1,9 @@
 """Liger Attention and chunked GLA on the Triton kernels, as autograd Functions.
 
-Forward: one pass of gla/chunk_triton.gla_fwd_kernel (feature maps, gates, chunked GLA,
-sliding window with RoPE, mixing; o written once).
+Forward: liger/window_fwd_triton.py writes the sliding-window branch's share (RoPE, softmax over
+the last W keys, times mix) into o, then one pass of gla/chunk_triton.gla_fwd_kernel (feature
+maps, gates, chunked GLA) adds the linear branch's. Heads of 16 or over 128 run the window inside
+that pass instead.
 
 Backward: two Triton sweeps of gla/backward_triton.py in their feature-map form (they recompute
 softmax(q), softmax(k) and the key gate in registers, take the gate's reverse sum and the chain
