@@ -164,6 +164,38 @@ def test_fused_projections_decode_the_same_tokens_on_gpu(family_models, window):
     assert torch.equal(greedy_tokens(model, ids, steps=40, cuda_graph=True), tokens)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_split_window_forward_matches_float64_on_gpu(D, dtype, monkeypatch):
+    """The forward with the window as its own kernel (liger/window_fwd_triton.py; the models above
+    have heads of 16 and 24, which keep it inside the sweep): batched with per-sequence rotary
+    tables, and packed, GQA 2, against the float64 PyTorch form (fp32 < 1e-4, bf16 < 5e-3), and
+    against the window kept inside the sweep."""
+    from linearize.kernels import liger_attention
+    from linearize.kernels.gla import chunk_triton
+
+    from .test_kernels_triton import rope
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    g = torch.Generator(device="cuda").manual_seed(5)
+    packed = torch.tensor([0, 70, 71, 650], dtype=torch.int32, device="cuda")
+    for B, T, cu in ((2, 650, None), (1, 650, packed)):
+        q = torch.randn(B, T, 4, D, device="cuda", generator=g).to(dtype)
+        k, v = (torch.randn(B, T, 2, D, device="cuda", generator=g).to(dtype) for _ in range(2))
+        cos, sin = (x.cuda() for x in rope(B, T, D))
+        kw = dict(window=64, mix=0.5, cos=cos, sin=sin, cu_seqlens=cu)
+        split, _ = liger_attention(q, k, v, backend="triton", **kw)
+        monkeypatch.setattr(chunk_triton, "FORWARD_LAUNCH", {"split_window": 0})
+        inside, _ = liger_attention(q, k, v, backend="triton", **kw)
+        monkeypatch.setattr(chunk_triton, "FORWARD_LAUNCH", {})
+        ref, _ = liger_attention(q.double(), k.double(), v.double(), backend="torch",
+                                 **dict(kw, cos=cos.double(), sin=sin.double()))
+        tol = 1e-4 if dtype == torch.float32 else 5e-3
+        assert split.dtype == dtype
+        assert relative_error(split.double(), ref) < tol, (B, D)
+        assert relative_error(split.double(), inside.double()) < tol, (B, D)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("D", [64, 128])
 def test_segmented_sequences_match_whole_ones_on_gpu(D, dtype, monkeypatch):
