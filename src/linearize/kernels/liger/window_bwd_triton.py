@@ -262,7 +262,7 @@ def window_bwd(
         starts = rows - rows % T
     else:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        starts = torch.repeat_interleave(cu[:-1], cu.diff())
+        starts = torch.repeat_interleave(cu[:-1], cu.diff(), output_size=NT)  # output_size: no host sync
     tables = [x.to(torch.float32).expand(B, T, D).reshape(NT, D).contiguous() for x in (cos, sin)]
     if add_to is not None:
         dq, dk, dv = add_to

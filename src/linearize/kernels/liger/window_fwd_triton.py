@@ -127,7 +127,7 @@ def window_fwd_into(
     if cu_seqlens is not None:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
         firsts = cu[:-1] if window_starts is None else window_starts.to(device=q.device, dtype=torch.int64)
-        starts = torch.repeat_interleave(firsts, cu.diff()).to(torch.int32).contiguous()
+        starts = torch.repeat_interleave(firsts, cu.diff(), output_size=NT).to(torch.int32).contiguous()  # no host sync
     cos, sin = cos.contiguous(), sin.contiguous()
     table_t = T if cos.shape[0] > 1 else 0
     row_t = NT if cu_seqlens is not None else T
