@@ -146,12 +146,9 @@ def main() -> None:
     p.add_argument("--gla-launch", default="",
                    help="extra converted-model rows with other forward launch settings, BLOCK_V:WARPS comma-separated "
                         "(e.g. 32:8,16:8): with few (batch x head) programs, splitting the value columns fills more SMs")
-    p.add_argument("--bwd-warps", default="",
-                   help="extra converted-model rows with the backward sweeps at these warps (default 8), comma-separated: "
-                        "at 4 warps two programs share an SM, so 144 (sequence, head) programs fit one wave on 132 SMs")
     p.add_argument("--bwd-launch", nargs="*", default=[],
                    help="extra converted-model rows with other backward launch settings, each KEY=VALUE[+KEY=VALUE] "
-                        "over backward_triton.BACKWARD_LAUNCH's keys (e.g. dkv_warps=4 dkv_maxnreg=128)")
+                        "over backward_triton.BACKWARD_LAUNCH's keys (e.g. num_warps=4 dkv_warps=4 dkv_maxnreg=128)")
     p.add_argument("--segments", default="",
                    help="extra converted-model rows with sequences cut into segments of these many rows "
                         "(liger/segmented.py; 0 = never cut; the default row chooses), comma-separated")
@@ -166,8 +163,6 @@ def main() -> None:
     variants += [(f"gla {v}", "gla", [(chunk_triton, "FORWARD_LAUNCH",
                                       dict(zip(("block_v", "num_warps"), map(int, v.split(":")), strict=True)))])
                  for v in args.gla_launch.split(",") if v]
-    variants += [(f"gla bwd {w} warps", "gla", [(backward_triton, "BACKWARD_LAUNCH", {"num_warps": int(w)})])
-                 for w in args.bwd_warps.split(",") if w]
     variants += [(f"gla bwd {v}", "gla", [(backward_triton, "BACKWARD_LAUNCH", launch_settings(v))]) for v in args.bwd_launch]
     variants += [(f"gla seg {n}", "gla", [(segmented, "SEGMENT_LEN", int(n))]) for n in args.segments.split(",") if n]
     if args.ceiling:

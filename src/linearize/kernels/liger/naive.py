@@ -123,10 +123,11 @@ def sliding_window_attention(
     allowed = (band & vis) | (c == r + W)
     scores = (qb @ kb.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~allowed, float("-inf"))
-    out = (scores.softmax(-1) @ vb).flatten(2, 3)[:, :, :T].transpose(1, 2)  # [B, T, H, D]
     if not return_lse:
-        return out
-    return out, scores.logsumexp(-1).flatten(2, 3)[:, :, :T].transpose(1, 2)
+        return (scores.softmax(-1) @ vb).flatten(2, 3)[:, :, :T].transpose(1, 2)  # [B, T, H, D]
+    lse = scores.logsumexp(-1, keepdim=True)  # finite: every row sees its own key
+    out = ((scores - lse).exp() @ vb).flatten(2, 3)[:, :, :T].transpose(1, 2)  # the weights from it, not a 2nd pass
+    return out, lse[..., 0].flatten(2, 3)[:, :, :T].transpose(1, 2)
 
 
 def liger_attention_torch(

@@ -33,6 +33,7 @@ from triton.runtime.errors import OutOfResources
 
 from ..gla import chunk_triton
 from .naive import apply_rope, sliding_window_attention
+from .window_fwd_triton import packed_starts
 
 BQ = 64  # rows per block; a query's keys come from its block and the one before, so W <= 64
 MIN_D = 32  # the halves feed tl.dot, whose inner size must be at least 16
@@ -257,12 +258,11 @@ def window_bwd(
     if block_kv is None:
         block_kv = BKV_WIDE if D >= 128 else BQ
     NT = B * T
-    rows = torch.arange(NT, device=q.device, dtype=torch.int32)
     if cu_seqlens is None:
+        rows = torch.arange(NT, device=q.device, dtype=torch.int32)
         starts = rows - rows % T
     else:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-        starts = torch.repeat_interleave(cu[:-1], cu.diff(), output_size=NT)  # output_size: no host sync
+        starts = packed_starts(cu_seqlens.to(q.device), NT)
     tables = [x.to(torch.float32).expand(B, T, D).reshape(NT, D).contiguous() for x in (cos, sin)]
     if add_to is not None:
         dq, dk, dv = add_to

@@ -88,6 +88,14 @@ def window_fwd_kernel(
     tl.store(p_o + H2, (acc2 * norm[:, None]).to(o.dtype.element_ty), mask=valid[:, None])
 
 
+def packed_starts(cu_seqlens: torch.Tensor, rows: int, firsts: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 [rows]: the first row of each packed row's sequence (`firsts[n]` for segment n when
+    segments of one sequence are packed, else cu_seqlens[n]); output_size spares a host sync."""
+    cu = cu_seqlens.to(dtype=torch.int64)
+    firsts = cu[:-1] if firsts is None else firsts.to(device=cu.device, dtype=torch.int64)
+    return torch.repeat_interleave(firsts, cu.diff(), output_size=rows).to(torch.int32).contiguous()
+
+
 def warps(head_dim: int) -> int:
     """8 at heads of 128 (4 spilled 616 B a thread on sm_90, benchmarks/kernel_registers.py), else 4."""
     return 8 if head_dim >= 128 else 4
@@ -123,11 +131,7 @@ def window_fwd_into(
     if window > BQ:
         raise ValueError(f"the Triton window forward handles windows up to {BQ}, got {window}")
     NT = B * T
-    starts = o  # unused unless packed
-    if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=q.device, dtype=torch.int64)
-        firsts = cu[:-1] if window_starts is None else window_starts.to(device=q.device, dtype=torch.int64)
-        starts = torch.repeat_interleave(firsts, cu.diff(), output_size=NT).to(torch.int32).contiguous()  # no host sync
+    starts = o if cu_seqlens is None else packed_starts(cu_seqlens, NT, window_starts)  # o: unused unless packed
     cos, sin = cos.contiguous(), sin.contiguous()
     table_t = T if cos.shape[0] > 1 else 0
     row_t = NT if cu_seqlens is not None else T
