@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import triton  # noqa: F401  - fail the import here (not at first call) when Triton is missing
 
-from .gdn.fused_recurrent import gated_delta_triton as gated_delta
-from .gsa.fused_recurrent import slot_scores_triton as slot_scores
+from .gdn.chunk_triton import gated_delta_chunked_triton as gated_delta
+from .gsa.chunk_triton import slot_scores_chunked_triton as slot_scores
 from .liger.decode_triton import liger_decode_step
 from .liger.fused_triton import chunk_gla, fused_supports, liger_attention
 

@@ -92,7 +92,7 @@ def gated_delta_chunked(
 
 def gdn_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """naive.gdn_attention_torch (same arguments) with the chunked recurrence: the model's path.
-    On CUDA the recurrence is fused_recurrent.py's Triton walk instead."""
+    On CUDA the recurrence is chunk_triton.py's (chunk terms in PyTorch, a Triton sweep for the state)."""
     from .. import _triton_walks  # noqa: PLC0415 - the dispatcher imports this package's siblings
 
     walks = _triton_walks(q)

@@ -68,7 +68,7 @@ def delta_fwd_kernel(
         row = (i_b * T + t) * H + i_h
         k_t, v_t, a_t, b_t = step_inputs(k, v, log_gate, beta, row, rd, cv, d_ok, v_ok, D, V)
         if REPLAY:
-            tl.store(states + (i_bh * T + t) * D * V + tile[0], S, mask=tile[1])
+            tl.store(states + (i_bh * T + t).to(tl.int64) * D * V + tile[0], S, mask=tile[1])
         r = tl.sum(S * k_t[:, None], axis=0)
         S = a_t[:, None] * (S - b_t * k_t[:, None] * r[None, :]) + b_t * k_t[:, None] * v_t[None, :]
         if not REPLAY:
@@ -95,7 +95,7 @@ def delta_bwd_kernel(
         k_t, v_t, a_t, b_t = step_inputs(k, v, log_gate, beta, row, rd, cv, d_ok, v_ok, D, V)
         q_t = tl.load(q + row * D + rd, mask=d_ok, other=0.0).to(tl.float32)
         do_t = tl.load(do + row * V + cv, mask=v_ok, other=0.0).to(tl.float32)
-        S_prev = tl.load(states + (i_bh * T + t) * D * V + tile[0], mask=tile[1], other=0.0)
+        S_prev = tl.load(states + (i_bh * T + t).to(tl.int64) * D * V + tile[0], mask=tile[1], other=0.0)
         r = tl.sum(S_prev * k_t[:, None], axis=0)
         P = S_prev - b_t * k_t[:, None] * r[None, :]
         S = a_t[:, None] * P + b_t * k_t[:, None] * v_t[None, :]

@@ -60,6 +60,21 @@ def poison(*outputs: torch.Tensor | None) -> None:
                 x.fill_(float("nan"))
 
 
+def dot_precision() -> str:
+    """input_precision of the gdn and gsa chunk kernels' fp32 products. "tf32" (one TF32 pass: operands
+    rounded to 10 mantissa bits) under CUDA autocast, where the caller already computes in 16 bits
+    (training), or where torch.set_float32_matmul_precision allows TF32 ("high"/"medium");
+    otherwise "tf32x3" (three TF32 passes, about fp32's accuracy), as PyTorch's default "highest"
+    asks of its own matmuls. tf32x3's extra registers spill in the backward kernels at heads of
+    128 (4x slower there: docs/kernels.md); plain fp32 FMA products ("ieee") spill kilobytes per
+    thread on sm_90 (benchmarks/kernel_registers.py)."""
+    import torch  # noqa: PLC0415
+
+    if torch.is_autocast_enabled("cuda") or torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "tf32x3"
+
+
 def walk_tile(D: int, columns: int) -> tuple[int, int]:
     """(BD, BC) of the step-by-step walks' [D, BC] fp32 state tile (gsa and gdn fused_recurrent.py):
     the whole head dimension and at most 4096 elements, so the tile stays in registers."""

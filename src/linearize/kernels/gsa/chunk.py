@@ -5,7 +5,7 @@ With u_t = 1 - a_t (what step t writes into each slot), the slot keys and values
     K_t = diag(a_t) K_{t-1} + u_t phi(k_t)^T,   V_t = diag(a_t) V_{t-1} + u_t v_t^T     [m, D]
 
 1. scores s_t = K_t phi(q_t) [m]: linear attention of query phi(q), key phi(k) and value u whose
-   gate acts on the value (slot) side. On CUDA, fused_recurrent.py's Triton walk computes it;
+   gate acts on the value (slot) side. On CUDA, chunk_triton.py's Triton kernels compute it;
    here (the reference and the CPU path) it is computed in PyTorch, chunk by chunk
    (CHUNK steps at a time: the pairwise decays exp(b_t - b_j) <= 1 of a chunk as a
    [CHUNK, CHUNK, m] tensor, the state K^T [D, m] carried between chunks);
@@ -75,7 +75,7 @@ def slots_chunked(phi_q, phi_k, v, log_gate, keys0, values0):
 
     write = -torch.expm1(log_gate)  # 1 - a, exactly 0 where a padded step has log-gate 0
     walks = _triton_walks(phi_q)
-    scores_pass = walks.slot_scores if walks else slot_scores  # fused_recurrent.py on CUDA
+    scores_pass = walks.slot_scores if walks else slot_scores  # chunk_triton.py on CUDA
     scores, keys = scores_pass(phi_q, phi_k, write, log_gate, keys0)
     o, values = chunk_gla(scores.softmax(-1), write, v, log_gate, scale=1.0, initial_state=values0,
                           output_final_state=True)

@@ -105,6 +105,16 @@ def slot_scores_bwd_kernel(
         tl.store(dh0 + tile[0], dS, mask=tile[1])
 
 
+def gate_gradient(scores, d_scores, write, du, keys, d_keys) -> torch.Tensor:
+    """The log-gates' gradient [B, T, H, m] from the scores, the slot writes and their gradients:
+    dL/dB_t = s_t ds_t - u_t du_t (B the cumulative log-gate), plus the final keys' own dependence
+    on B_T, summed in reverse over t."""
+    d_cum = scores * d_scores - write.float() * du
+    if d_keys is not None:
+        d_cum[:, -1] += (keys * d_keys.float()).sum(-1)
+    return d_cum.flip(1).cumsum(1).flip(1)
+
+
 class SlotScoresFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, phi_q, phi_k, write, log_gate, keys0):
@@ -146,11 +156,7 @@ class SlotScoresFunction(torch.autograd.Function):
             phi_q, phi_k, write, log_gate, d_scores, d_keys_in, dk_parts, du, dh0, T, rows,
             H=H, D=D, M=M, BD=BD, BM=BM, USE_DHT=d_keys is not None, STORE_DH0=True,
         )
-        # dL/dB_t = s_t ds_t - u_t du_t, plus the final keys' own dependence on B_T
-        d_cum = scores * d_scores - write.float() * du
-        if d_keys is not None:
-            d_cum[:, -1] += (keys * d_keys.float()).sum(-1)
-        d_log_gate = d_cum.flip(1).cumsum(1).flip(1)
+        d_log_gate = gate_gradient(scores, d_scores, write, du, keys, d_keys)
         return (dq_parts.sum(0).to(phi_q.dtype), dk_parts.sum(0).to(phi_k.dtype), du.to(write.dtype),
                 d_log_gate.to(log_gate.dtype), dh0.to(keys0.dtype))
 
