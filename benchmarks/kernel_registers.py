@@ -33,13 +33,11 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from linearize.kernels.gdn import chunk_triton as gdn_chunk  # noqa: E402
-from linearize.kernels.gdn import fused_recurrent as gdn  # noqa: E402
 from linearize.kernels.gdn import terms_triton as gdn_terms  # noqa: E402
 from linearize.kernels.gla import backward_triton, chunk_triton  # noqa: E402
 from linearize.kernels.gla.backward_triton import gla_bwd_dkv_kernel, gla_bwd_dq_kernel  # noqa: E402
 from linearize.kernels.gla.chunk_triton import gla_fwd_kernel  # noqa: E402
 from linearize.kernels.gsa import chunk_triton as gsa_chunk  # noqa: E402
-from linearize.kernels.gsa import fused_recurrent as gsa  # noqa: E402
 from linearize.kernels.liger import window_bwd_triton as wb  # noqa: E402
 from linearize.kernels.liger import window_fwd_triton as wf  # noqa: E402
 from linearize.kernels.liger.decode_triton import liger_decode_kernel  # noqa: E402
@@ -51,13 +49,12 @@ TYPES = {
     **{n: "*io" for n in ("k_ring", "v_ring")},
     "ring_valid": "*u8", "position": "*i64", "starts": "*i32", "cu_seqlens": "*i32", "window_starts": "*i32",
     **{n: "i32" for n in ("T", "TOTAL", "NT", "TABLE_T", "s_cos_b", "s_qb", "s_kb", "s_vb", "slot", "ROWS")},
-    # gsa's slot scores walk: fp32 throughout (its inputs are the feature maps, computed in fp32)
+    # gsa's slot scores: the feature maps as fp32 pointers (the model's are bf16: similar registers)
     **{n: "*fp32" for n in ("fq", "fk", "u", "log_gate", "s", "ds", "du", "dq_parts", "dk_parts")},
-    # gdn's delta-rule walk: its inputs are fp32 too, but q, k, v, o, do are named as the Liger kernels' ("*io")
-    **{n: "*fp32" for n in ("beta", "states", "da_parts", "db_parts")},
-    # gdn's chunk sweep: its chunk terms are fp32
+    # gdn's chunk terms and sweep: fp32 throughout, but q, k, v, o, do are named as the Liger kernels' ("*io")
     **{n: "*fp32" for n in ("Qe", "Oe", "W", "U", "Kr", "Kw", "dec", "dqe_parts", "dw_parts", "dkr_parts", "dkw_parts",
-                            "ddec_parts", "vc", "dQe", "dOe", "dW", "dU", "dKr", "dKw", "dvc", "ddec", "dg", "dbeta")},
+                            "ddec_parts", "vc", "dQe", "dOe", "dW", "dU", "dKr", "dKw", "dvc", "ddec", "dg", "dbeta",
+                            "beta", "states")},
     "NC": "i32",
     **{n: "fp32" for n in ("scale", "gate_mult", "mix", "win_scale")},
 }
@@ -74,11 +71,11 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     common = dict(HQ=HQ, HKV=HKV, IS_VARLEN=False, LOW_PRECISION=True, DIAG_F32=False)
     block_kv = wb.BKV_WIDE if D >= 128 else wb.BQ
     window = dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wb.BQ, LOW_PRECISION=True, ACCUMULATE=True)
-    slots = dict(H=HQ, D=D, M=64, **dict(zip(("BD", "BM"), chunk_triton.walk_tile(D, 64), strict=True)))
-    delta = dict(H=HQ, D=D, V=D, **dict(zip(("BD", "BV"), chunk_triton.walk_tile(D, D), strict=True)))
     # the chunked gsa kernel as the model runs it: bf16 feature maps, products in bf16
     chunk_slots = dict(H=HQ, D=D, M=64, BT=gsa_chunk.BT, LOW_PRECISION=True, PRECISION="tf32",
                        **dict(zip(("BD", "BM"), gsa_chunk.slot_tile(D, 64), strict=True)))
+    # gdn's chunk kernels as training runs them (one TF32 pass under autocast; fp32 outside autocast
+    # takes three passes, tf32x3, which spills more at D 128: docs/kernels.md, tenth session)
     terms = dict(H=HQ, D=D, V=D, BD=D, BV=D, BT=gdn_terms.BT, MID=gdn_terms.MID)
     sweep = dict(D=D, V=D, BT=gdn_chunk.BT, **dict(zip(("BD", "BV"), gdn_chunk.sweep_tile(D, D), strict=True)))
     return [
@@ -113,27 +110,18 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
          8 if D * min(D, 128) >= 128 * 128 else 4, 1),
         ("window backward dq", wb.window_dq_kernel, window, 8, 1),
         (f"window backward dk/dv ({block_kv} keys)", wb.window_dkv_kernel, dict(window, BKV=block_kv), 8, 1),
-        ("gsa slot scores, forward walk (64 slots)", gsa.slot_scores_fwd_kernel,
-         dict(slots, USE_H0=True, STORE_HT=True, GRAD_Q=False), 4, 3),
-        ("gsa slot scores, dq walk (64 slots)", gsa.slot_scores_fwd_kernel,
-         dict(slots, USE_H0=True, STORE_HT=False, GRAD_Q=True), 4, 3),
-        ("gsa slot scores, backward walk (64 slots)", gsa.slot_scores_bwd_kernel,
-         dict(slots, USE_DHT=True, STORE_DH0=True), 4, 3),
         ("gsa slot scores, chunked forward (64 slots)", gsa_chunk.chunk_scores_fwd_kernel,
          dict(chunk_slots, USE_H0=True, STORE_HT=True, GRAD_Q=False), 8, 1),
         ("gsa slot scores, chunked dq (64 slots)", gsa_chunk.chunk_scores_fwd_kernel,
          dict(chunk_slots, USE_H0=True, STORE_HT=False, GRAD_Q=True), 8, 1),
         ("gsa slot scores, chunked backward (64 slots)", gsa_chunk.chunk_scores_bwd_kernel,
          dict(chunk_slots, USE_DHT=True), 8, 1),
-        ("gdn delta rule, chunk terms", gdn_terms.chunk_terms_fwd_kernel, dict(terms, PRECISION="tf32x3"), 4, 1),
-        ("gdn delta rule, chunk terms back", gdn_terms.chunk_terms_bwd_kernel, dict(terms, PRECISION="tf32x3"), 8, 1),
-        ("gdn delta rule, chunk sweep", gdn_chunk.chunk_delta_fwd_kernel, 
-         dict(sweep, STORE_STATES=False, PRECISION="tf32x3"), 8, 1),
-        ("gdn delta rule, chunk sweep back", gdn_chunk.chunk_delta_bwd_kernel, 
-         dict(sweep, USE_DHT=True, PRECISION="tf32x3"), 8, 1),
-        ("gdn delta rule, forward walk", gdn.delta_fwd_kernel,
-         dict(delta, USE_H0=True, STORE_HT=True, REPLAY=False), 4, 3),
-        ("gdn delta rule, backward walk", gdn.delta_bwd_kernel, dict(delta, USE_DHT=True, STORE_DH0=True), 8, 3),
+        ("gdn delta rule, chunk terms (TF32: autocast)", gdn_terms.chunk_terms_fwd_kernel, dict(terms, PRECISION="tf32"), 4, 1),
+        ("gdn delta rule, chunk terms back (TF32)", gdn_terms.chunk_terms_bwd_kernel, dict(terms, PRECISION="tf32"), 8, 1),
+        ("gdn delta rule, chunk sweep (TF32)", gdn_chunk.chunk_delta_fwd_kernel,
+         dict(sweep, STORE_STATES=False, PRECISION="tf32"), 8, 1),
+        ("gdn delta rule, chunk sweep back (TF32)", gdn_chunk.chunk_delta_bwd_kernel,
+         dict(sweep, USE_DHT=True, PRECISION="tf32"), 8, 1),
         ("decode step (Liger, window 64, state per query head)", liger_decode_kernel,
          dict(HQ=HQ, HKV=HKV, HS=HQ, K=D, BV=min(D, 64 if D <= 128 else 32), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
         ("decode step (Liger, window 64, state per kv head, CUDA-graph slot)", liger_decode_kernel,

@@ -11,9 +11,7 @@ and forward+backward ms, ours against fla-core's op for the same structure where
 | mamba2  | Triton chunk_gla, the per-head gate spread on channels | chunk_simple_gla         |
 | hgrn2   | Triton chunk_gla on (softmax q, 1 - a, v, log a)       | chunk_gla, same inputs   |
 | gsa     | chunked slot scores (Triton) + Triton chunk_gla        | chunk_gsa                |
-| gsa_walk| the same with the step-by-step slot-scores walk        | -                        |
-| gdn     | per-channel gated delta rule: chunk terms + Triton sweep | chunk_kda (per-channel)|
-| gdn_walk| the same rule, the step-by-step Triton walk            | -                        |
+| gdn     | per-channel gated delta rule: Triton chunk terms + state sweep | chunk_kda (per-channel) |
 | hedgehog| hedgehog/chunk.py at window 0: Triton chunk_gla, zero gates, running normaliser | chunk_linear_attn |
 
 fla's kda decays after the delta update where ours decays the whole update (see
@@ -48,9 +46,7 @@ from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked  # noqa:
 
 if torch.cuda.is_available():  # the Triton kernels the model runs on CUDA (chunked PyTorch elsewhere)
     from linearize.kernels.gdn.chunk_triton import gated_delta_chunked_triton
-    from linearize.kernels.gdn.fused_recurrent import gated_delta_triton
     from linearize.kernels.gsa.chunk_triton import slot_scores_chunked_triton
-    from linearize.kernels.gsa.fused_recurrent import slot_scores_triton
 
 GN, SLOTS = 16.0, 64
 
@@ -107,22 +103,16 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
     def ours_hgrn2(pq, vv, g):
         return chunk_gla(pq, (-torch.expm1(g)).to(pq.dtype), vv, g, scale=1.0)[0]
 
-    def ours_gsa(pq, pk, vv, g, walk=False):
+    def ours_gsa(pq, pk, vv, g):
         u = -torch.expm1(g)
         keys0 = pq.new_zeros(pq.shape[0], pq.shape[2], SLOTS, pq.shape[3], dtype=torch.float32)
-        if not pq.is_cuda:
-            scores, _ = slot_scores(pq, pk, u, g, keys0)
-        elif walk:  # the step-by-step walk computes in fp32 whatever comes in
-            scores, _ = slot_scores_triton(pq.float(), pk.float(), u, g, keys0)
-        else:  # bf16 maps: the chunked kernel's products run in bf16, as in the model
-            scores, _ = slot_scores_chunked_triton(pq, pk, u, g, keys0)
+        # bf16 maps on CUDA: the chunked kernel's products run in bf16, as in the model
+        scores, _ = (slot_scores_chunked_triton if pq.is_cuda else slot_scores)(pq, pk, u, g, keys0)
         return chunk_gla(scores.softmax(-1).to(vv.dtype), u.to(vv.dtype), vv, g, scale=1.0)[0]
 
-    def ours_gdn(qq, kk, vv, g, b, walk=False):
+    def ours_gdn(qq, kk, vv, g, b):
         state = qq.new_zeros(qq.shape[0], qq.shape[2], qq.shape[3], vv.shape[3], dtype=torch.float32)
-        recurrence = gated_delta_chunked  # the CPU path
-        if qq.is_cuda:  # as the model picks, or the walk
-            recurrence = gated_delta_triton if walk else gated_delta_chunked_triton
+        recurrence = gated_delta_chunked_triton if qq.is_cuda else gated_delta_chunked  # as the model picks
         return recurrence(qq.float(), kk.float(), vv.float(), g, b, state)[0]
 
     def ours_hedgehog(pq, pk, vv):  # the model's layer with no window: its linear part alone
@@ -132,9 +122,7 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
         "mamba2": (ours_mamba2, [phi_q, phi_k, v, head_gate]),
         "hgrn2": (ours_hgrn2, [phi_q, v, log_a]),
         "gsa": (ours_gsa, [phi_q, phi_k, v, slot_gate]),
-        "gsa_walk": (lambda pq, pk, vv, g: ours_gsa(pq, pk, vv, g, walk=True), [phi_q, phi_k, v, slot_gate]),
         "gdn": (ours_gdn, [qn, kn, v, log_a, beta]),
-        "gdn_walk": (lambda *xs: ours_gdn(*xs, walk=True), [qn, kn, v, log_a, beta]),
         "hedgehog": (ours_hedgehog, [hh_q, hh_k, v]),
     }
     out = {name: (fn, args, None, None) for name, (fn, args) in table.items()}

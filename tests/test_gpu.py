@@ -249,21 +249,18 @@ def test_greedy_generate_with_a_cuda_graph_equals_generate(family_models):
     assert torch.equal(greedy_generate(model, ids, 40), model.generate(ids, max_new_tokens=40, do_sample=False))
 
 
-@pytest.mark.parametrize("kernel", ["walk", "chunked"])
 @pytest.mark.parametrize("D, slots, dtype", [(64, 64, "float32"), (128, 64, "float32"), (128, 64, "bfloat16")])
-def test_gsa_slot_scores_kernel_matches_the_chunked_form_on_gpu(kernel, D, slots, dtype):
-    """gsa's slot-scores kernels on the GPU (fused_recurrent.py's walk, chunk_triton.py's blocks)
-    against the chunked PyTorch pass (float64 of the same inputs): scores, final keys and the five
-    gradients, at a model's sizes (two walk slot blocks at D 128). Relative error: fp32 < 1e-4.
-    bf16 phi(q), phi(k) (their gradients come back in bf16): < 1e-2. The chunked kernel's products
-    then run in bf16 too (the state rounded to 8 bits, as fla's chunk_gsa does), and its gates'
-    gradient, a reverse cumulative sum over T of s ds - u du (two nearly cancelling terms), is
-    within 3e-2 (measured 1.29e-2 on an H200)."""
+def test_gsa_slot_scores_kernel_matches_the_chunked_form_on_gpu(D, slots, dtype):
+    """gsa's chunked slot-scores kernels on the GPU against the chunked PyTorch pass (float64 of the
+    same inputs): scores, final keys and the five gradients, at a model's sizes (two slot blocks at
+    D 128). Relative error: fp32 < 1e-4. bf16 phi(q), phi(k): the products run in bf16 (the state
+    rounded to 8 bits, as fla's chunk_gsa does) and the maps' gradients come back in bf16: < 1e-2;
+    the gates' gradient, a reverse cumulative sum over T of s ds - u du (two nearly cancelling
+    terms): < 3e-2 (measured 1.29e-2 on an H200)."""
     import torch.nn.functional as F  # noqa: PLC0415
 
     from linearize.kernels.gsa.chunk import slot_scores  # noqa: PLC0415
     from linearize.kernels.gsa.chunk_triton import slot_scores_chunked_triton  # noqa: PLC0415
-    from linearize.kernels.gsa.fused_recurrent import slot_scores_triton  # noqa: PLC0415
 
     g = torch.Generator(device="cuda").manual_seed(D)
     B, T, H = 2, 300, 4
@@ -280,26 +277,24 @@ def test_gsa_slot_scores_kernel_matches_the_chunked_form_on_gpu(kernel, D, slots
         loss = (scores * d_scores.to(scores.dtype)).sum() + (keys * d_keys.to(keys.dtype)).sum()
         return [scores, keys, *torch.autograd.grad(loss, xs)]
 
-    fn = {"walk": slot_scores_triton, "chunked": slot_scores_chunked_triton}[kernel]
     for name, a, b in zip(("scores", "keys", "dq", "dk", "du", "dlog_gate", "dkeys0"),
-                          run(fn, maps_dtype, torch.float32), run(slot_scores, torch.float64, torch.float64),
-                          strict=True):
-        tol = 1e-4 if dtype == "float32" else 3e-2 if name == "dlog_gate" and kernel == "chunked" else 1e-2
+                          run(slot_scores_chunked_triton, maps_dtype, torch.float32),
+                          run(slot_scores, torch.float64, torch.float64), strict=True):
+        tol = 1e-4 if dtype == "float32" else 3e-2 if name == "dlog_gate" else 1e-2
         assert relative_error(a.double(), b) < tol, name
 
 
-@pytest.mark.parametrize("kernel", ["walk", "chunked", "chunked-autocast"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
 @pytest.mark.parametrize("D", [64, 128])
-def test_gdn_delta_rule_kernel_matches_the_chunked_form_on_gpu(kernel, D):
-    """gdn's Triton kernels on the GPU (fused_recurrent.py's walk, chunk_triton.py's chunk terms and
-    sweep) against the chunked PyTorch form (float64): outputs, final state and the six gradients,
-    at a model's sizes (several value blocks at D 128). Relative error < 1e-4; under bf16 autocast
-    the chunk kernels' fp32 products take one TF32 pass (chunk_triton.dot_precision): < 5e-3."""
+def test_gdn_delta_rule_kernel_matches_the_chunked_form_on_gpu(D, autocast):
+    """gdn's chunk kernels on the GPU (terms_triton.py, chunk_triton.py's sweep) against the chunked
+    PyTorch form (float64): outputs, final state and the six gradients, at a model's sizes (several
+    value blocks at D 128). Relative error < 1e-4; under bf16 autocast their fp32 products take one
+    TF32 pass (chunk_triton.dot_precision): < 5e-3."""
     import torch.nn.functional as F  # noqa: PLC0415
 
     from linearize.kernels.gdn.chunk import gated_delta_chunked  # noqa: PLC0415
     from linearize.kernels.gdn.chunk_triton import gated_delta_chunked_triton  # noqa: PLC0415
-    from linearize.kernels.gdn.fused_recurrent import gated_delta_triton  # noqa: PLC0415
 
     g = torch.Generator(device="cuda").manual_seed(D)
     B, T, H = 2, 300, 4
@@ -314,11 +309,9 @@ def test_gdn_delta_rule_kernel_matches_the_chunked_form_on_gpu(kernel, D):
         o, s = fn(*xs)
         return [o, s, *torch.autograd.grad((o * do.to(dtype)).sum() + (s * dh.to(dtype)).sum(), xs)]
 
-    fn = {"walk": gated_delta_triton, "chunked": gated_delta_chunked_triton,
-          "chunked-autocast": gated_delta_chunked_triton}[kernel]
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=kernel == "chunked-autocast"):
-        got = run(fn, torch.float32)
-    tol = 5e-3 if kernel == "chunked-autocast" else 1e-4
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        got = run(gated_delta_chunked_triton, torch.float32)
+    tol = 5e-3 if autocast else 1e-4
     for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dlog_gate", "dbeta", "dstate"),
                           got, run(gated_delta_chunked, torch.float64), strict=True):
         assert relative_error(a.double(), b) < tol, name

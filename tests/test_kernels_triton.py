@@ -506,13 +506,12 @@ def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False, shared=False
         assert rel(kr, kr2) < 1e-5 and rel(vr, vr2) < 1e-6 and bool((valid == valid2).all())
 
 
-def gsa_scores_case(T, H, D, m, strong, kernel):
-    """gsa's slot-scores kernels (gsa/fused_recurrent.py's walk, gsa/chunk_triton.py's blocks) against
-    the chunked PyTorch pass in float64: scores, final slot keys and the gradients of all five
-    inputs (the gates' by a reverse cumsum)."""
+def gsa_scores_case(T, H, D, m, strong):
+    """gsa's chunked slot-scores kernels (gsa/chunk_triton.py) against the chunked PyTorch pass in
+    float64: scores, final slot keys and the gradients of all five inputs (the gates' by a reverse
+    cumsum)."""
     from linearize.kernels.gsa.chunk import slot_scores  # noqa: PLC0415
     from linearize.kernels.gsa.chunk_triton import slot_scores_chunked_triton  # noqa: PLC0415
-    from linearize.kernels.gsa.fused_recurrent import slot_scores_triton  # noqa: PLC0415
 
     torch.manual_seed(T + m)
     B = 2
@@ -527,21 +526,19 @@ def gsa_scores_case(T, H, D, m, strong, kernel):
         loss = (scores * d_scores.to(dtype)).sum() + (keys * d_keys.to(dtype)).sum()
         return (scores, keys), torch.autograd.grad(loss, xs)
 
-    triton_fn = {"walk": slot_scores_triton, "chunked": slot_scores_chunked_triton}[kernel]
-    (s, h), got = run(triton_fn, torch.float32)
+    (s, h), got = run(slot_scores_chunked_triton, torch.float32)
     (rs, rh), ref = run(slot_scores, F64)
     assert rel(s, rs) < 1e-5 and rel(h, rh) < 1e-5
     for name, a, b in zip(("dq", "dk", "du", "dlog_gate", "dkeys0"), got, ref, strict=True):
         assert rel(a, b) < 1e-5, name
 
 
-def gdn_delta_case(T, H, D, V, strong, kernel):
-    """The gated delta rule's Triton kernels (gdn/fused_recurrent.py's walk, gdn/chunk_triton.py's chunk
-    sweep) against the chunked PyTorch form in float64: outputs, final state and the gradients of
-    q, k, v, log-gates, write strengths, state."""
+def gdn_delta_case(T, H, D, V, strong):
+    """The gated delta rule's chunk kernels (gdn/terms_triton.py, then gdn/chunk_triton.py's sweep)
+    against the chunked PyTorch form in float64: outputs, final state and the gradients of q, k, v,
+    log-gates, write strengths, state."""
     from linearize.kernels.gdn.chunk import gated_delta_chunked  # noqa: PLC0415
     from linearize.kernels.gdn.chunk_triton import gated_delta_chunked_triton  # noqa: PLC0415
-    from linearize.kernels.gdn.fused_recurrent import gated_delta_triton  # noqa: PLC0415
 
     torch.manual_seed(T + D)
     B = 2
@@ -556,8 +553,7 @@ def gdn_delta_case(T, H, D, V, strong, kernel):
         o, s = fn(*xs)
         return (o, s), torch.autograd.grad((o * do.to(dtype)).sum() + (s * dh.to(dtype)).sum(), xs)
 
-    triton_fn = {"walk": gated_delta_triton, "chunked": gated_delta_chunked_triton}[kernel]
-    (o, s), got = run(triton_fn, torch.float32)
+    (o, s), got = run(gated_delta_chunked_triton, torch.float32)
     (r, rs), ref = run(gated_delta_chunked, F64)
     assert rel(o, r) < 1e-5 and rel(s, rs) < 1e-5
     for name, a, b in zip(("dq", "dk", "dv", "dlog_gate", "dbeta", "dstate"), got, ref, strict=True):
@@ -589,16 +585,13 @@ def gdn_terms_case(T, D, V):
 
 for _g in [(5, 16, 16), (37, 32, 24)]:
     CHECKS["gdn_terms_T{}_D{}_V{}".format(*_g)] = lambda g=_g: gdn_terms_case(*g)
-# the walk's value blocks: 2 at D 128 (V 64); the chunk sweep's up to 64 wide (V 80: 2, the second
-# part-masked; T 37: three chunks, the last part-padded)
-for _g in [(1, 1, 16, 16, False, "walk"), (21, 2, 16, 24, True, "walk"), (9, 1, 128, 64, False, "walk"),
-           (1, 1, 16, 16, False, "chunked"), (37, 2, 16, 24, True, "chunked"), (21, 1, 32, 80, False, "chunked"),
-           (16, 1, 128, 64, True, "chunked")]:
-    CHECKS["gdn_delta_{5}_T{0}_H{1}_D{2}_V{3}_".format(*_g) + ("strong" if _g[4] else "weak")] = (
-        lambda g=_g: gdn_delta_case(*g))
+# value blocks of 4096 / D columns (V 80 at D 32: 2, the second part-masked; 2 at D 128); T 37:
+# three chunks, the last part-padded
+for _g in [(1, 1, 16, 16, False), (37, 2, 16, 24, True), (21, 1, 32, 80, False), (16, 1, 128, 64, True)]:
+    CHECKS["gdn_delta_T{}_H{}_D{}_V{}_".format(*_g) + ("strong" if _g[4] else "weak")] = lambda g=_g: gdn_delta_case(*g)
 
 
-def walk_layer_case(target):
+def triton_layer_case(target):
     """The model's gdn or gsa layer with its recurrence on Triton (gsa: the slot scores, then chunk_gla)
     against the step reference in float64: output, final state(s), gradients of q, k, v and the
     carried state(s)."""
@@ -629,17 +622,14 @@ def walk_layer_case(target):
         assert rel(a, b) < 1e-4, f"output/gradient {i}"
 
 
-CHECKS["gdn_attention_on_triton"] = lambda: walk_layer_case("gdn")
-CHECKS["gsa_attention_on_triton"] = lambda: walk_layer_case("gsa")
+CHECKS["gdn_attention_on_triton"] = lambda: triton_layer_case("gdn")
+CHECKS["gsa_attention_on_triton"] = lambda: triton_layer_case("gsa")
 
 
-# the walk's slot blocks are 64 wide at D 16 and 32 at D 128 (2 blocks); the chunked kernel's up to 64
-# (m = 80: 2 blocks, the second part-masked; T 37: three blocks of 16, the last part-masked)
-for _g in [(1, 1, 16, 4, False, "walk"), (21, 2, 16, 6, True, "walk"), (9, 1, 128, 64, False, "walk"),
-           (1, 1, 16, 4, False, "chunked"), (37, 2, 16, 6, True, "chunked"), (21, 1, 32, 80, False, "chunked"),
-           (16, 1, 128, 64, True, "chunked")]:
-    CHECKS["gsa_scores_{5}_T{0}_H{1}_D{2}_m{3}_".format(*_g) + ("strong" if _g[4] else "weak")] = (
-        lambda g=_g: gsa_scores_case(*g))
+# slot blocks of 4096 / D columns (m 80 at D 32: 2 blocks, the second part-masked; 2 at D 128); T 37:
+# three blocks of 16, the last part-masked
+for _g in [(1, 1, 16, 4, False), (37, 2, 16, 6, True), (21, 1, 32, 80, False), (16, 1, 128, 64, True)]:
+    CHECKS["gsa_scores_T{}_H{}_D{}_m{}_".format(*_g) + ("strong" if _g[4] else "weak")] = lambda g=_g: gsa_scores_case(*g)
 
 for _c in CASES:
     CHECKS["liger_T{}_Hq{}_Hkv{}_W{}_{}".format(*_c[:4], "strong" if _c[4] else "weak") + (f"_D{_c[5]}" if len(_c) > 5 else "")] = (

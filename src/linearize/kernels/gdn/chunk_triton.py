@@ -40,16 +40,10 @@ import triton.language as tl
 
 from ..gla import chunk_triton
 from . import terms_triton
+from .terms_triton import chunk_rows
 
 BT = 16  # chunk length, as chunk.py's CHUNK
 MID = BT // 2 - 1
-
-
-@triton.jit
-def chunk_rows(i_bh, n, NC, rd, cv, d_ok, v_ok, D: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
-    """Chunk n's row offsets into [B H, N BT, D] and [B H, N BT, V] tensors, with their masks."""
-    rr = (i_bh * NC + n).to(tl.int64) * BT + tl.arange(0, BT)
-    return rr[:, None] * D + rd[None, :], rr[:, None] * V + cv[None, :], d_ok[None, :], v_ok[None, :]
 
 
 @triton.jit

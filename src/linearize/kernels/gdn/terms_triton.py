@@ -27,6 +27,13 @@ MID = BT // 2 - 1
 
 
 @triton.jit
+def chunk_rows(i_bh, n, NC, rd, cv, d_ok, v_ok, D: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
+    """Chunk n's row offsets into [B H, N BT, D] and [B H, N BT, V] tensors, with their masks."""
+    rr = (i_bh * NC + n).to(tl.int64) * BT + tl.arange(0, BT)
+    return rr[:, None] * D + rd[None, :], rr[:, None] * V + cv[None, :], d_ok[None, :], v_ok[None, :]
+
+
+@triton.jit
 def chunk_inputs(q, k, v, g, beta, i_b, i_h, n, T, rows, rd, cv,
                  H: tl.constexpr, D: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
     """Chunk n's q, k, log-gates [BT, BD], v [BT, BV] and beta [BT] in fp32 (zeros past T), the
@@ -95,9 +102,7 @@ def chunk_terms_fwd_kernel(
     oe = tl.dot(P2_raw * b_beta[None, :], b_v, input_precision=PRECISION) - tl.dot(P1, u, input_precision=PRECISION)
     kr = b_k * tl.exp(b_end[None, :] - b_bp) * b_beta[:, None]
     kw = b_k * tl.exp(b_end[None, :] - b_b) * b_beta[:, None]
-    dst = (i_bh * NC + n).to(tl.int64) * BT + rows
-    d_ok, v_ok = (rd < D)[None, :], (cv < V)[None, :]
-    p_d, p_v = dst[:, None] * D + rd[None, :], dst[:, None] * V + cv[None, :]
+    p_d, p_v, d_ok, v_ok = chunk_rows(i_bh, n, NC, rd, cv, rd < D, cv < V, D, V, BT)
     tl.store(Qe + p_d, qe, mask=d_ok)
     tl.store(W + p_d, w, mask=d_ok)
     tl.store(Kr + p_d, kr, mask=d_ok)
@@ -129,9 +134,7 @@ def chunk_terms_bwd_kernel(
                                                                   H, D, V, BT)
     (b_b, b_bp, b_end, k_bp, k_bpn, k_bn, q_b, L_raw, M_raw, P1_raw, P2_raw, inv, X, w, u) = chunk_forward(
         b_q, b_k, b_g, b_v, b_beta, rows, PRECISION, MID)
-    dst = (i_bh * NC + n).to(tl.int64) * BT + rows
-    d_ok, v_ok = (rd < D)[None, :], (cv < V)[None, :]
-    p_d, p_v = dst[:, None] * D + rd[None, :], dst[:, None] * V + cv[None, :]
+    p_d, p_v, d_ok, v_ok = chunk_rows(i_bh, n, NC, rd, cv, rd < D, cv < V, D, V, BT)
     d_qe = tl.load(dQe + p_d, mask=d_ok, other=0.0)
     d_oe = tl.load(dOe + p_v, mask=v_ok, other=0.0)
     strict = rows[None, :] < rows[:, None]

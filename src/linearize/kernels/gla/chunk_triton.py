@@ -75,12 +75,6 @@ def dot_precision() -> str:
     return "tf32x3"
 
 
-def walk_tile(D: int, columns: int) -> tuple[int, int]:
-    """(BD, BC) of the step-by-step walks' [D, BC] fp32 state tile (gsa and gdn fused_recurrent.py):
-    the whole head dimension and at most 4096 elements, so the tile stays in registers."""
-    BD = triton.next_power_of_2(D)
-    return BD, min(triton.next_power_of_2(columns), max(16, 4096 // BD))
-
 # Launch settings for gla_fwd where its caller passes none, e.g. {"block_v": 32, "num_warps": 8}: lets a
 # benchmark A/B them through a whole model (benchmarks/recover_throughput.py --gla-launch). Empty: the defaults.
 FORWARD_LAUNCH: dict = {}

@@ -1,11 +1,12 @@
 """Pass 1 of gated slot attention (the slot scores, see chunk.py) as chunked Triton kernels.
 
-The recurrence is fused_recurrent.py's,
+The recurrence (naive.py, chunk.py) is
 
     S_t = S_{t-1} diag(a_t) + phi(k_t) u_t^T     [D, m] (S = K^T),   s_t = S_t^T phi(q_t)   [m]
 
-but a program walks its slot block BT = 16 steps at a time, so the work is matrix products on
-the tensor cores instead of one outer product per step. The gate acts on the output (slot)
+and every slot column evolves on its own, so a program owns one block of BM slot columns of one
+(batch, head) and sweeps the sequence BT = 16 steps at a time, its [D, BM] state in fp32
+registers: matrix products on the tensor cores, not one outer product per step. The gate acts on the output (slot)
 side, which makes a block's intra part one product: with b the cumulative log-gate inside the
 block and mid its value at the middle row,
 
@@ -15,13 +16,13 @@ block and mid its value at the middle row,
 Both exponents about the middle row span at most BT/2 steps and are clamped at 60 as in
 gla/chunk_triton.py (exact while 8 steps of a slot's log-gates sum above -60).
 
-Backward, as the walk does it, block by block:
+Backward, block by block:
 - dphi(q) = (ds exp(b)) S^T + [mask_{j<=i} (ds exp(b - mid)) (u exp(mid - b))^T] phi(k): the forward sweep again;
 - walking back with dS (the gradient reaching the state at a block's end):
   dphi(k) = [mask_{i>=j} (u exp(mid - b)) (ds exp(b - mid))^T] phi(q) + (u exp(b_last - b)) dS^T,
   du = exp(mid - b) ([mask_{j<=i} phi(q) phi(k)^T]^T (ds exp(b - mid))) + exp(b_last - b) (phi(k) dS),
   dS <- dS diag(exp(b_last)) + phi(q)^T (ds exp(b));
-- the gates from the scores and du (fused_recurrent.gate_gradient): no division by a gate.
+- the gates from the scores and du (gate_gradient): no division by a gate.
 dphi(q) and dphi(k) sum over the slot blocks (one partial per block, added in PyTorch).
 bf16 inputs run the products in bf16 with fp32 accumulation; other dtypes take fp32 operands on the
 tensor cores (chunk_triton.dot_precision).
@@ -34,9 +35,39 @@ import triton
 import triton.language as tl
 
 from ..gla import chunk_triton
-from .fused_recurrent import gate_gradient, initial_tile, slot_block
 
 BT = 16
+
+
+@triton.jit
+def slot_block(H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    """This program's slot block, batch row and head; its head-dimension and slot-column offsets with
+    their masks; its state tile's offsets ([m, D] in memory, a [D, BM] tile in registers) and mask."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    rd = tl.arange(0, BD)
+    cm = i_m * BM + tl.arange(0, BM)
+    d_ok, m_ok = rd < D, cm < M
+    tile = (i_bh * M * D + cm[None, :] * D + rd[:, None], d_ok[:, None] & m_ok[None, :])
+    return i_m, i_bh // H, i_bh % H, rd, cm, d_ok, m_ok, tile
+
+
+@triton.jit
+def initial_tile(ptr, tile, USE: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    """The fp32 [D, BM] state tile read from ptr where USE, else zeros."""
+    state = tl.zeros([BD, BM], dtype=tl.float32)
+    if USE:
+        state += tl.load(ptr + tile[0], mask=tile[1], other=0.0).to(tl.float32)
+    return state
+
+
+def gate_gradient(scores, d_scores, write, du, keys, d_keys) -> torch.Tensor:
+    """The log-gates' gradient [B, T, H, m] from the scores, the slot writes and their gradients:
+    dL/dB_t = s_t ds_t - u_t du_t (B the cumulative log-gate), plus the final keys' own dependence
+    on B_T, summed in reverse over t."""
+    d_cum = scores * d_scores - write.float() * du
+    if d_keys is not None:
+        d_cum[:, -1] += (keys * d_keys.float()).sum(-1)
+    return d_cum.flip(1).cumsum(1).flip(1)
 
 
 @triton.jit
