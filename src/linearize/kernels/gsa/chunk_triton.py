@@ -6,9 +6,9 @@ The recurrence (naive.py, chunk.py) is
 
 and every slot column evolves on its own, so a program owns one block of BM slot columns of one
 (batch, head) and sweeps the sequence BT = 16 steps at a time, its [D, BM] state in fp32
-registers: matrix products on the tensor cores, not one outer product per step. The gate acts on the output (slot)
-side, which makes a block's intra part one product: with b the cumulative log-gate inside the
-block and mid its value at the middle row,
+registers: matrix products on the tensor cores, not one outer product per step. The gate acts
+on the output (slot) side, which makes a block's intra part one product: with b the cumulative
+log-gate inside the block and mid its value at the middle row,
 
     s_i = exp(b_i) * (phi(q_i) S) + exp(b_i - mid) * sum_{j <= i} (phi(q_i) . phi(k_j)) u_j exp(mid - b_j)
     S  <- S diag(exp(b_last)) + phi(k)^T (u exp(b_last - b))
@@ -78,7 +78,7 @@ def block_inputs(fq, fk, u, log_gate, i_b, i_h, i_c, T, rd, cm, d_ok, m_ok,
     rows = tl.arange(0, BT)
     t = i_c * BT + rows
     m_t = t < T
-    r = (i_b * T + t) * H + i_h
+    r = ((i_b * T + t) * H + i_h).to(tl.int64)  # element offsets pass 2^31 at B T H D of 2G
     m_d, m_m = m_t[:, None] & d_ok[None, :], m_t[:, None] & m_ok[None, :]
     b_q = tl.load(fq + r[:, None] * D + rd[None, :], mask=m_d, other=0.0).to(tl.float32)
     b_k = tl.load(fk + r[:, None] * D + rd[None, :], mask=m_d, other=0.0).to(tl.float32)
