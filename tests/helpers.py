@@ -28,8 +28,9 @@ def relative_error(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def hedgehog_inputs(B, T, Hq, Hkv, D, W, resumed, dtype=None, seed=0):
-    """Random hedgehog inputs (GQA, a left-padded row) and, when resumed, a state and window prefix."""
+def hedgehog_inputs(B, T, Hq, Hkv, D, W, resumed, dtype=None, seed=0, padded=True):
+    """Random hedgehog inputs (GQA, a left-padded row unless not padded: then no attention mask) and,
+    when resumed, a state and window prefix."""
     import torch
 
     from linearize.kernels.hedgehog.naive import HedgehogFeatureMap
@@ -57,7 +58,7 @@ def hedgehog_inputs(B, T, Hq, Hkv, D, W, resumed, dtype=None, seed=0):
             extra["window_prefix"] = (torch.randn(B, W, Hkv, D, generator=g, dtype=dtype),
                                       torch.randn(B, W, Hkv, D, generator=g, dtype=dtype), pphi,
                                       torch.rand(B, W, generator=g) > 0.3)
-    return [q, k, v, phi_q, phi_k], dict(window=W, cos=cos, sin=sin, attention_mask=valid, **extra)
+    return [q, k, v, phi_q, phi_k], dict(window=W, cos=cos, sin=sin, attention_mask=valid if padded else None, **extra)
 
 
 def hedgehog_outputs(fn, xs, kw, d_o, dtype, device="cpu"):
@@ -72,7 +73,8 @@ def hedgehog_outputs(fn, xs, kw, d_o, dtype, device="cpu"):
     leaves = [cast(x).requires_grad_() for x in xs]
     args = {n: tuple(map(cast, a)) if isinstance(a, tuple) else cast(a) if torch.is_tensor(a) else a for n, a in kw.items()}
     o, (S, z) = fn(*leaves, **args)
-    o = torch.where(args["attention_mask"][:, :, None, None], o, 0.0)
+    if args["attention_mask"] is not None:
+        o = torch.where(args["attention_mask"][:, :, None, None], o, 0.0)
     grads = torch.autograd.grad((o * cast(d_o)).sum() + S.sum() + z.sum(), leaves, allow_unused=True)
     return [o, S, z, *(torch.zeros_like(x) if d is None else d for x, d in zip(leaves, grads, strict=True))]
 

@@ -123,17 +123,19 @@ def test_cuda_graph_decode_gives_the_eager_tokens(family_models, family, window)
     assert torch.equal(logits[:, 69:-1].argmax(-1), graphed)
 
 
-@pytest.mark.parametrize("window, resumed", [(64, False), (0, False), (64, True)])
-def test_hedgehog_chunked_on_triton_matches_the_blocked_form_on_gpu(window, resumed):
+@pytest.mark.parametrize("window, resumed, padded", [(64, False, True), (0, False, True), (64, True, True),
+                                                     (64, False, False), (16, False, False)])
+def test_hedgehog_chunked_on_triton_matches_the_blocked_form_on_gpu(window, resumed, padded):
     """hedgehog's linear part on the Triton chunk_gla (fp32, heads of 64: features of 128) against the
-    blocked PyTorch reference in float64: outputs, final (S, z) and the gradients of all five inputs."""
+    blocked PyTorch reference in float64: outputs, final (S, z) and the gradients of all five inputs.
+    Unpadded and not resumed, the window runs on the Liger window kernels (hedgehog/window_triton.py)."""
     from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
     from linearize.kernels.hedgehog.naive import hedgehog_attention_torch
 
     from .helpers import hedgehog_inputs, hedgehog_outputs
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    xs, kw = hedgehog_inputs(2, 300, 8, 2, 64, window, resumed, seed=11)
+    xs, kw = hedgehog_inputs(2, 300, 8, 2, 64, window, resumed, seed=11, padded=padded)
     d_o = torch.randn(2, 300, 8, 64, dtype=torch.float64)
     got = hedgehog_outputs(lambda *a, **k: hedgehog_attention_chunked(*a, **k, backend="triton"), xs, kw, d_o,
                            torch.float32, "cuda")

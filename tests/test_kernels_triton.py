@@ -250,16 +250,18 @@ for _target, _gate in (("mamba2", False), ("hgrn2", False), ("gla", True)):
     CHECKS[f"composed_{_target}{'_log_gate' if _gate else ''}"] = lambda t=_target, g=_gate: composed_case(t, g)
 
 
-def hedgehog_case(window, resumed):
+def hedgehog_case(window, resumed, D=16, T=37, padded=True):
     """hedgehog's chunked form with its linear part on the Triton chunk_gla (fp32) against the blocked
-    PyTorch reference in float64: outputs, final (S, z), gradients of q, k, v and both feature maps."""
+    PyTorch reference in float64: outputs, final (S, z), gradients of q, k, v and both feature maps.
+    Unpadded and not resumed, at heads of 32 or more, the window runs on the Liger window kernels too
+    (hedgehog/window_triton.py: its output and log-sum-exp, the lse's gradient in the backward)."""
     from helpers import hedgehog_inputs, hedgehog_outputs  # noqa: PLC0415 - the worker runs as a script, tests/ first on its path
 
     from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked  # noqa: PLC0415
     from linearize.kernels.hedgehog.naive import hedgehog_attention_torch  # noqa: PLC0415
 
-    xs, kw = hedgehog_inputs(2, 37, 4, 2, 16, window, resumed, seed=7)
-    d_o = torch.randn(2, 37, 4, 16, dtype=F64)
+    xs, kw = hedgehog_inputs(2, T, 4, 2, D, window, resumed, seed=7, padded=padded)
+    d_o = torch.randn(2, T, 4, D, dtype=F64)
     got = hedgehog_outputs(lambda *a, **k: hedgehog_attention_chunked(*a, **k, backend="triton"), xs, kw, d_o,
                            torch.float32)
     ref = hedgehog_outputs(hedgehog_attention_torch, xs, kw, d_o, F64)
@@ -269,6 +271,9 @@ def hedgehog_case(window, resumed):
 
 for _w, _r in ((8, False), (0, False), (8, True)):
     CHECKS[f"hedgehog_chunked_W{_w}{'_resumed' if _r else ''}"] = lambda w=_w, r=_r: hedgehog_case(w, r)
+# the window on the Triton window kernels: several 64-row query blocks, windows of 8 and the full 64
+CHECKS["hedgehog_triton_window_W8_D32"] = lambda: hedgehog_case(8, False, D=32, T=150, padded=False)
+CHECKS["hedgehog_triton_window_W64_D64"] = lambda: hedgehog_case(64, False, D=64, T=150, padded=False)
 
 
 @check("liger_head_dim_256_grads")
@@ -287,7 +292,8 @@ def liger_wide_heads():
 def window_fallback():
     """The window backward kernels and the PyTorch form (used where their tiles do not fit, and for
     heads below 32) agree: batched and packed, GQA 2, windows 64 and 20, dk/dv programs of 32 and 64
-    key rows, written fresh and added into existing buffers."""
+    key rows, written fresh and added into existing buffers, with and without a gradient on the
+    log-sum-exp (hedgehog's window)."""
     from linearize.kernels.liger.window_bwd_triton import window_bwd, window_bwd_torch  # noqa: PLC0415
 
     torch.manual_seed(20)
@@ -297,7 +303,7 @@ def window_fallback():
         q, do = torch.randn(B, T, 4, D), torch.randn(B, T, 4, D)
         k, v = torch.randn(B, T, 2, D) * 2, torch.randn(B, T, 2, D)
         cos, sin = rope(B, T, D)
-        kw = dict(window=window, mix=0.3, cu_seqlens=cu)
+        kw = dict(window=window, mix=0.3, cu_seqlens=cu, dlse=torch.randn(B, T, 4) if block_kv == 32 else None)
         ref = window_bwd_torch(q, k, v, do, cos, sin, **kw)
         got = window_bwd(q, k, v, do, cos, sin, block_kv=block_kv, **kw)
         base = [torch.randn(x.shape) for x in ref]

@@ -8,7 +8,9 @@ Feed the keys and values in W steps late (the window prefix's first, or zeros) a
 causal linear attention, sum_{s <= t} phi(k'_s) v'_s^T: `linearize.kernels.chunk_gla` with
 log-gates of zero, whose Triton forward and backward run on CUDA (the chunked PyTorch form
 elsewhere). The normaliser is a running sum of the late keys. The window branch is the blocked
-softmax of `sliding_window_attention`, and it shares the normaliser through its log-sum-exp:
+softmax of `sliding_window_attention` (on Triton: window_triton.py, the Liger window kernels,
+when there is no cached prefix and no padding), and it shares the normaliser through its
+log-sum-exp:
 
     o_t = (o_win e^lse + phi(q_t) S_{t-W}) / (e^lse + phi(q_t) z_{t-W})
 
@@ -22,6 +24,7 @@ import torch
 
 from ..gla.naive import compute_dtype
 from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention
+from . import window_triton
 from .naive import masked_inputs, prefix_or_empty
 
 
@@ -42,7 +45,7 @@ def hedgehog_attention_chunked(
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """hedgehog_attention_torch's arguments and results (o in q's dtype; (S, z) of every token older
     than the window after these T). `backend` is chunk_gla's."""
-    from .. import chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
+    from .. import _pick, chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
 
     dt = compute_dtype(q)
     B, T, Hq, D = q.shape
@@ -57,15 +60,21 @@ def hedgehog_attention_chunked(
     late_phi, late_v = repeat_heads(late_phi, Hq), repeat_heads(late_v, Hq)
     S0, z0 = (None, 0.0) if initial_state is None else (initial_state[0].to(dt), initial_state[1].to(dt)[:, None])
     io = q.dtype if q.is_cuda else dt  # the Triton products run in the I/O dtype, as Liger's layer does
+    # the window on the Liger window kernels too where chunk_gla runs on Triton (not for float64 references)
+    on_triton = _pick(backend, q, D) == "triton" and dt != torch.float64
     num, S = chunk_gla(phi_q.to(io), late_phi.to(io), late_v.to(io), torch.zeros_like(late_phi), scale=1.0,
                        initial_state=S0, output_final_state=True, backend=backend)
     z_all = z0 + late_phi.cumsum(1)  # [B, T, Hq, F]
     num, den = num.to(dt), (phi_q * z_all).sum(-1, keepdim=True)
     if W > 0:
-        key_valid = torch.cat([pvalid, valid], 1)
-        keys = torch.cat([pk, apply_rope(k.to(dt), cos, sin)], 1)
-        o_win, lse = sliding_window_attention(apply_rope(q.to(dt), cos, sin), keys, torch.cat([pv, v], 1),
-                                              window=W, scale=D**-0.5, key_valid=key_valid, return_lse=True)
+        if on_triton and window_prefix is None and attention_mask is None and window_triton.supported(q, v, W):
+            o_win, lse = window_triton.window_with_lse(q.to(io), k.to(io), v.to(io), cos, sin, window=W)
+            o_win, lse = o_win.to(dt), lse.to(dt)
+        else:
+            key_valid = torch.cat([pvalid, valid], 1)
+            keys = torch.cat([pk, apply_rope(k.to(dt), cos, sin)], 1)
+            o_win, lse = sliding_window_attention(apply_rope(q.to(dt), cos, sin), keys, torch.cat([pv, v], 1),
+                                                  window=W, scale=D**-0.5, key_valid=key_valid, return_lse=True)
         w = torch.exp(-lse)[..., None]
         o = (o_win + w * num) / (1.0 + w * den)
     else:

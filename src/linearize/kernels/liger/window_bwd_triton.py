@@ -127,10 +127,10 @@ def key_block_scores(q1, q2, do1, do2, k, v, cos, sin, r, start, i_c, NT, scale,
 
 @triton.jit
 def window_dq_kernel(
-    q, k, v, do, cos, sin, starts, dq, lse, delta,
+    q, k, v, do, cos, sin, starts, dq, lse, delta, dlse,
     NT, mix, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr,
-    LOW_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    LOW_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
     i_q, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (HQ // HKV)
@@ -155,6 +155,8 @@ def window_dq_kernel(
     l_safe = tl.where(valid, l_i, 1.0)
     b_lse = m_i + tl.log(l_safe)
     b_delta = pdp / l_safe
+    if HAS_DLSE:  # a gradient on the lse itself: d lse / d s = p, so ds = p (dp - (delta - dlse))
+        b_delta -= tl.load(dlse + r64 * HQ + i_h, mask=valid, other=0.0)
     tl.store(lse + r64 * HQ + i_h, b_lse, mask=valid)
     tl.store(delta + r64 * HQ + i_h, b_delta, mask=valid)
 
@@ -208,7 +210,7 @@ def window_dkv_kernel(
     store_halves(dv, dv1, dv2, key_ok, c64, HKV, i_hk, D, ACCUMULATE)
 
 
-def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqlens=None, add_to=None):
+def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqlens=None, add_to=None, dlse=None):
     """window_bwd by PyTorch autograd through the banded reference (sliding_window_attention), for
     devices where the kernel's tiles do not fit (Triton raises OutOfResources). Same contract."""
     scale = q.shape[-1] ** -0.5
@@ -217,9 +219,11 @@ def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqle
         q_rot, k_rot = apply_rope(leaves[0], cos.float(), sin.float()), apply_rope(leaves[1], cos.float(), sin.float())
         bounds = [0, q.shape[1]] if cu_seqlens is None else cu_seqlens.tolist()
         parts = [sliding_window_attention(q_rot[:, lo:hi], k_rot[:, lo:hi], leaves[2][:, lo:hi], window=window,
-                                          scale=scale) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
-        o = torch.cat(parts, 1)
-    grads = torch.autograd.grad(o, leaves, do.float() * mix)
+                                          scale=scale, return_lse=True)
+                 for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
+        o, lse = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    outputs, grad_outputs = ([o], [do.float() * mix]) if dlse is None else ([o, lse], [do.float() * mix, dlse.float()])
+    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
     if add_to is None:
         return grads
     for total, g in zip(add_to, grads, strict=True):
@@ -240,11 +244,13 @@ def window_bwd(
     cu_seqlens: torch.Tensor | None = None,
     add_to: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     block_kv: int | None = None,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (float32) of mix * window_attention(rope(q), rope(k), v) for the output gradient do.
 
     q, do [B, T, Hq, D]; k, v [B, T, Hkv, D]; cos, sin [B or 1, T, D]; window <= 64. Returns dq, dk,
     dv; with `add_to` (contiguous fp32 dq, dk, dv of those shapes) adds into them and returns them.
+    dlse [B, T, Hq]: a gradient on the scores' log-sum-exp too (hedgehog's window shares it).
     Heads narrower than MIN_D take the PyTorch form, as does a kernel whose tiles do not fit the
     device's shared memory (Triton raises OutOfResources when it is built). block_kv: key rows per
     dk/dv program (<= 64).
@@ -254,7 +260,8 @@ def window_bwd(
     if window > BQ:
         raise ValueError(f"the Triton window backward handles windows up to {BQ}, got {window}")
     if D < MIN_D:
-        return window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu_seqlens, add_to=add_to)
+        return window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu_seqlens, add_to=add_to,
+                                dlse=dlse)
     if block_kv is None:
         block_kv = BKV_WIDE if D >= 128 else BQ
     NT = B * T
@@ -276,9 +283,11 @@ def window_bwd(
                   ACCUMULATE=add_to is not None, num_warps=8, num_stages=1)
     n_blocks = triton.cdiv(NT, BQ)
     args = (q, k, v, do, tables[0], tables[1], starts.contiguous())
-    torch_form = dict(window=window, mix=mix, cu_seqlens=cu_seqlens)
+    torch_form = dict(window=window, mix=mix, cu_seqlens=cu_seqlens, dlse=dlse)
+    dlse_rows = None if dlse is None else dlse.float().reshape(NT, HQ).contiguous()
     try:
-        window_dq_kernel[(n_blocks, HQ)](*args, dq, lse, delta, NT, float(mix), float(D) ** -0.5, **common)
+        window_dq_kernel[(n_blocks, HQ)](*args, dq, lse, delta, lse if dlse_rows is None else dlse_rows, NT, float(mix),
+                                         float(D) ** -0.5, HAS_DLSE=dlse is not None, **common)
     except OutOfResources:  # nothing written yet
         return window_bwd_torch(q, k, v, do, cos, sin, **torch_form, add_to=add_to)
     try:

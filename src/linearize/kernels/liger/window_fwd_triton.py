@@ -40,10 +40,10 @@ def _rotated_halves(x, rows, ok, HEADS: tl.constexpr, i_h, cos, sin, table_rows,
 
 @triton.jit
 def window_fwd_kernel(
-    q, k, v, cos, sin, starts, o,
+    q, k, v, cos, sin, starts, o, lse,
     NT, T, TABLE_T, mix, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr,
-    IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     i_q, i_h = tl.program_id(0), tl.program_id(1)
     i_hk = i_h // (HQ // HKV)
@@ -82,10 +82,13 @@ def window_fwd_kernel(
         acc1 = acc1 * alpha[:, None] + tl.dot(p.to(dot_t), v1, input_precision="ieee")
         acc2 = acc2 * alpha[:, None] + tl.dot(p.to(dot_t), v2, input_precision="ieee")
         m_i = m_new
-    norm = mix / tl.where(l_i > 0, l_i, 1.0)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    norm = mix / l_safe
     p_o = o + (r64 * HQ + i_h)[:, None] * D + ch[None, :]
     tl.store(p_o, (acc1 * norm[:, None]).to(o.dtype.element_ty), mask=valid[:, None])
     tl.store(p_o + H2, (acc2 * norm[:, None]).to(o.dtype.element_ty), mask=valid[:, None])
+    if STORE_LSE:  # the scores' log-sum-exp, back from log2 units
+        tl.store(lse + r64 * HQ + i_h, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=valid)
 
 
 def packed_starts(cu_seqlens: torch.Tensor, rows: int, firsts: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,12 +122,14 @@ def window_fwd_into(
     mix: float,
     cu_seqlens: torch.Tensor | None = None,
     window_starts: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Write mix * window_attention(rope(q), rope(k), v) into o [B, T, Hq, D] (q's dtype) and return it.
+    """Write mix * window_attention(rope(q), rope(k), v) into o [B, T, Hq, D] and return it.
 
     q [B, T, Hq, D]; k, v [B, T, Hkv, D] contiguous; cos, sin [B or 1, T, D], or [1, total, D] for
     packed rows (cu_seqlens, B = 1). window_starts (with cu_seqlens): the first row of each packed
-    segment's sequence, so that windows see across segments of one sequence.
+    segment's sequence, so that windows see across segments of one sequence. lse (fp32 [B, T, Hq],
+    contiguous): also each query's log-sum-exp of its scaled scores, written into it.
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
@@ -136,8 +141,10 @@ def window_fwd_into(
     table_t = T if cos.shape[0] > 1 else 0
     row_t = NT if cu_seqlens is not None else T
     window_fwd_kernel[(triton.cdiv(NT, BQ), HQ)](
-        q, k, v, cos, sin, starts, o, NT, row_t, 0 if cu_seqlens is not None else table_t, float(mix), float(D) ** -0.5,
+        q, k, v, cos, sin, starts, o, o if lse is None else lse, NT, row_t, 0 if cu_seqlens is not None else table_t,
+        float(mix), float(D) ** -0.5,
         HQ=HQ, HKV=HKV, D=D, W=int(window), BQ=BQ, IS_VARLEN=cu_seqlens is not None,
-        LOW_PRECISION=q.dtype in (torch.bfloat16, torch.float16), num_warps=warps(D), num_stages=1,
+        LOW_PRECISION=q.dtype in (torch.bfloat16, torch.float16), STORE_LSE=lse is not None, num_warps=warps(D),
+        num_stages=1,
     )
     return o
