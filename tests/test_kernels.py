@@ -486,3 +486,19 @@ def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
     assert segmented.segment_length(4, 4096, 9, gpu) is None
     monkeypatch.setattr(segmented, "SEGMENT_LEN", 48)
     assert segmented.segment_length(4, 4096, 9, torch.device("cpu")) == 48
+
+
+def test_chunk_kernels_follow_the_float32_matmul_precision():
+    """gdn/gsa chunk kernels' fp32 products: three TF32 passes under PyTorch's default "highest", one
+    where set_float32_matmul_precision allows TF32 (CUDA autocast, which also gives one, needs a GPU)."""
+    pytest.importorskip("triton")
+    from linearize.kernels.gla.chunk_triton import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision() == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
