@@ -13,6 +13,8 @@ and forward+backward ms, ours against fla-core's op for the same structure where
 | gsa     | chunked slot scores (Triton) + Triton chunk_gla        | chunk_gsa                |
 | gdn     | per-channel gated delta rule: Triton chunk terms + state sweep | chunk_kda (per-channel) |
 | hedgehog| hedgehog/chunk.py at window 0: Triton chunk_gla, zero gates, running normaliser | chunk_linear_attn |
+| hedgehog_window | the whole layer at window 64 (the window on the Triton window kernels) | -  |
+| hedgehog_window_pt | the same, the window in blocked PyTorch (an all-true padding mask) | - |
 
 fla's kda decays after the delta update where ours decays the whole update (see
 kernels/gdn/naive.py): the same work, not the same function. Writes JSON with the device name.
@@ -118,12 +120,24 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
     def ours_hedgehog(pq, pk, vv):  # the model's layer with no window: its linear part alone
         return hedgehog_attention_chunked(q, k, vv, pq, pk, window=0)[0]
 
+    # the whole layer with its window of 64 (the Triton window kernels on CUDA): ours only, fla has none
+    ang = torch.arange(q.shape[1], device=q.device, dtype=torch.float32)[:, None] * torch.logspace(
+        0, -4, q.shape[-1] // 2, device=q.device)[None, :]
+    cos, sin = (torch.cat([f(ang)] * 2, -1)[None] for f in (torch.cos, torch.sin))
+
+    def ours_hedgehog_window(qq, kk, vv, pq, pk, torch_window=False):
+        # an all-true padding mask sends the window to the blocked PyTorch form (the A/B row)
+        mask = torch.ones(qq.shape[:2], dtype=torch.bool, device=qq.device) if torch_window else None
+        return hedgehog_attention_chunked(qq, kk, vv, pq, pk, window=64, cos=cos, sin=sin, attention_mask=mask)[0]
+
     table = {
         "mamba2": (ours_mamba2, [phi_q, phi_k, v, head_gate]),
         "hgrn2": (ours_hgrn2, [phi_q, v, log_a]),
         "gsa": (ours_gsa, [phi_q, phi_k, v, slot_gate]),
         "gdn": (ours_gdn, [qn, kn, v, log_a, beta]),
         "hedgehog": (ours_hedgehog, [hh_q, hh_k, v]),
+        "hedgehog_window": (ours_hedgehog_window, [q, k, v, hh_q, hh_k]),
+        "hedgehog_window_pt": (lambda *xs: ours_hedgehog_window(*xs, torch_window=True), [q, k, v, hh_q, hh_k]),
     }
     out = {name: (fn, args, None, None) for name, (fn, args) in table.items()}
     if fla is not None:
