@@ -74,11 +74,11 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     window = dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wb.BQ, LOW_PRECISION=True, ACCUMULATE=True)
     # the chunked gsa kernel as the model runs it: bf16 feature maps, products in bf16
     chunk_slots = dict(H=HQ, D=D, M=64, BT=gsa_chunk.BT, LOW_PRECISION=True, PRECISION="tf32",
-                       **dict(zip(("BD", "BM"), gsa_chunk.slot_tile(D, 64), strict=True)))
+                       **dict(zip(("BD", "BM"), chunk_triton.state_tile(D, 64), strict=True)))
     # gdn's chunk kernels as training runs them (one TF32 pass under autocast; fp32 outside autocast
     # takes three passes, tf32x3, which spills more at D 128: docs/kernels.md, tenth session)
     terms = dict(H=HQ, D=D, V=D, BD=D, BV=D, BT=gdn_terms.BT, MID=gdn_terms.MID)
-    sweep = dict(D=D, V=D, BT=gdn_chunk.BT, **dict(zip(("BD", "BV"), gdn_chunk.sweep_tile(D, D), strict=True)))
+    sweep = dict(D=D, V=D, BT=gdn_chunk.BT, **dict(zip(("BD", "BV"), chunk_triton.state_tile(D, D), strict=True)))
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,

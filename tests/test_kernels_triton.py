@@ -567,10 +567,9 @@ def gdn_delta_case(T, H, D, V, strong):
 
 
 def gdn_terms_case(T, D, V):
-    """gdn/terms_triton.py's chunk terms and their backward against chunk_triton.chunk_terms_torch in
+    """gdn/terms_triton.py's chunk terms and their backward against its chunk_terms_torch in
     float64 (autograd): the eight terms and the gradients of q, k, v, log-gates and beta."""
     from linearize.kernels.gdn import terms_triton  # noqa: PLC0415
-    from linearize.kernels.gdn.chunk_triton import chunk_terms_torch  # noqa: PLC0415
 
     torch.manual_seed(T + V)
     B, H = 2, 2
@@ -578,7 +577,7 @@ def gdn_terms_case(T, D, V):
     v, beta = torch.randn(B, T, H, V), torch.sigmoid(torch.randn(B, T, H) * 2)
     log_gate = F.logsigmoid(torch.randn(B, T, H, D) * 4) / 2
     xs = [x.double().requires_grad_() for x in (q, k, v, log_gate, beta)]
-    ref = chunk_terms_torch(*xs)
+    ref = terms_triton.chunk_terms_torch(*xs)
     got = terms_triton.chunk_terms_fwd(q, k, v, log_gate, beta, "ieee")
     for name, a, b in zip(("Qe", "Oe", "W", "U", "Kr", "Kw", "v", "dec"), got, ref, strict=True):
         assert a.shape == b.shape and rel(a, b) < 1e-5, name

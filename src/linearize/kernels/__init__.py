@@ -44,7 +44,7 @@ def _pick(backend: str, x: torch.Tensor, head_dim: int) -> str:
     return backend
 
 
-def _triton_walks(x: torch.Tensor):
+def _triton_ops_for(x: torch.Tensor):
     """The Triton module where "auto" picks Triton for x, else None: the gsa and gdn recurrences ask it.
     float64 stays in PyTorch (the kernels compute in fp32; float64 runs are references)."""
     return _triton_ops() if _pick("auto", x, x.shape[-1]) == "triton" and x.dtype != torch.float64 else None

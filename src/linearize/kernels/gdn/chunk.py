@@ -92,9 +92,9 @@ def gated_delta_chunked(
 
 def gdn_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """naive.gdn_attention_torch (same arguments) with the chunked recurrence: the model's path.
-    On CUDA the recurrence is chunk_triton.py's (chunk terms in PyTorch, a Triton sweep for the state)."""
-    from .. import _triton_walks  # noqa: PLC0415 - the dispatcher imports this package's siblings
+    On CUDA the recurrence is chunk_triton.py's (Triton kernels for the chunk terms, then the state)."""
+    from .. import _triton_ops_for  # noqa: PLC0415 - the dispatcher imports this package's siblings
 
-    walks = _triton_walks(q)
-    recurrence = walks.gated_delta if walks else gated_delta_chunked
+    ops = _triton_ops_for(q)
+    recurrence = ops.gated_delta if ops else gated_delta_chunked
     return gdn_attention_torch(q, k, v, recurrence=recurrence, **kwargs)

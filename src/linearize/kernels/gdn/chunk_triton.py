@@ -6,7 +6,7 @@ chunk.py unrolls a 16-step chunk into (G_t its cumulative gate, r the reads k_j^
 
 where W, U solve one unit lower-triangular system per chunk and P1, P2 are decayed q.k products.
 Everything but S is chunk-local: terms_triton.py computes it for all chunks at once, one program
-per chunk (`chunk_terms_torch` below is its differentiable PyTorch reference). Folding r into o
+per chunk (beside its differentiable PyTorch reference, `chunk_terms_torch`). Folding r into o
 leaves the sweep
 
     o = Qe S + Oe,   S' = dec * S - Kr^T (W S + U) + Kw^T v      (Qe = q G - P1 W, Oe = P2 v - P1 U)
@@ -34,16 +34,12 @@ cancel for a repeated key.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..gla import chunk_triton
 from . import terms_triton
-from .terms_triton import chunk_rows
-
-BT = 16  # chunk length, as chunk.py's CHUNK
-MID = BT // 2 - 1
+from .terms_triton import BT, chunk_rows
 
 
 @triton.jit
@@ -123,20 +119,13 @@ def chunk_delta_bwd_kernel(
     tl.store(dh0 + i_bh.to(tl.int64) * D * V + tile, dS, mask=tile_ok)
 
 
-def sweep_tile(D: int, V: int) -> tuple[int, int]:
-    """(BD, BV): the whole key dimension (at least 16: tl.dot's smallest side) and at most 4096 state
-    elements (64 value columns at D 64, 32 at D 128), so the [D, BV] tiles stay in registers."""
-    BD = max(16, triton.next_power_of_2(D))
-    return BD, max(16, min(triton.next_power_of_2(V), 4096 // BD))
-
-
 def sweep_fwd(terms, state, precision: str, store_states: bool = False):
     """Launch the sweep over chunk_terms' outputs from state [B H, D, V] fp32: (o [B H, N BT, V], final
     state), or with store_states the chunk-start states [B H, N, D, V] only."""
     Qe, Oe, W, U, Kr, Kw, v, dec = terms
     BH, rows, D = Qe.shape
     V = v.shape[-1]
-    BD, BV = sweep_tile(D, V)
+    BD, BV = chunk_triton.state_tile(D, V)
     if store_states:
         o = ht = None
         states = Qe.new_empty(BH, rows // BT, D, V)
@@ -156,7 +145,7 @@ def sweep_bwd(terms, state, do, dht, precision: str):
     Qe, Oe, W, U, Kr, Kw, v, dec = terms
     BH, rows, D = Qe.shape
     V, NC = v.shape[-1], rows // BT
-    BD, BV = sweep_tile(D, V)
+    BD, BV = chunk_triton.state_tile(D, V)
     blocks = triton.cdiv(V, BV)
     states = sweep_fwd(terms, state, precision, store_states=True)
     dqe, dw, dkr, dkw = (Qe.new_empty(blocks, BH, rows, D) for _ in range(4))
@@ -202,47 +191,6 @@ class ChunkDeltaFunction(torch.autograd.Function):
         dq, dk, dv, dg, dbeta = terms_triton.chunk_terms_bwd(q, k, v, log_gate, beta, d_terms, ctx.precision)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(log_gate.dtype), dbeta.to(beta.dtype),
                 dh0.view(B, H, D, V))
-
-
-def _decayed_products(x, x_log, y, y_log, mid, mask):
-    """where(mask, sum_d x_t[d] y_j[d] exp(x_log_t[d] - y_log_j[d]), 0) [..., C, C]: one product about
-    the middle row (module docstring)."""
-    a = x * (x_log - mid).clamp(max=60.0).exp()
-    b = y * (mid - y_log).clamp(max=60.0).exp()
-    return torch.where(mask, a @ b.transpose(-1, -2), 0.0)
-
-
-def chunk_terms_torch(q, k, v, log_gate, beta):
-    """The sweep's inputs for every chunk at once (fp32, differentiable): Qe, Oe, W, U, Kr, Kw, v
-    as [B H, N BT, X] and dec [B H, N, D]. Padded steps (beyond T) are identity steps. The
-    reference of terms_triton.py's kernels (their tests compare against it)."""
-    B, T, H, D = q.shape
-    N = triton.cdiv(T, BT)
-
-    def chunks(x):  # [B, T, H, X] -> [B, H, N, BT, X] fp32
-        return F.pad(x.float(), (0, 0, 0, 0, 0, N * BT - T)).transpose(1, 2).unflatten(2, (N, BT))
-
-    q, k, v, g = chunks(q), chunks(k), chunks(v), chunks(log_gate)
-    beta_j = chunks(beta[..., None])[..., 0][..., None, :]  # [B, H, N, 1, BT]: scales column j
-    b = g.cumsum(-2)  # log G_t, inclusive
-    bp = b - g  # log G_{t-1}
-    b_end, mid = b[..., -1:, :], b[..., MID : MID + 1, :]
-    strict = torch.ones(BT, BT, dtype=torch.bool, device=q.device).tril(-1)
-    causal = strict | torch.eye(BT, dtype=torch.bool, device=q.device)
-
-    A = torch.eye(BT, device=q.device) + _decayed_products(k, bp, k, bp, mid, strict) * beta_j
-    M = _decayed_products(k, bp, k, b, mid, strict) * beta_j
-    W = torch.linalg.solve_triangular(A, k * bp.exp(), upper=False, unitriangular=True)
-    U = torch.linalg.solve_triangular(A, M @ v, upper=False, unitriangular=True)
-    P1 = _decayed_products(q, b, k, bp, mid, causal) * beta_j
-    P2 = _decayed_products(q, b, k, b, mid, causal) * beta_j
-    Qe = q * b.exp() - P1 @ W
-    Oe = P2 @ v - P1 @ U
-    beta_t = beta_j.transpose(-1, -2)  # [.., BT, 1]: scales row t
-    Kr = k * (b_end - bp).exp() * beta_t
-    Kw = k * (b_end - b).exp() * beta_t
-    rows = [x.flatten(0, 1).flatten(1, 2) for x in (Qe, Oe, W, U, Kr, Kw, v)]
-    return (*(x.contiguous() for x in rows), b_end[..., 0, :].exp().flatten(0, 1).contiguous())
 
 
 def gated_delta_chunked_triton(

@@ -1,4 +1,4 @@
-"""The gated delta rule's chunk-local terms (chunk_triton.chunk_terms_torch) as Triton kernels.
+"""The gated delta rule's chunk-local terms as Triton kernels, beside their PyTorch reference.
 
 One program per (16-step chunk, batch row and head), everything in registers, in fp32:
 
@@ -19,11 +19,53 @@ a reverse cumulative sum inside the chunk, and `mid` is a constant (its gradient
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-BT = 16
+BT = 16  # chunk length, as chunk.py's CHUNK
 MID = BT // 2 - 1
+
+
+def _decayed_products(x, x_log, y, y_log, mid, mask):
+    """where(mask, sum_d x_t[d] y_j[d] exp(x_log_t[d] - y_log_j[d]), 0) [..., C, C]: one product about
+    the middle row (module docstring)."""
+    a = x * (x_log - mid).clamp(max=60.0).exp()
+    b = y * (mid - y_log).clamp(max=60.0).exp()
+    return torch.where(mask, a @ b.transpose(-1, -2), 0.0)
+
+
+def chunk_terms_torch(q, k, v, log_gate, beta):
+    """chunk_triton's sweep inputs for every chunk at once (fp32, differentiable): Qe, Oe, W, U, Kr, Kw, v
+    as [B H, N BT, X] and dec [B H, N, D]. Padded steps (beyond T) are identity steps. The
+    reference of the kernels below (their tests compare against it)."""
+    B, T, H, D = q.shape
+    N = triton.cdiv(T, BT)
+
+    def chunks(x):  # [B, T, H, X] -> [B, H, N, BT, X] fp32
+        return F.pad(x.float(), (0, 0, 0, 0, 0, N * BT - T)).transpose(1, 2).unflatten(2, (N, BT))
+
+    q, k, v, g = chunks(q), chunks(k), chunks(v), chunks(log_gate)
+    beta_j = chunks(beta[..., None])[..., 0][..., None, :]  # [B, H, N, 1, BT]: scales column j
+    b = g.cumsum(-2)  # log G_t, inclusive
+    bp = b - g  # log G_{t-1}
+    b_end, mid = b[..., -1:, :], b[..., MID : MID + 1, :]
+    strict = torch.ones(BT, BT, dtype=torch.bool, device=q.device).tril(-1)
+    causal = strict | torch.eye(BT, dtype=torch.bool, device=q.device)
+
+    A = torch.eye(BT, device=q.device) + _decayed_products(k, bp, k, bp, mid, strict) * beta_j
+    M = _decayed_products(k, bp, k, b, mid, strict) * beta_j
+    W = torch.linalg.solve_triangular(A, k * bp.exp(), upper=False, unitriangular=True)
+    U = torch.linalg.solve_triangular(A, M @ v, upper=False, unitriangular=True)
+    P1 = _decayed_products(q, b, k, bp, mid, causal) * beta_j
+    P2 = _decayed_products(q, b, k, b, mid, causal) * beta_j
+    Qe = q * b.exp() - P1 @ W
+    Oe = P2 @ v - P1 @ U
+    beta_t = beta_j.transpose(-1, -2)  # [.., BT, 1]: scales row t
+    Kr = k * (b_end - bp).exp() * beta_t
+    Kw = k * (b_end - b).exp() * beta_t
+    rows = [x.flatten(0, 1).flatten(1, 2) for x in (Qe, Oe, W, U, Kr, Kw, v)]
+    return (*(x.contiguous() for x in rows), b_end[..., 0, :].exp().flatten(0, 1).contiguous())
 
 
 @triton.jit
@@ -79,7 +121,7 @@ def chunk_forward(b_q, b_k, b_g, b_v, b_beta, rows, PRECISION: tl.constexpr, MID
     Y = tl.dot(M_raw * b_beta[None, :], b_v, input_precision=PRECISION)
     w = tl.dot(inv, X, input_precision=PRECISION)
     u = tl.dot(inv, Y, input_precision=PRECISION)
-    return (b_b, b_bp, b_end, k_bp, k_bpn, k_bn, q_b, L_raw, M_raw, P1_raw, P2_raw, inv, X, w, u)
+    return (b_b, b_bp, b_end, mid, k_bp, k_bpn, k_bn, q_b, L_raw, M_raw, P1_raw, P2_raw, inv, X, w, u)
 
 
 @triton.jit
@@ -95,7 +137,7 @@ def chunk_terms_fwd_kernel(
     rows, rd, cv = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BV)
     b_q, b_k, b_g, b_v, b_beta, src, m_t, m_d, m_v = chunk_inputs(q, k, v, g, beta, i_b, i_h, n, T, rows, rd, cv,
                                                                   H, D, V, BT)
-    (b_b, b_bp, b_end, k_bp, k_bpn, k_bn, q_b, L_raw, M_raw, P1_raw, P2_raw, inv, X, w, u) = chunk_forward(
+    (b_b, b_bp, b_end, mid, k_bp, k_bpn, k_bn, q_b, L_raw, M_raw, P1_raw, P2_raw, inv, X, w, u) = chunk_forward(
         b_q, b_k, b_g, b_v, b_beta, rows, PRECISION, MID)
     P1 = P1_raw * b_beta[None, :]
     qe = b_q * tl.exp(b_b) - tl.dot(P1, w, input_precision=PRECISION)
@@ -132,7 +174,7 @@ def chunk_terms_bwd_kernel(
     rows, rd, cv = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BV)
     b_q, b_k, b_g, b_v, b_beta, src, m_t, m_d, m_v = chunk_inputs(q, k, v, g, beta, i_b, i_h, n, T, rows, rd, cv,
                                                                   H, D, V, BT)
-    (b_b, b_bp, b_end, k_bp, k_bpn, k_bn, q_b, L_raw, M_raw, P1_raw, P2_raw, inv, X, w, u) = chunk_forward(
+    (b_b, b_bp, b_end, mid, k_bp, k_bpn, k_bn, q_b, L_raw, M_raw, P1_raw, P2_raw, inv, X, w, u) = chunk_forward(
         b_q, b_k, b_g, b_v, b_beta, rows, PRECISION, MID)
     p_d, p_v, d_ok, v_ok = chunk_rows(i_bh, n, NC, rd, cv, rd < D, cv < V, D, V, BT)
     d_qe = tl.load(dQe + p_d, mask=d_ok, other=0.0)
@@ -167,7 +209,6 @@ def chunk_terms_bwd_kernel(
     dx_P2, dy_P2 = pair_grads(dP2, causal, b_beta, q_b, k_bn, PRECISION)
     d_kbp, d_kbpn, d_kbn, d_qb = dx_L + dx_M, dy_L + dy_P1, dy_M + dy_P2, dx_P1 + dx_P2
     # k_bp = k e^{bp - mid}, k_bpn = k e^{mid - bp}, k_bn = k e^{mid - b}, q_b = q e^{b - mid}
-    mid = tl.sum(tl.where(rows[:, None] == MID, b_b, 0.0), axis=0)[None, :]
     d_k = d_X * tl.exp(b_bp) + d_kbp * tl.exp(tl.minimum(b_bp - mid, 60.0))
     d_k += d_kbpn * tl.exp(tl.minimum(mid - b_bp, 60.0)) + d_kbn * tl.exp(tl.minimum(mid - b_b, 60.0))
     d_q += d_qb * tl.exp(tl.minimum(b_b - mid, 60.0))

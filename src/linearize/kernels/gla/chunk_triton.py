@@ -68,11 +68,17 @@ def dot_precision() -> str:
     asks of its own matmuls. tf32x3's extra registers spill in the backward kernels at heads of
     128 (4x slower there: docs/kernels.md); plain fp32 FMA products ("ieee") spill kilobytes per
     thread on sm_90 (benchmarks/kernel_registers.py)."""
-    import torch  # noqa: PLC0415
-
     if torch.is_autocast_enabled("cuda") or torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "tf32x3"
+
+
+def state_tile(D: int, columns: int) -> tuple[int, int]:
+    """(BD, BC) of the gsa and gdn chunk sweeps' [D, BC] fp32 state tile: the whole head dimension (at
+    least 16: tl.dot's smallest side) and at most 4096 elements (64 columns at D 64, 32 at D 128), so
+    the sweep's tiles stay in registers (benchmarks/kernel_registers.py)."""
+    BD = max(16, triton.next_power_of_2(D))
+    return BD, max(16, min(triton.next_power_of_2(columns), 4096 // BD))
 
 
 # Launch settings for gla_fwd where its caller passes none, e.g. {"block_v": 32, "num_warps": 8}: lets a

@@ -71,11 +71,11 @@ def slot_scores(
 
 def slots_chunked(phi_q, phi_k, v, log_gate, keys0, values0):
     """naive.slot_steps' contract in two chunked passes: the scores here, then chunk_gla."""
-    from .. import _triton_walks, chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
+    from .. import _triton_ops_for, chunk_gla  # noqa: PLC0415 - the dispatcher imports this package's siblings
 
     write = -torch.expm1(log_gate)  # 1 - a, exactly 0 where a padded step has log-gate 0
-    walks = _triton_walks(phi_q)
-    scores_pass = walks.slot_scores if walks else slot_scores  # chunk_triton.py on CUDA
+    ops = _triton_ops_for(phi_q)
+    scores_pass = ops.slot_scores if ops else slot_scores  # chunk_triton.py on CUDA
     scores, keys = scores_pass(phi_q, phi_k, write, log_gate, keys0)
     o, values = chunk_gla(scores.softmax(-1), write, v, log_gate, scale=1.0, initial_state=values0,
                           output_final_state=True)

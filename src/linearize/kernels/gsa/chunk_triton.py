@@ -164,20 +164,13 @@ def chunk_scores_bwd_kernel(
     tl.store(dh0 + tile[0], dS, mask=tile[1])
 
 
-def slot_tile(D: int, M: int) -> tuple[int, int]:
-    """(BD, BM): the whole head dimension (at least 16: tl.dot's smallest side) and at most 4096 state
-    elements (64 slot columns at D 64, 32 at D 128), so the [D, BM] tiles stay in registers."""
-    BD = max(16, triton.next_power_of_2(D))
-    return BD, max(16, min(triton.next_power_of_2(M), 4096 // BD))
-
-
 class ChunkSlotScoresFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, phi_q, phi_k, write, log_gate, keys0):
         B, T, H, D = phi_q.shape
         M = write.shape[-1]
         phi_q, phi_k, write, log_gate, keys0 = (x.contiguous() for x in (phi_q, phi_k, write, log_gate, keys0))
-        BD, BM = slot_tile(D, M)
+        BD, BM = chunk_triton.state_tile(D, M)
         ctx.low = low = phi_q.dtype == torch.bfloat16 and phi_k.dtype == torch.bfloat16
         ctx.precision = chunk_triton.dot_precision()
         scores = phi_q.new_empty(B, T, H, M, dtype=torch.float32)
@@ -197,7 +190,7 @@ class ChunkSlotScoresFunction(torch.autograd.Function):
         phi_q, phi_k, write, log_gate, keys0, scores, keys = ctx.saved_tensors
         B, T, H, D = phi_q.shape
         M = write.shape[-1]
-        BD, BM = slot_tile(D, M)
+        BD, BM = chunk_triton.state_tile(D, M)
         blocks = triton.cdiv(M, BM)
         grid, rows = (blocks, B * H), B * T * H
         d_scores = torch.zeros_like(scores) if d_scores is None else d_scores.float().contiguous()

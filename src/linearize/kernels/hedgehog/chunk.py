@@ -68,8 +68,7 @@ def hedgehog_attention_chunked(
     num, den = num.to(dt), (phi_q * z_all).sum(-1, keepdim=True)
     if W > 0:
         if on_triton and window_prefix is None and attention_mask is None and window_triton.supported(q, v, W):
-            o_win, lse = window_triton.window_with_lse(q.to(io), k.to(io), v.to(io), cos, sin, window=W)
-            o_win, lse = o_win.to(dt), lse.to(dt)
+            o_win, lse = window_triton.window_with_lse(q.to(io), k.to(io), v.to(io), cos, sin, window=W)  # fp32 = dt
         else:
             key_valid = torch.cat([pvalid, valid], 1)
             keys = torch.cat([pk, apply_rope(k.to(dt), cos, sin)], 1)
