@@ -5,10 +5,18 @@ or two of them and a grid of 144 programs on 132 SMs takes two rounds (Nsight Co
 session: the dk/dv sweep at SmolLM2's shape ran 1.09 waves). This times each kernel on its own
 (torch.profiler, summed over the iterations) for settings of chunk_triton.FORWARD_LAUNCH (keys
 fwd_warps, fwd_block_v, fwd_split_window) and backward_triton.BACKWARD_LAUNCH (num_warps, dq_warps, dkv_warps,
-dq_maxnreg, dkv_maxnreg), so a setting that helps one kernel and hurts another shows as such.
+dq_maxnreg, dkv_maxnreg, block_k, block_v), so a setting that helps one kernel and hurts another shows as such.
 
     python benchmarks/sweep_launch.py --shapes 16,1024,9,3,64 8,4096,32,32,128 \\
         --variants default dkv_warps=4 dkv_maxnreg=128 --json sweep_launch.json
+
+`--layer gla` times chunk_gla with PyTorch maps and per-channel gates (the plain sweeps, as mamba2,
+hgrn2 and gsa run them; Hkv must equal Hq); `--layer hedgehog` hedgehog's layer (hedgehog/chunk.py at
+window 64: chunk_gla with 2D features and zero gates on the plain sweeps, whose tiles block_k and
+block_v set, then the window kernels):
+
+    python benchmarks/sweep_launch.py --layer hedgehog --shapes 4,1024,16,16,128 \\
+        --variants default fwd_block_v=64 fwd_block_v=32 block_k=128 block_v=128
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ from contextlib import ExitStack
 from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from triton.testing import do_bench
 
-from linearize.kernels import liger_attention
+from linearize.kernels import chunk_gla, liger_attention
 from linearize.kernels.gla import backward_triton, chunk_triton
+from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
 
 KERNELS = ("window_fwd_kernel", "gla_fwd_kernel", "gla_bwd_dq_kernel", "gla_bwd_dkv_kernel", "window_dq_kernel", "window_dkv_kernel")
 FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v", "fwd_split_window": "split_window"}
@@ -57,26 +67,37 @@ def inputs(B: int, T: int, Hq: int, Hkv: int, D: int):
     return q, k, v, emb.cos(), emb.sin(), torch.randn(B, T, Hq, D, device="cuda", dtype=torch.bfloat16)
 
 
-def forward_backward(q, k, v, cos, sin, do):
+def forward_backward(layer, q, k, v, cos, sin, do):
     def step():
-        o, _ = liger_attention(q, k, v, window=64, mix=0.5, cos=cos, sin=sin, backend="triton")
+        if layer == "liger":
+            o, _ = liger_attention(q, k, v, window=64, mix=0.5, cos=cos, sin=sin, backend="triton")
+        elif layer == "gla":  # the plain sweeps as mamba2, hgrn2 and gsa run them: maps and gates from PyTorch
+            phi_q, phi_k = q.float().softmax(-1).to(q.dtype), k.float().softmax(-1).to(q.dtype)
+            o, _ = chunk_gla(phi_q, phi_k, v, F.logsigmoid(k.float()) / 16, scale=1.0, backend="triton")
+        else:  # hedgehog's maps at conversion (W = I) on each head's query and key, shared across the group
+            phi_q, phi_k = (torch.cat([x.float().softmax(-1), (-x.float()).softmax(-1)], -1).to(x.dtype) for x in (q, k))
+            o, _ = hedgehog_attention_chunked(q, k, v, phi_q, phi_k, window=64, cos=cos, sin=sin, backend="triton")
         torch.autograd.grad(o, (q, k, v), do)
     return step
 
 
-def kernel_times(step, iterations: int) -> dict[str, float]:
+def kernel_times(step, iterations: int) -> dict:
     """ms per iteration of each kernel in KERNELS (and "other": every other GPU kernel) over `iterations` calls."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(iterations):
             step()
         torch.cuda.synchronize()
     times: dict[str, float] = defaultdict(float)
+    others = []
     for event in prof.key_averages():
         us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
         if event.device_type == torch.autograd.DeviceType.CUDA:
             name = next((k for k in KERNELS if event.key.startswith(k)), "other")
             times[name] += us / 1000 / iterations
-    return dict(times)
+            if name == "other":
+                others.append((round(us / 1000 / iterations, 4), event.key[:80]))
+    # the largest of the rest (PyTorch's elementwise kernels, copies): what "other" is made of
+    return dict(times, other_top=sorted(others, reverse=True)[:6])
 
 
 def main() -> None:
@@ -84,6 +105,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["16,1024,9,3,64", "4,4096,9,3,64", "8,4096,32,32,128"],
                     help="B,T,Hq,Hkv,D each")
     ap.add_argument("--variants", nargs="+", default=["default", "dkv_warps=4", "dkv_maxnreg=128"])
+    ap.add_argument("--layer", choices=["liger", "hedgehog", "gla"], default="liger",
+                    help="gla: chunk_gla on PyTorch maps and gates (Hq = Hkv), the plain sweeps")
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--json", default="sweep_launch.json")
     args = ap.parse_args()
@@ -93,7 +116,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         B, T, Hq, Hkv, D = map(int, shape.split(","))
-        step = forward_backward(*inputs(B, T, Hq, Hkv, D))
+        step = forward_backward(args.layer, *inputs(B, T, Hq, Hkv, D))
         for variant in args.variants:
             with patched(launch_settings(variant)):
                 try:
@@ -103,18 +126,20 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - an impossible setting (OutOfResources, ptxas) is a row, not an end
                     print(f"{shape} {variant}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
                     continue
-            row = {"shape": shape, "variant": variant, "wall_ms": wall, "gpu_ms": sum(times.values()), **times}
+            gpu = sum(t for key, t in times.items() if key != "other_top")
+            row = {"shape": shape, "variant": variant, "wall_ms": wall, "gpu_ms": gpu, **times}
             rows.append(row)
             print(json.dumps(row), flush=True)  # a cut run keeps what it measured
 
-    table = Table(title=f"Liger kernels per forward+backward, ms ({device}, bf16, window 64)")
+    table = Table(title=f"{args.layer} kernels per forward+backward, ms ({device}, bf16, window 64)")
     for col in ("B,T,Hq,Hkv,D", "variant", "win fwd", "fwd", "bwd dq", "bwd dk/dv", "win dq", "win dk/dv", "other", "GPU", "wall"):
         table.add_column(col, justify="left" if col in ("B,T,Hq,Hkv,D", "variant") else "right")
     for r in rows:
         table.add_row(r["shape"], r["variant"], *(f"{r.get(k, 0.0):.3f}" for k in (*KERNELS, "other", "gpu_ms", "wall_ms")))
     Console(width=200).print(table)
     with open(args.json, "w") as f:
-        json.dump({"device": device, "torch": torch.__version__, "iterations": args.iterations, "rows": rows}, f, indent=1)
+        json.dump({"device": device, "torch": torch.__version__, "layer": args.layer, "iterations": args.iterations,
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

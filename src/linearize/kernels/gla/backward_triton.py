@@ -199,8 +199,8 @@ def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.T
 # Launch settings for the two sweeps where the caller passes none: lets a benchmark A/B them through
 # a whole model (benchmarks/recover_throughput.py --bwd-launch, benchmarks/sweep_launch.py), as
 # chunk_triton.FORWARD_LAUNCH does the forward's. Keys: num_warps (both sweeps), dq_warps, dkv_warps,
-# dq_maxnreg, dkv_maxnreg (a register cap per thread: two programs share an SM below 128 at 8 warps).
-# Empty: default_warps(), no cap.
+# dq_maxnreg, dkv_maxnreg (a register cap per thread: two programs share an SM below 128 at 8 warps),
+# block_k, block_v (the plain sweeps' tiles, without feature maps). Empty: default_warps(), no cap, 64.
 BACKWARD_LAUNCH: dict = {}
 
 
@@ -210,13 +210,23 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_warps(sweep: str, feature_map: bool, K: int, programs: int, device: torch.device) -> int:
-    """8 warps, except for the feature-map sweeps at heads of 64 or less (H200, ninth session,
-    benchmarks/sweep_launch.py at SmolLM2's shape, B16 T1024: 144 programs). There the dq sweep
-    runs 0.364 -> 0.300 ms at 4 warps. The dk/dv sweep holds 182 registers a thread, so at 8 warps
-    an SM takes one program and 144 programs on 132 SMs run in two rounds (1.052 ms); at 4 warps
-    two fit an SM and it runs in one (0.629 ms). With fewer programs than SMs 8 warps stay faster
-    (B4 T4096 in 3 segments, 108 programs: 0.744 against 0.783 ms). 4 warps spill at D 128."""
-    if not feature_map or K > 64:
+    """Warps per program of one backward sweep (H200; benchmarks/sweep_launch.py).
+
+    Feature-map sweeps (Liger): 8, except at heads of 64 or less (ninth session, SmolLM2's shape,
+    B16 T1024: 144 programs). There the dq sweep runs 0.364 -> 0.300 ms at 4 warps. The dk/dv sweep
+    holds 182 registers a thread, so at 8 warps an SM takes one program and 144 programs on 132 SMs
+    run in two rounds (1.052 ms); at 4 warps two fit an SM and it runs in one (0.629 ms). With fewer
+    programs than SMs 8 warps stay faster (B4 T4096 in 3 segments, 108 programs: 0.744 against
+    0.783 ms). 4 warps spill at D 128.
+
+    Plain sweeps (mamba2, hgrn2, gsa, hedgehog; eleventh session, `--layer gla` and `--layer
+    hedgehog`): the dq sweep's [64, V] state tile fits 4 warps (hedgehog, 2D features: 0.474 ->
+    0.292 ms at B4 T1024 H16 D128, 0.565 -> 0.296 at SmolLM2's shape; gla at D 128 0.242 -> 0.249).
+    The dk/dv sweep's [K, 64] tile fits 4 warps up to K 128 (gla 0.416 -> 0.356, 0.499 -> 0.282,
+    hedgehog at K 128 0.798 -> 0.455 ms); at K 256 it spills (0.770 -> 0.931 ms) and keeps 8."""
+    if not feature_map:
+        return 4 if sweep == "dq" or K <= 128 else 8
+    if K > 64:
         return 8
     if sweep == "dq":
         return 4
@@ -245,6 +255,7 @@ def gla_bwd(
     final_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     need_dh0: bool = False,
+    need_dg: bool = True,
     feature_map: bool = False,
     gate_mult: float = 1.0,
     low_precision: bool | None = None,
@@ -256,7 +267,8 @@ def gla_bwd(
 
     q [B, T, HQ, K]; k, g [B, T, HKV, K]; v [B, T, HKV, V]; do [B, T, HQ, V]; dht, final_state
     (the forward's final state; needed with dht) [N, HQ, K, V]. Returns float32 dq [B, T, HQ, K],
-    dk, dg [B, T, HKV, K], dv [B, T, HKV, V] and dh0 [N, HQ, K, V] (None unless need_dh0).
+    dk, dg [B, T, HKV, K], dv [B, T, HKV, V] and dh0 [N, HQ, K, V] (None unless need_dh0). dg is
+    None unless need_dg: constant gates (hedgehog's zeros) skip its two passes over [B, T, HQ, K].
 
     feature_map: q, k are Liger's raw projections; the kernels form phi = softmax and the
     log-gate logsigmoid(k) * gate_mult themselves (g unused), take the gate's reverse sum in the
@@ -278,8 +290,9 @@ def gla_bwd(
         raise ValueError("gla_bwd needs the forward's final_state to take a gradient through dht")
     fp16 = do.dtype == torch.float16
     BT = chunk_triton.BT
-    BK = K if feature_map else (block_k or min(K, 64))  # softmax over K and the gate's sum need whole rows
-    BV = V if feature_map else (block_v or min(V, 64))
+    # softmax over K and the gate's sum need whole rows
+    BK = K if feature_map else (block_k or BACKWARD_LAUNCH.get("block_k") or min(K, 64))
+    BV = V if feature_map else (block_v or BACKWARD_LAUNCH.get("block_v") or min(V, 64))
     NV = triton.cdiv(V, BV)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.empty(B, T, HQ, K, **f32)
@@ -313,6 +326,18 @@ def gla_bwd(
     if feature_map:
         return dq, dk, dv, None, dh0
     dk = dk.sum(0)
+    dg = _gate_gradient(q, k, dq, dk, G, dht, ht, cu_seqlens, N, T) if need_dg else None
+    if G > 1:
+        dk = dk.view(B, T, HKV, G, K).sum(3)
+        dv = dv.view(B, T, HKV, G, V).sum(3)
+        dg = dg.view(B, T, HKV, G, K).sum(3) if dg is not None else None
+    return dq, dk, dv, dg, dh0
+
+
+def _gate_gradient(q, k, dq, dk, G, dht, ht, cu_seqlens, N, T) -> torch.Tensor:
+    """dg [B, T, HQ, K] of the plain (no feature map) sweeps: the reverse cumulative sum of
+    q dq - k dk (the final state's term on each sequence's last step)."""
+    B, _, HQ, K = q.shape
     k_rep = k.float().repeat_interleave(G, dim=2) if G > 1 else k.float()
     d_cum = q.float() * dq - k_rep * dk
     if dht is not None:  # the final state's factor exp(B_T): its gradient lands on each sequence's last step
@@ -322,9 +347,4 @@ def gla_bwd(
         keep = lengths > 0  # an empty sequence has no step to carry it (and no gate)
         flat = d_cum.view(B * T, HQ, K)
         flat.index_add_(0, last[keep], term[keep])
-    dg = _reverse_cumsum(d_cum, cu_seqlens)
-    if G > 1:
-        dk = dk.view(B, T, HKV, G, K).sum(3)
-        dv = dv.view(B, T, HKV, G, V).sum(3)
-        dg = dg.view(B, T, HKV, G, K).sum(3)
-    return dq, dk, dv, dg, dh0
+    return _reverse_cumsum(d_cum, cu_seqlens)

@@ -340,8 +340,9 @@ def gla_fwd(
         block_t = BT
     if window > 4 * block_t:
         raise ValueError(f"the Triton kernel handles windows up to {4 * block_t}, got {window}")
-    if block_v is None:
-        block_v = FORWARD_LAUNCH.get("block_v") or min(V, 128)
+    if block_v is None:  # K 256 (hedgehog's 2D features): a [256, 128] fp32 state spills; 64 columns ran
+        # 0.589 against 0.730 ms (H200, B4 T1024 H16, session 11, benchmarks/sweep_launch.py --layer hedgehog)
+        block_v = FORWARD_LAUNCH.get("block_v") or min(V, 128 if K <= 128 else 64)
     if num_warps is None:
         num_warps = FORWARD_LAUNCH.get("num_warps") or (8 if K * block_v >= 128 * 128 else 4)
     # Liger's window as a kernel of its own, parallel over blocks, then the sweep without it (see

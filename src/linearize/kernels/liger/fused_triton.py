@@ -91,8 +91,10 @@ class _ChunkGLAFunction(torch.autograd.Function):
         dq, dk, dv, dg, dh0 = gla_bwd(
             q, k, v, g, do, scale=ctx.scale, initial_state=h0, dht=dht if ht is not None else None,
             final_state=ht, cu_seqlens=cu, need_dh0=h0 is not None and ctx.needs_input_grad[4],
+            need_dg=ctx.needs_input_grad[3],
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dh0, None, None, None
+        dg = dg.to(g.dtype) if dg is not None else None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0, None, None, None
 
 
 def _check(q, cu_seqlens):
