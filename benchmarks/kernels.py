@@ -28,6 +28,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from targets import shortened_autotune  # benchmarks/targets.py, beside this script
 from triton.testing import do_bench, do_bench_cudagraph
 
 from linearize.kernels import liger_attention
@@ -211,6 +212,9 @@ def main(argv=None):
     ap.add_argument("--ours-backward-max-T", type=int, default=1 << 20)
     ap.add_argument("--swa", nargs="+", default=["flex", "sdpa"], help="baseline (a)'s window: flex, sdpa (a [T, T] band mask, up to 8K), "
                     "block (blocks of the window, O(T)); 'none': skip baseline (a)")
+    ap.add_argument("--fla-configs", type=int, default=None,
+                    help="try at most N autotune configurations per fla kernel (default: all; at T1024 fla's "
+                         "first calls ran past 200 s in the eleventh GPU session)")
     ap.add_argument("--tune", action="store_true", help="sweep the forward kernel's block_v/num_warps/num_stages")
     ap.add_argument("--Hkv", type=int, nargs="+", default=[32, 8], help="kv heads of the shapes (Hq is 32)")
     ap.add_argument("--decode-only", action="store_true", help="only the decode step's bandwidth (seconds, no compiles)")
@@ -240,7 +244,8 @@ def main(argv=None):
         if name == "none":
             continue
         try:
-            layers[name] = make_fla_layer(name)
+            with shortened_autotune(args.fla_configs):  # fla's autotuners are built at its import
+                layers[name] = make_fla_layer(name)
         except Exception as e:  # noqa: BLE001
             print(f"baseline with {name} unavailable: {e}")
     for Hkv in [] if args.decode_only else args.Hkv:
