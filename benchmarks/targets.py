@@ -15,6 +15,8 @@ and forward+backward ms, ours against fla-core's op for the same structure where
 | hedgehog| hedgehog/chunk.py at window 0: Triton chunk_gla, zero gates, running normaliser | chunk_linear_attn |
 | hedgehog_window | the whole layer at window 64 (the window on the Triton window kernels) | -  |
 | hedgehog_window_pt | the same, the window in blocked PyTorch (an all-true padding mask) | - |
+| mamba2_window | the model's whole mamba2 layer at window 64 (liger_attention: maps, chunk_gla, the window on the Triton window kernels) | - |
+| mamba2_window_pt | the same, the window in blocked PyTorch (an all-true padding mask) | - |
 
 fla's kda decays after the delta update where ours decays the whole update (see
 kernels/gdn/naive.py): the same work, not the same function. Writes JSON with the device name.
@@ -41,7 +43,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from linearize.kernels import chunk_gla  # noqa: E402
+from linearize.kernels import chunk_gla, liger_attention  # noqa: E402
 from linearize.kernels.gdn.chunk import gated_delta_chunked  # noqa: E402
 from linearize.kernels.gsa.chunk import slot_scores  # noqa: E402
 from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked  # noqa: E402
@@ -130,6 +132,10 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
         mask = torch.ones(qq.shape[:2], dtype=torch.bool, device=qq.device) if torch_window else None
         return hedgehog_attention_chunked(qq, kk, vv, pq, pk, window=64, cos=cos, sin=sin, attention_mask=mask)[0]
 
+    def ours_mamba2_window(qq, kk, vv, torch_window=False):  # the layer as the model runs it, window included
+        mask = torch.ones(qq.shape[:2], dtype=torch.bool, device=qq.device) if torch_window else None
+        return liger_attention(qq, kk, vv, window=64, cos=cos, sin=sin, target="mamba2", attention_mask=mask)[0]
+
     table = {
         "mamba2": (ours_mamba2, [phi_q, phi_k, v, head_gate]),
         "hgrn2": (ours_hgrn2, [phi_q, v, log_a]),
@@ -138,6 +144,8 @@ def rows(x: dict[str, torch.Tensor], fla) -> dict[str, tuple]:
         "hedgehog": (ours_hedgehog, [hh_q, hh_k, v]),
         "hedgehog_window": (ours_hedgehog_window, [q, k, v, hh_q, hh_k]),
         "hedgehog_window_pt": (lambda *xs: ours_hedgehog_window(*xs, torch_window=True), [q, k, v, hh_q, hh_k]),
+        "mamba2_window": (ours_mamba2_window, [q, k, v]),
+        "mamba2_window_pt": (lambda *xs: ours_mamba2_window(*xs, torch_window=True), [q, k, v]),
     }
     out = {name: (fn, args, None, None) for name, (fn, args) in table.items()}
     if fla is not None:

@@ -128,7 +128,7 @@ def test_cuda_graph_decode_gives_the_eager_tokens(family_models, family, window)
 def test_hedgehog_chunked_on_triton_matches_the_blocked_form_on_gpu(window, resumed, padded):
     """hedgehog's linear part on the Triton chunk_gla (fp32, heads of 64: features of 128) against the
     blocked PyTorch reference in float64: outputs, final (S, z) and the gradients of all five inputs.
-    Unpadded and not resumed, the window runs on the Liger window kernels (hedgehog/window_triton.py)."""
+    Unpadded and not resumed, the window runs on the Liger window kernels (liger/window_triton.py)."""
     from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
     from linearize.kernels.hedgehog.naive import hedgehog_attention_torch
 

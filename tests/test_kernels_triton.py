@@ -223,10 +223,11 @@ def liger_fp16_grads():
         assert rel(a, b) < 1e-2, name
 
 
-def composed_case(target, gate):
-    """Other targets' maps and the gate ablations: PyTorch maps + Triton chunk_gla + banded window."""
+def composed_case(target, gate, D=16):
+    """Other targets' maps and the gate ablations: PyTorch maps + Triton chunk_gla + the window (heads of 32
+    and more: on the Liger window kernels, liger/window_triton.py; of 16: banded PyTorch)."""
     torch.manual_seed(18)
-    B, T, Hq, Hkv, D = 2, 37, 4, 2, 16
+    B, T, Hq, Hkv = 2, 37, 4, 2
     q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
     log_gate = F.logsigmoid(torch.randn(B, T, Hkv, D)) / 4 if gate else None
     h0, do, dh = torch.randn(B, Hq, D, D) * 0.3, torch.randn(B, T, Hq, D), torch.randn(B, Hq, D, D)
@@ -248,6 +249,7 @@ def composed_case(target, gate):
 
 for _target, _gate in (("mamba2", False), ("hgrn2", False), ("gla", True)):
     CHECKS[f"composed_{_target}{'_log_gate' if _gate else ''}"] = lambda t=_target, g=_gate: composed_case(t, g)
+CHECKS["composed_mamba2_triton_window_D32"] = lambda: composed_case("mamba2", False, D=32)
 
 
 def hedgehog_case(window, resumed, D=16, T=37, padded=True):
@@ -596,16 +598,16 @@ for _g in [(1, 1, 16, 16, False), (37, 2, 16, 24, True), (21, 1, 32, 80, False),
     CHECKS["gdn_delta_T{}_H{}_D{}_V{}_".format(*_g) + ("strong" if _g[4] else "weak")] = lambda g=_g: gdn_delta_case(*g)
 
 
-def triton_layer_case(target):
+def triton_layer_case(target, D=16):
     """The model's gdn or gsa layer with its recurrence on Triton (gsa: the slot scores, then chunk_gla)
     against the step reference in float64: output, final state(s), gradients of q, k, v and the
-    carried state(s)."""
+    carried state(s). Heads of 32: the window on the Liger window kernels too."""
     from linearize.kernels.gdn.chunk import gdn_attention_chunked  # noqa: PLC0415
     from linearize.kernels.gdn.naive import gdn_attention_torch  # noqa: PLC0415
     from linearize.kernels.gsa.chunk import gsa_attention_chunked  # noqa: PLC0415
     from linearize.kernels.gsa.naive import gsa_attention_torch  # noqa: PLC0415
 
-    B, T, Hq, Hkv, D, m = 2, 23, 4, 2, 16, 4
+    B, T, Hq, Hkv, m = 2, 23, 4, 2, 4
     torch.manual_seed(20 if target == "gdn" else 19)
     q, k, v = (torch.randn(B, T, h, D) for h in (Hq, Hkv, Hkv))
     states = [torch.randn(B, Hq, D, D)] if target == "gdn" else [torch.randn(B, Hq, m, D) for _ in range(2)]
@@ -629,6 +631,8 @@ def triton_layer_case(target):
 
 CHECKS["gdn_attention_on_triton"] = lambda: triton_layer_case("gdn")
 CHECKS["gsa_attention_on_triton"] = lambda: triton_layer_case("gsa")
+CHECKS["gdn_attention_on_triton_window_D32"] = lambda: triton_layer_case("gdn", D=32)
+CHECKS["gsa_attention_on_triton_window_D32"] = lambda: triton_layer_case("gsa", D=32)
 
 
 # slot blocks of 4096 / D columns (m 80 at D 32: 2 blocks, the second part-masked; 2 at D 128); T 37:

@@ -131,7 +131,8 @@ def liger_attention(
     if (triton and log_gate is None and target == "gla" and window_prefix is None
             and _triton_ops().fused_supports(q, k, window, attention_mask)):
         return _triton_ops().liger_attention(q, k, v, cu_seqlens=cu_seqlens, **kwargs)
-    kwargs.update(target=target, gla=functools.partial(_triton_gla, io_dtype=q.dtype) if triton else chunk_gla_torch)
+    kwargs.update(target=target, gla=functools.partial(_triton_gla, io_dtype=q.dtype) if triton else chunk_gla_torch,
+                  window_on_triton=triton and q.dtype != torch.float64)
     if cu_seqlens is None:
         return liger_attention_torch(q, k, v, attention_mask=attention_mask, window_prefix=window_prefix,
                                      log_gate=log_gate, **kwargs)

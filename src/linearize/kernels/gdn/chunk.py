@@ -92,9 +92,10 @@ def gated_delta_chunked(
 
 def gdn_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """naive.gdn_attention_torch (same arguments) with the chunked recurrence: the model's path.
-    On CUDA the recurrence is chunk_triton.py's (Triton kernels for the chunk terms, then the state)."""
+    On CUDA the recurrence is chunk_triton.py's (Triton kernels for the chunk terms, then the state)
+    and the window runs on the Liger window kernels."""
     from .. import _triton_ops_for  # noqa: PLC0415 - the dispatcher imports this package's siblings
 
     ops = _triton_ops_for(q)
     recurrence = ops.gated_delta if ops else gated_delta_chunked
-    return gdn_attention_torch(q, k, v, recurrence=recurrence, **kwargs)
+    return gdn_attention_torch(q, k, v, recurrence=recurrence, window_on_triton=ops is not None, **kwargs)

@@ -74,9 +74,11 @@ def gdn_attention_torch(
     initial_state: torch.Tensor | None = None,
     window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     recurrence: Callable = delta_rule_steps,
+    window_on_triton: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> (o in q's dtype, final state [B, Hq, D, V]).
-    `recurrence` has delta_rule_steps' contract: chunk.py passes the chunked form."""
+    `recurrence` has delta_rule_steps' contract: chunk.py passes the chunked form.
+    window_on_triton: see liger/naive.py's mix_window_branch."""
     B, T, Hq, D = q.shape
     qn, kn, vv, log_gate, beta = delta_inputs(q, k, v, gate_normalizer, attention_mask)
     kn, vv, log_gate = (repeat_heads(x, Hq) for x in (kn, vv, log_gate))
@@ -85,7 +87,7 @@ def gdn_attention_torch(
     o, state = recurrence(qn, kn, vv, log_gate, beta, state)
     if window > 0:
         o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
-                              window_prefix=window_prefix)
+                              window_prefix=window_prefix, on_triton=window_on_triton)
     return o.to(q.dtype), state
 
 

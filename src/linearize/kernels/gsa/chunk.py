@@ -83,5 +83,9 @@ def slots_chunked(phi_q, phi_k, v, log_gate, keys0, values0):
 
 
 def gsa_attention_chunked(q, k, v, **kwargs) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """naive.gsa_attention_torch (same arguments) with the chunked recurrence: the model's path."""
-    return gsa_attention_torch(q, k, v, recurrence=slots_chunked, **kwargs)
+    """naive.gsa_attention_torch (same arguments) with the chunked recurrence: the model's path.
+    On CUDA the slot scores and the window run on Triton kernels."""
+    from .. import _triton_ops_for  # noqa: PLC0415 - the dispatcher imports this package's siblings
+
+    return gsa_attention_torch(q, k, v, recurrence=slots_chunked, window_on_triton=_triton_ops_for(q) is not None,
+                               **kwargs)

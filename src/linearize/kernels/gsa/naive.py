@@ -68,10 +68,11 @@ def slot_steps(phi_q, phi_k, v, log_gate, keys, values):
 def gsa_attention_torch(
     q, k, v, *, window: int, slots: int, mix: float = 0.5, gate_normalizer: float = 16.0, cos=None, sin=None,
     attention_mask=None, initial_state: tuple[torch.Tensor, torch.Tensor] | None = None, window_prefix=None,
-    recurrence: Callable = slot_steps,
+    recurrence: Callable = slot_steps, window_on_triton: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """q [B, T, Hq, D], k, v [B, T, Hkv, D] -> (o in q's dtype, (slot keys, slot values) [B, Hq, m, D]).
-    `recurrence` has slot_steps' contract: chunk.py passes the two-pass chunked form."""
+    `recurrence` has slot_steps' contract: chunk.py passes the two-pass chunked form.
+    window_on_triton: see liger/naive.py's mix_window_branch."""
     B, T, Hq, D = q.shape
     fq, fk, vv, log_gate = slot_inputs(q, k, v, slots, gate_normalizer, attention_mask)
     fk, vv, log_gate = (repeat_heads(x, Hq) for x in (fk, vv, log_gate))
@@ -82,7 +83,7 @@ def gsa_attention_torch(
     o, states = recurrence(fq, fk, vv, log_gate, keys, values)
     if window > 0:
         o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
-                              window_prefix=window_prefix)
+                              window_prefix=window_prefix, on_triton=window_on_triton)
     return o.to(q.dtype), states
 
 

@@ -8,7 +8,7 @@ Feed the keys and values in W steps late (the window prefix's first, or zeros) a
 causal linear attention, sum_{s <= t} phi(k'_s) v'_s^T: `linearize.kernels.chunk_gla` with
 log-gates of zero, whose Triton forward and backward run on CUDA (the chunked PyTorch form
 elsewhere). The normaliser is a running sum of the late keys. The window branch is the blocked
-softmax of `sliding_window_attention` (on Triton: window_triton.py, the Liger window kernels,
+softmax of `sliding_window_attention` (on Triton: liger/window_triton.py, the Liger window kernels,
 when there is no cached prefix and no padding), and it shares the normaliser through its
 log-sum-exp:
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from ..gla.naive import compute_dtype
+from ..liger import window_triton
 from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention
-from . import window_triton
 from .naive import prefix_or_empty
 
 RUN = 64  # steps per chunk of running_sum

@@ -147,12 +147,14 @@ def liger_attention_torch(
     log_gate: torch.Tensor | None = None,
     target: str = "gla",
     gla: Callable = chunk_gla_torch,
+    window_on_triton: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Liger Attention on [B, T, H, D] inputs; returns (o in q's dtype, final state or None).
 
     window_prefix = (rotated keys, values, valid) [B, P, Hkv, D] x2 and [B, P] continues a
     cached sliding window (used when a forward pass extends an existing cache). `gla` runs the
     recurrence (chunk_gla's contract, output in the maps' dtype): the dispatcher passes Triton's.
+    window_on_triton: see mix_window_branch.
     """
     Hq = q.shape[2]
     phi_q, phi_k, v_lin, log_gate = feature_maps(q, k, v, gate_normalizer, attention_mask, log_gate, target)
@@ -167,7 +169,7 @@ def liger_attention_torch(
     )
     if window > 0:
         o = mix_window_branch(o, q, k, v, window=window, mix=mix, cos=cos, sin=sin, attention_mask=attention_mask,
-                              window_prefix=window_prefix)
+                              window_prefix=window_prefix, on_triton=window_on_triton)
     return o.to(q.dtype), state
 
 
@@ -183,12 +185,23 @@ def mix_window_branch(
     sin: torch.Tensor | None,
     attention_mask: torch.Tensor | None = None,
     window_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    on_triton: bool = False,
 ) -> torch.Tensor:
     """mix * (softmax attention with RoPE over the last `window` keys, a cached prefix first) + (1 - mix) * o,
-    in o's dtype: the sliding-window half every recurrent target shares."""
+    in o's dtype: the sliding-window half every recurrent target shares.
+
+    on_triton (the Triton paths on CUDA, never float64): the window on the Liger window kernels
+    (liger/window_triton.py, products in q's dtype) where they apply: no cached prefix, no padding,
+    heads of 32 to 128, windows up to 64. Elsewhere the blocked PyTorch form below, in o's dtype."""
     if cos is None or sin is None:
         raise ValueError("the sliding-window branch needs the rotary tables cos and sin")
     dt = o.dtype
+    if on_triton and window_prefix is None and attention_mask is None:
+        from . import window_triton  # noqa: PLC0415 - imports Triton: only on the Triton paths
+
+        if window_triton.supported(q, v, window):
+            o_win, _ = window_triton.window_with_lse(q, k, v, cos, sin, window=window)
+            return mix * o_win.to(dt) + (1.0 - mix) * o
     q_rot, k_rot = apply_rope(q.to(dt), cos, sin), apply_rope(k.to(dt), cos, sin)
     v_win, valid = v.to(dt), attention_mask
     if window_prefix is not None:

@@ -1,17 +1,19 @@
-"""Hedgehog's window branch on the Liger window kernels: the window output and its log-sum-exp.
+"""The sliding-window branch alone on the Liger window kernels: its output and log-sum-exp.
 
-hedgehog/chunk.py mixes the window's softmax with the linear part through one normaliser, so it
-needs the window output o_win and each query's log-sum-exp of its scores. window_fwd_triton
+Liger's fused layer runs its window inside `liger_attention`'s own autograd function. The other
+targets mix the same window branch with their recurrences outside it: mamba2, hgrn2, gsa and gdn
+as mix * o_win + (1 - mix) * o (liger/naive.py's mix_window_branch), hedgehog through one shared
+normaliser, which needs each query's log-sum-exp too (hedgehog/chunk.py). window_fwd_triton
 writes both (mix 1, STORE_LSE); the backward is window_bwd_triton's two kernels with the lse's
 own gradient folded into the softmax's (ds = p (dp - delta + dlse)). The kernels take no cached
-prefix and no padding mask: chunk.py calls this only without them (training, plain prefill).
+prefix and no padding mask: callers use this only without them (training, plain prefill).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..liger import window_bwd_triton, window_fwd_triton
+from . import window_bwd_triton, window_fwd_triton
 
 
 class WindowLseFunction(torch.autograd.Function):
@@ -24,6 +26,7 @@ class WindowLseFunction(torch.autograd.Function):
         window_fwd_triton.window_fwd_into(o, q, k, v, cos, sin, window=window, mix=1.0, lse=lse)
         ctx.save_for_backward(q, k, v, cos, sin)
         ctx.window = window
+        ctx.set_materialize_grads(False)  # an unused lse's gradient stays None: no dlse pass
         return o, lse
 
     @staticmethod
