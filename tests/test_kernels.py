@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,7 @@ from linearize.kernels.liger.naive import (
     repeat_heads,
     sliding_window_attention,
 )
+from linearize.modeling import TARGETS
 
 F64 = torch.float64
 
@@ -502,3 +507,35 @@ def test_chunk_kernels_follow_the_float32_matmul_precision():
         assert dot_precision() == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+
+NO_TRITON = """
+import sys
+from pathlib import Path
+
+sys.modules["triton"] = None  # as on a machine without it: `import triton` raises ImportError
+import torch
+from transformers import AutoModelForCausalLM
+
+from linearize.convert import convert
+from linearize.modeling import TARGETS
+
+for target in TARGETS:
+    out = convert(sys.argv[1], Path(sys.argv[2]) / target, target=target, slots=4)  # heads of 8
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    model(ids, labels=ids).loss.backward()
+    print(target)
+"""
+
+
+def test_every_target_converts_and_trains_without_triton(tmp_path):
+    """Triton is an optional extra (`[cuda]`): without it `linearize` still imports, converts to every
+    target and trains on the CPU (a top-level import of a Triton module in hedgehog's layer once broke that)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    proc = subprocess.run([sys.executable, "-c", NO_TRITON, str(root / "tests" / "fixtures" / "stories260k"),
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == list(TARGETS)

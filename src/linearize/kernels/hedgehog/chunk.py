@@ -87,8 +87,13 @@ def hedgehog_attention_chunked(
     z_all = running_sum(late_phi, z0, dt)  # [B, T, Hq, F]
     num, den = num.to(dt), (phi_q * z_all).sum(-1, keepdim=True)  # one kernel promotes phi_q: no fp32 copy
     if W > 0:
-        if on_triton and window_prefix is None and valid is None and window_triton.supported(q, v, W):
-            o_win, lse = window_triton.window_with_lse(q.to(io), k.to(io), v.to(io), cos, sin, window=W)  # fp32 = dt
+        kernels = None  # the window kernels, where they take this call
+        if on_triton and window_prefix is None and valid is None:
+            from . import window_triton  # noqa: PLC0415 - imports Triton, which is optional on CPU
+
+            kernels = window_triton if window_triton.supported(q, v, W) else None
+        if kernels is not None:
+            o_win, lse = kernels.window_with_lse(q.to(io), k.to(io), v.to(io), cos, sin, window=W)  # fp32 = dt
         else:
             valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
             v_dt = v.to(dt) if keep is None else torch.where(keep, v.to(dt), 0.0)
