@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 
 from ..gla.naive import compute_dtype
-from ..liger import window_triton
 from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention
 from .naive import prefix_or_empty
 
@@ -89,7 +88,7 @@ def hedgehog_attention_chunked(
     if W > 0:
         kernels = None  # the window kernels, where they take this call
         if on_triton and window_prefix is None and valid is None:
-            from . import window_triton  # noqa: PLC0415 - imports Triton, which is optional on CPU
+            from ..liger import window_triton  # noqa: PLC0415 - imports Triton, which is optional on CPU
 
             kernels = window_triton if window_triton.supported(q, v, W) else None
         if kernels is not None:
