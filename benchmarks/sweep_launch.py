@@ -116,6 +116,8 @@ def main() -> None:
     rows = []
     for shape in args.shapes:
         B, T, Hq, Hkv, D = map(int, shape.split(","))
+        if args.layer == "gla" and Hq != Hkv:
+            raise SystemExit(f"--layer gla runs chunk_gla, whose heads are one per query head: give Hkv = Hq ({shape})")
         step = forward_backward(args.layer, *inputs(B, T, Hq, Hkv, D))
         for variant in args.variants:
             with patched(launch_settings(variant)):

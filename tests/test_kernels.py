@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from linearize.kernels import chunk_gla, liger_attention, liger_decode_step
+from linearize.kernels.cumsum import blocked_cumsum
 from linearize.kernels.gla.chunk import chunk_gla_torch
 from linearize.kernels.gla.naive import naive_recurrent_gla
 from linearize.kernels.liger.naive import (
@@ -539,3 +540,23 @@ def test_every_target_converts_and_trains_without_triton(tmp_path):
                            str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == list(TARGETS)
+
+
+@pytest.mark.parametrize("T", [0, 1, 63, 64, 65, 200])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_blocked_cumsum_equals_torch_cumsum(T, reverse):
+    """The two-level scan against torch.cumsum along a middle dimension, forward and from the end,
+    in float64 and summed into float32 from bf16, with its gradient."""
+    x = torch.randn(2, T, 3, 5, dtype=F64, requires_grad=True)
+    expected = x.flip(1).cumsum(1).flip(1) if reverse else x.cumsum(1)
+    got = blocked_cumsum(x, 1, reverse=reverse)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    if T:
+        w = torch.randn_like(expected)
+        torch.testing.assert_close(torch.autograd.grad((got * w).sum(), x)[0],
+                                   torch.autograd.grad((expected * w).sum(), x)[0], rtol=1e-12, atol=1e-12)
+    low = x.detach().to(torch.bfloat16)
+    summed = blocked_cumsum(low, -3, reverse=reverse, dtype=torch.float32)
+    assert summed.dtype == torch.float32
+    torch.testing.assert_close(summed, (low.flip(1).cumsum(1, dtype=torch.float32).flip(1) if reverse
+                                        else low.cumsum(1, dtype=torch.float32)), rtol=1e-5, atol=1e-5)

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cumsum import blocked_cumsum
 from . import chunk_triton
 from .chunk_triton import block_gates, liger_key_maps, sequence_bounds, softmax_rows
 
@@ -185,7 +186,7 @@ def gla_bwd_dkv_kernel(
 
 def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """Sum over steps t' >= t of the same sequence, along dim 1 of [B, T, ...]."""
-    total = x.flip(1).cumsum(1).flip(1)
+    total = blocked_cumsum(x, 1, reverse=True)
     if cu_seqlens is None:
         return total
     # packed: subtract what the later sequences contribute (the suffix sum at this sequence's end)

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..cumsum import blocked_cumsum
 from ..gla import chunk_triton
 
 BT = 16
@@ -67,7 +68,7 @@ def gate_gradient(scores, d_scores, write, du, keys, d_keys) -> torch.Tensor:
     d_cum = scores * d_scores - write.float() * du
     if d_keys is not None:
         d_cum[:, -1] += (keys * d_keys.float()).sum(-1)
-    return d_cum.flip(1).cumsum(1).flip(1)
+    return blocked_cumsum(d_cum, 1, reverse=True)
 
 
 @triton.jit

@@ -22,25 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from ..cumsum import blocked_cumsum
 from ..gla.naive import compute_dtype
 from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention
 from .naive import prefix_or_empty
-
-RUN = 64  # steps per chunk of running_sum
-
-
-def running_sum(x: torch.Tensor, start: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
-    """start + cumsum(x, dim=1) in `dtype`, for x [B, T, ...]. Summed in chunks of RUN steps, then the
-    chunks' totals: PyTorch scans a middle dimension with one thread per column, and B x H x F
-    columns of T steps left an H200 mostly idle (0.4 ms each way at B4 T1024 H16 F256, session 11)."""
-    B, T = x.shape[:2]
-    pad = (-T) % RUN
-    if pad:
-        x = torch.cat([x, x.new_zeros(B, pad, *x.shape[2:])], 1)
-    within = x.unflatten(1, (-1, RUN)).cumsum(2, dtype=dtype)  # [B, N, RUN, ...]
-    totals = within[:, :-1, -1].cumsum(1)  # every chunk's total before chunks 1 .. N-1
-    before = torch.cat([torch.zeros_like(within[:, :1, 0]), totals], 1) + start
-    return (within + before[:, :, None]).flatten(1, 2)[:, :T]
 
 
 def hedgehog_attention_chunked(
@@ -83,7 +68,9 @@ def hedgehog_attention_chunked(
     on_triton = _pick(backend, q, D) == "triton" and dt != torch.float64
     num, S = chunk_gla(phi_q.to(io), late_phi, late_v, torch.zeros_like(late_phi), scale=1.0,
                        initial_state=S0, output_final_state=True, backend=backend)
-    z_all = running_sum(late_phi, z0, dt)  # [B, T, Hq, F]
+    z_all = blocked_cumsum(late_phi, 1, dtype=dt)  # [B, T, Hq, F]
+    if initial_state is not None:
+        z_all = z_all + z0
     num, den = num.to(dt), (phi_q * z_all).sum(-1, keepdim=True)  # one kernel promotes phi_q: no fp32 copy
     if W > 0:
         kernels = None  # the window kernels, where they take this call

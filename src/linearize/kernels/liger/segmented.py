@@ -26,12 +26,12 @@ session). It pays only where programs are few, so `segment_length` only splits t
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 import torch.nn.functional as F
 
+from ..cumsum import blocked_cumsum
 from ..gla import chunk_triton
 from ..gla.backward_triton import gla_bwd
 from ..gla.chunk_triton import gla_fwd
@@ -81,20 +81,10 @@ def _segments(x: torch.Tensor, pieces: int, rows: int) -> torch.Tensor:
     return x.view(x.shape[0], pieces, rows, *x.shape[2:])
 
 
-def _cumsum_rows(x: torch.Tensor) -> torch.Tensor:
-    """cumsum over dim 2 of [B, S, rows, H, D] in two levels (within blocks, then over block totals):
-    PyTorch's scan along a middle dimension runs one thread per (B, S, H, D) element, serially over
-    all rows, which took 0.3 ms per call at SmolLM2's shape (docs/kernels.md, fifth session)."""
-    within = x.unflatten(2, (-1, math.gcd(x.shape[2], 64))).cumsum(3)
-    totals = within[:, :, :, -1]
-    before = totals.cumsum(2) - totals  # what the earlier blocks of the segment add
-    return (within + before[:, :, :, None]).flatten(2, 3)
-
-
 def _gates(k: torch.Tensor, pieces: int, rows: int, gate_normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Cumulative log-gate within each segment C [B, S, rows, Hkv, K] and each segment's total [B, S, Hkv, K]
     (padding rows add nothing)."""
-    cum = _cumsum_rows(_segments(F.logsigmoid(k.float()).div_(gate_normalizer), pieces, rows))
+    cum = blocked_cumsum(_segments(F.logsigmoid(k.float()).div_(gate_normalizer), pieces, rows), 2)
     return cum, cum[:, :, -1]
 
 
