@@ -66,6 +66,11 @@ def sweep_warps(sweep: str, D: int, many: bool) -> int:
     return backward_triton.default_warps(sweep, True, D, 2 if many else 1, torch.device("cpu"))  # 1 "SM" on CPU
 
 
+def plain_warps(sweep: str, K: int) -> int:
+    """The plain (no feature map) sweeps' warps as gla_bwd picks them."""
+    return backward_triton.default_warps(sweep, False, K, 1, torch.device("cpu"))
+
+
 def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int]]:
     """(label, kernel, constexprs, num_warps, num_stages) as the launch wrappers pick them."""
     BT = chunk_triton.BT
@@ -100,9 +105,20 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
          dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=True, STORE_DH0=True, IS_VARLEN=True),
          sweep_warps("dkv", D, many=False), 1),
         ("backward dq sweep (chunk_gla)", gla_bwd_dq_kernel,
-         dict(common, K=D, V=D, BT=BT, BK=min(D, 64), FEATURE_MAP=False, USE_H0=False), 8, 1),
+         dict(common, K=D, V=D, BT=BT, BK=min(D, 64), FEATURE_MAP=False, USE_H0=False), plain_warps("dq", D), 1),
         ("backward dk/dv sweep (chunk_gla)", gla_bwd_dkv_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=False, STORE_DH0=False), 8, 1),
+         dict(common, K=D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=False, STORE_DH0=False),
+         plain_warps("dkv", D), 1),
+        # hedgehog's linear part: chunk_gla on 2D features [softmax(x), softmax(-x)], values of D
+        ("forward (chunk_gla, hedgehog's 2D features)", gla_fwd_kernel,
+         dict(common, K=2 * D, V=D, BT=BT, BV=min(D, 128 if 2 * D <= 128 else 64), WINDOW=0, FEATURE_MAP=False,
+              USE_H0=False, STORE_HT=True, PRELOAD=False, ADD_TO_OUT=False),
+         8 if 2 * D * min(D, 128 if 2 * D <= 128 else 64) >= 128 * 128 else 4, 1),
+        ("backward dq sweep (chunk_gla, hedgehog's 2D features)", gla_bwd_dq_kernel,
+         dict(common, K=2 * D, V=D, BT=BT, BK=64, FEATURE_MAP=False, USE_H0=False), plain_warps("dq", 2 * D), 1),
+        ("backward dk/dv sweep (chunk_gla, hedgehog's 2D features)", gla_bwd_dkv_kernel,
+         dict(common, K=2 * D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=True, STORE_DH0=False),
+         plain_warps("dkv", 2 * D), 1),
         ("window forward", wf.window_fwd_kernel,
          dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wf.BQ, IS_VARLEN=False, LOW_PRECISION=True, STORE_LSE=False), wf.warps(D), 1),
         ("window forward with its lse (hedgehog)", wf.window_fwd_kernel,
