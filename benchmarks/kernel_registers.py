@@ -84,13 +84,15 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     # takes three passes, tf32x3, which spills more at D 128: docs/kernels.md, tenth session)
     terms = dict(H=HQ, D=D, V=D, BD=D, BV=D, BT=gdn_terms.BT, MID=gdn_terms.MID)
     sweep = dict(D=D, V=D, BT=gdn_chunk.BT, **dict(zip(("BD", "BV"), chunk_triton.state_tile(D, D), strict=True)))
+    fwd_bv, fwd_warps = chunk_triton.forward_tile(D, D)  # as gla_fwd launches: Liger's heads, hedgehog's 2D features
+    hh_bv, hh_warps = chunk_triton.forward_tile(2 * D, D)
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
+         dict(common, K=D, V=D, BT=BT, BV=fwd_bv, WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
               PRELOAD=False, ADD_TO_OUT=False),
-         8 if D * min(D, 128) >= 128 * 128 else 4, 1),
+         fwd_warps, 1),
         ("forward (Liger, fused, sequence segment)", gla_fwd_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=64, FEATURE_MAP=True, USE_H0=True, STORE_HT=False,
+         dict(common, K=D, V=D, BT=BT, BV=fwd_bv, WINDOW=64, FEATURE_MAP=True, USE_H0=True, STORE_HT=False,
               PRELOAD=True, IS_VARLEN=True, ADD_TO_OUT=False),
          8, 1),  # liger/segmented.py launches 8 warps at every size
         ("backward dq sweep (Liger)", gla_bwd_dq_kernel,
@@ -111,9 +113,9 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
          plain_warps("dkv", D), 1),
         # hedgehog's linear part: chunk_gla on 2D features [softmax(x), softmax(-x)], values of D
         ("forward (chunk_gla, hedgehog's 2D features)", gla_fwd_kernel,
-         dict(common, K=2 * D, V=D, BT=BT, BV=min(D, 128 if 2 * D <= 128 else 64), WINDOW=0, FEATURE_MAP=False,
+         dict(common, K=2 * D, V=D, BT=BT, BV=hh_bv, WINDOW=0, FEATURE_MAP=False,
               USE_H0=False, STORE_HT=True, PRELOAD=False, ADD_TO_OUT=False),
-         8 if 2 * D * min(D, 128 if 2 * D <= 128 else 64) >= 128 * 128 else 4, 1),
+         hh_warps, 1),
         ("backward dq sweep (chunk_gla, hedgehog's 2D features)", gla_bwd_dq_kernel,
          dict(common, K=2 * D, V=D, BT=BT, BK=64, FEATURE_MAP=False, USE_H0=False), plain_warps("dq", 2 * D), 1),
         ("backward dk/dv sweep (chunk_gla, hedgehog's 2D features)", gla_bwd_dkv_kernel,
@@ -124,9 +126,9 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("window forward with its lse (hedgehog)", wf.window_fwd_kernel,
          dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wf.BQ, IS_VARLEN=False, LOW_PRECISION=True, STORE_LSE=True), wf.warps(D), 1),
         ("forward (Liger, window split off: GLA sweep adding to o)", gla_fwd_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=min(D, 128), WINDOW=0, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
+         dict(common, K=D, V=D, BT=BT, BV=fwd_bv, WINDOW=0, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
               PRELOAD=False, ADD_TO_OUT=True),
-         8 if D * min(D, 128) >= 128 * 128 else 4, 1),
+         fwd_warps, 1),
         ("window backward dq", wb.window_dq_kernel, dict(window, HAS_DLSE=False), 8, 1),
         ("window backward dq, lse gradient (hedgehog)", wb.window_dq_kernel, dict(window, HAS_DLSE=True), 8, 1),
         (f"window backward dk/dv ({block_kv} keys)", wb.window_dkv_kernel, dict(window, BKV=block_kv), 8, 1),

@@ -81,6 +81,15 @@ def state_tile(D: int, columns: int) -> tuple[int, int]:
     return BD, max(16, min(triton.next_power_of_2(columns), 4096 // BD))
 
 
+def forward_tile(K: int, V: int) -> tuple[int, int]:
+    """(block_v, num_warps) gla_fwd launches with by default: up to 128 value columns a program, 64
+    at K 256 (hedgehog's 2D features: a [256, 128] fp32 state spills; 64 columns ran 0.589 against
+    0.730 ms on an H200 at B4 T1024 H16, eleventh session, benchmarks/sweep_launch.py --layer
+    hedgehog); 8 warps from a [128, 128] state up, else 4."""
+    block_v = min(V, 128 if K <= 128 else 64)
+    return block_v, 8 if K * block_v >= 128 * 128 else 4
+
+
 # Launch settings for gla_fwd where its caller passes none, e.g. {"block_v": 32, "num_warps": 8}: lets a
 # benchmark A/B them through a whole model (benchmarks/recover_throughput.py --gla-launch). Empty: the defaults.
 FORWARD_LAUNCH: dict = {}
@@ -340,11 +349,10 @@ def gla_fwd(
         block_t = BT
     if window > 4 * block_t:
         raise ValueError(f"the Triton kernel handles windows up to {4 * block_t}, got {window}")
-    if block_v is None:  # K 256 (hedgehog's 2D features): a [256, 128] fp32 state spills; 64 columns ran
-        # 0.589 against 0.730 ms (H200, B4 T1024 H16, session 11, benchmarks/sweep_launch.py --layer hedgehog)
-        block_v = FORWARD_LAUNCH.get("block_v") or min(V, 128 if K <= 128 else 64)
+    if block_v is None:
+        block_v = FORWARD_LAUNCH.get("block_v") or forward_tile(K, V)[0]
     if num_warps is None:
-        num_warps = FORWARD_LAUNCH.get("num_warps") or (8 if K * block_v >= 128 * 128 else 4)
+        num_warps = FORWARD_LAUNCH.get("num_warps") or forward_tile(K, block_v)[1]
     # Liger's window as a kernel of its own, parallel over blocks, then the sweep without it (see
     # liger/window_fwd_triton.py); FORWARD_LAUNCH {"split_window": 0} keeps it inside the sweep.
     split = (window > 0 and feature_map and window_fwd.supported(K, V) and FORWARD_LAUNCH.get("split_window", 1))

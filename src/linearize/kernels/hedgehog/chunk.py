@@ -24,7 +24,7 @@ import torch
 
 from ..cumsum import blocked_cumsum
 from ..gla.naive import compute_dtype
-from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention
+from ..liger.naive import apply_rope, repeat_heads, sliding_window_attention, window_kernels
 from .naive import prefix_or_empty
 
 
@@ -63,21 +63,17 @@ def hedgehog_attention_chunked(
     else:
         late_phi, late_v = phi_k_io, v_io
     late_phi, late_v = repeat_heads(late_phi, Hq), repeat_heads(late_v, Hq)
-    S0, z0 = (None, 0.0) if initial_state is None else (initial_state[0].to(dt), initial_state[1].to(dt)[:, None])
+    S0 = None if initial_state is None else initial_state[0].to(dt)
     # the window on the Liger window kernels too where chunk_gla runs on Triton (not for float64 references)
     on_triton = _pick(backend, q, D) == "triton" and dt != torch.float64
     num, S = chunk_gla(phi_q.to(io), late_phi, late_v, torch.zeros_like(late_phi), scale=1.0,
                        initial_state=S0, output_final_state=True, backend=backend)
     z_all = blocked_cumsum(late_phi, 1, dtype=dt)  # [B, T, Hq, F]
     if initial_state is not None:
-        z_all = z_all + z0
+        z_all = z_all + initial_state[1].to(dt)[:, None]
     num, den = num.to(dt), (phi_q * z_all).sum(-1, keepdim=True)  # one kernel promotes phi_q: no fp32 copy
     if W > 0:
-        kernels = None  # the window kernels, where they take this call
-        if on_triton and window_prefix is None and valid is None:
-            from ..liger import window_triton  # noqa: PLC0415 - imports Triton, which is optional on CPU
-
-            kernels = window_triton if window_triton.supported(q, v, W) else None
+        kernels = window_kernels(q, v, W) if on_triton and window_prefix is None and valid is None else None
         if kernels is not None:
             o_win, lse = kernels.window_with_lse(q.to(io), k.to(io), v.to(io), cos, sin, window=W)  # fp32 = dt
         else:

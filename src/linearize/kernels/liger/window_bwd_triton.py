@@ -33,7 +33,7 @@ from triton.runtime.errors import OutOfResources
 
 from ..gla import chunk_triton
 from .naive import apply_rope, sliding_window_attention
-from .window_fwd_triton import packed_starts
+from .window_fwd_triton import dot_halves, halves, packed_starts, rotated_halves, window_scores
 
 BQ = 64  # rows per block; a query's keys come from its block and the one before, so W <= 64
 MIN_D = 32  # the halves feed tl.dot, whose inner size must be at least 16
@@ -43,43 +43,14 @@ BKV_WIDE = 32
 
 
 @triton.jit
-def rotated_halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr, dot_t):
-    """RoPE'd halves (rotate-half convention), in dot_t, of rows [BQ] of head i_h of x [rows, HEADS, D]."""
-    H2: tl.constexpr = D // 2
-    ch = tl.arange(0, H2)
-    p_x = x + (rows64 * HEADS + i_h)[:, None] * D + ch[None, :]
-    x1 = tl.load(p_x, mask=row_ok, other=0.0).to(tl.float32)
-    x2 = tl.load(p_x + H2, mask=row_ok, other=0.0).to(tl.float32)
-    c = tl.load(cos + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
-    s = tl.load(sin + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
-    return (x1 * c - x2 * s).to(dot_t), (x2 * c + x1 * s).to(dot_t)
-
-
-@triton.jit
-def halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr, mult, dot_t):
-    """The halves of rows [BQ] of head i_h of x [rows, HEADS, D], times mult, in dot_t."""
-    H2: tl.constexpr = D // 2
-    p_x = x + (rows64 * HEADS + i_h)[:, None] * D + tl.arange(0, H2)[None, :]
-    x1 = tl.load(p_x, mask=row_ok, other=0.0).to(tl.float32) * mult
-    x2 = tl.load(p_x + H2, mask=row_ok, other=0.0).to(tl.float32) * mult
-    return x1.to(dot_t), x2.to(dot_t)
-
-
-@triton.jit
 def query_rows(q, do, starts, cos, sin, r, NT, HQ: tl.constexpr, i_h, D: tl.constexpr, mix, dot_t):
     """A tile of query rows r of head i_h: (r as int64, which rows exist, rotated q halves, do halves
     times mix, each row's sequence start)."""
     r64 = r.to(tl.int64)
     valid = r < NT
-    q1, q2 = rotated_halves(q, valid[:, None], r64, HQ, i_h, cos, sin, D, dot_t)
+    q1, q2 = rotated_halves(q, valid[:, None], r64, HQ, i_h, cos, sin, r64, D, 1.0, dot_t)
     do1, do2 = halves(do, valid[:, None], r64, HQ, i_h, D, mix, dot_t)
     return r64, valid, q1, q2, do1, do2, tl.load(starts + r, mask=valid, other=0)
-
-
-@triton.jit
-def dot_halves(a1, a2, b1, b2):
-    """a b^T for a, b held as halves of their columns: a1 b1^T + a2 b2^T."""
-    return tl.dot(a1, tl.trans(b1), input_precision="ieee") + tl.dot(a2, tl.trans(b2), input_precision="ieee")
 
 
 @triton.jit
@@ -106,21 +77,13 @@ def unrotate_and_store(out, d1, d2, row_ok, rows64, HEADS: tl.constexpr, i_h, co
 
 
 @triton.jit
-def window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W: tl.constexpr):
-    """Scaled scores [queries r, keys c], -inf outside each query's window (and its sequence)."""
-    visible = (c[None, :] <= r[:, None]) & (r[:, None] - c[None, :] < W) & (c[None, :] >= start[:, None])
-    visible = visible & (c[None, :] >= 0) & (r[:, None] < NT)
-    return tl.where(visible, dot_halves(q1, q2, k1, k2) * scale, -float("inf"))
-
-
-@triton.jit
 def key_block_scores(q1, q2, do1, do2, k, v, cos, sin, r, start, i_c, NT, scale,
                      HKV: tl.constexpr, i_hk, D: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, dot_t):
     """Against key block i_c: the scores s and dp = do_w v^T [queries, keys], and the block's rotated keys."""
     c = i_c * BQ + tl.arange(0, BQ)
     c64 = c.to(tl.int64)
     key_ok = ((c >= 0) & (c < NT))[:, None]
-    k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D, dot_t)
+    k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, c64, D, 1.0, dot_t)
     v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D, 1.0, dot_t)
     return window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W), dot_halves(do1, do2, v1, v2), k1, k2
 
@@ -186,7 +149,7 @@ def window_dkv_kernel(
     c = i_k * BKV + tl.arange(0, BKV)
     c64 = c.to(tl.int64)
     key_ok = (c < NT)[:, None]
-    k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, D, dot_t)
+    k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, c64, D, 1.0, dot_t)
     v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D, 1.0, dot_t)
     dk1 = tl.zeros([BKV, H2], dtype=tl.float32)
     dk2 = tl.zeros([BKV, H2], dtype=tl.float32)

@@ -25,17 +25,45 @@ import triton.language as tl
 BQ = 64  # rows per block: a query's keys lie in its block and the one before, so W <= 64
 
 
+# Tiles held as their two RoPE halves, shared with window_bwd_triton.py's kernels.
+
+
 @triton.jit
-def _rotated_halves(x, rows, ok, HEADS: tl.constexpr, i_h, cos, sin, table_rows, D: tl.constexpr, mult, dot_t):
-    """RoPE'd halves of rows [BQ] of head i_h of x [rows, HEADS, D], times mult, in dot_t."""
+def rotated_halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, table_rows, D: tl.constexpr, mult, dot_t):
+    """RoPE'd halves (rotate-half convention) of rows [BQ] of head i_h of x [rows, HEADS, D], times
+    mult, in dot_t; the rotary tables' rows are table_rows, the mask row_ok [BQ, 1]."""
     H2: tl.constexpr = D // 2
     ch = tl.arange(0, H2)
-    p_x = x + (rows * HEADS + i_h)[:, None] * D + ch[None, :]
-    x1 = tl.load(p_x, mask=ok[:, None], other=0.0).to(tl.float32)
-    x2 = tl.load(p_x + H2, mask=ok[:, None], other=0.0).to(tl.float32)
-    c = tl.load(cos + table_rows[:, None] * D + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    s = tl.load(sin + table_rows[:, None] * D + ch[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    p_x = x + (rows64 * HEADS + i_h)[:, None] * D + ch[None, :]
+    x1 = tl.load(p_x, mask=row_ok, other=0.0).to(tl.float32)
+    x2 = tl.load(p_x + H2, mask=row_ok, other=0.0).to(tl.float32)
+    c = tl.load(cos + table_rows[:, None] * D + ch[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    s = tl.load(sin + table_rows[:, None] * D + ch[None, :], mask=row_ok, other=0.0).to(tl.float32)
     return ((x1 * c - x2 * s) * mult).to(dot_t), ((x2 * c + x1 * s) * mult).to(dot_t)
+
+
+@triton.jit
+def halves(x, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr, mult, dot_t):
+    """The halves of rows [BQ] of head i_h of x [rows, HEADS, D], times mult, in dot_t."""
+    H2: tl.constexpr = D // 2
+    p_x = x + (rows64 * HEADS + i_h)[:, None] * D + tl.arange(0, H2)[None, :]
+    x1 = tl.load(p_x, mask=row_ok, other=0.0).to(tl.float32) * mult
+    x2 = tl.load(p_x + H2, mask=row_ok, other=0.0).to(tl.float32) * mult
+    return x1.to(dot_t), x2.to(dot_t)
+
+
+@triton.jit
+def dot_halves(a1, a2, b1, b2):
+    """a b^T for a, b held as halves of their columns: a1 b1^T + a2 b2^T."""
+    return tl.dot(a1, tl.trans(b1), input_precision="ieee") + tl.dot(a2, tl.trans(b2), input_precision="ieee")
+
+
+@triton.jit
+def window_scores(q1, q2, k1, k2, r, start, c, NT, scale, W: tl.constexpr):
+    """Scaled scores [queries r, keys c], -inf outside each query's window (and its sequence)."""
+    visible = (c[None, :] <= r[:, None]) & (r[:, None] - c[None, :] < W) & (c[None, :] >= start[:, None])
+    visible = visible & (c[None, :] >= 0) & (r[:, None] < NT)
+    return tl.where(visible, dot_halves(q1, q2, k1, k2) * scale, -float("inf"))
 
 
 @triton.jit
@@ -57,24 +85,20 @@ def window_fwd_kernel(
     else:
         start = r - r % T
     # scores in log2 units: exp2 below is then the softmax's exp
-    q1, q2 = _rotated_halves(q, r64, valid, HQ, i_h, cos, sin, (r64 // T) * TABLE_T + r64 % T, D,
-                             scale * 1.4426950408889634, dot_t)
+    q1, q2 = rotated_halves(q, valid[:, None], r64, HQ, i_h, cos, sin, (r64 // T) * TABLE_T + r64 % T, D,
+                            scale * 1.4426950408889634, dot_t)
     m_i = tl.full([BQ], -1e30, dtype=tl.float32)  # finite: a row with no key yet stays free of inf - inf
     l_i = tl.zeros([BQ], dtype=tl.float32)
     acc1 = tl.zeros([BQ, H2], dtype=tl.float32)
     acc2 = tl.zeros([BQ, H2], dtype=tl.float32)
-    ch = tl.arange(0, H2)
     for j in range(2):  # the key block just before, then this one
         c = (i_q - 1 + j) * BQ + tl.arange(0, BQ)
-        key_ok = (c >= 0) & (c < NT)
-        c64 = tl.where(key_ok, c, 0).to(tl.int64)
-        k1, k2 = _rotated_halves(k, c64, key_ok, HKV, i_hk, cos, sin, (c64 // T) * TABLE_T + c64 % T, D, 1.0, dot_t)
-        p_v = v + (c64 * HKV + i_hk)[:, None] * D + ch[None, :]
-        v1 = tl.load(p_v, mask=key_ok[:, None], other=0.0).to(dot_t)
-        v2 = tl.load(p_v + H2, mask=key_ok[:, None], other=0.0).to(dot_t)
-        s = tl.dot(q1, tl.trans(k1), input_precision="ieee") + tl.dot(q2, tl.trans(k2), input_precision="ieee")
-        visible = (c[None, :] <= r[:, None]) & (r[:, None] - c[None, :] < W) & (c[None, :] >= start[:, None])
-        s = tl.where(visible & key_ok[None, :], s, -float("inf"))
+        in_range = (c >= 0) & (c < NT)
+        key_ok = in_range[:, None]
+        c64 = tl.where(in_range, c, 0).to(tl.int64)
+        k1, k2 = rotated_halves(k, key_ok, c64, HKV, i_hk, cos, sin, (c64 // T) * TABLE_T + c64 % T, D, 1.0, dot_t)
+        v1, v2 = halves(v, key_ok, c64, HKV, i_hk, D, 1.0, dot_t)
+        s = window_scores(q1, q2, k1, k2, r, start, c, NT, 1.0, W)  # in log2 units: q carries scale / ln 2
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -84,7 +108,7 @@ def window_fwd_kernel(
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     norm = mix / l_safe
-    p_o = o + (r64 * HQ + i_h)[:, None] * D + ch[None, :]
+    p_o = o + (r64 * HQ + i_h)[:, None] * D + tl.arange(0, H2)[None, :]
     tl.store(p_o, (acc1 * norm[:, None]).to(o.dtype.element_ty), mask=valid[:, None])
     tl.store(p_o + H2, (acc2 * norm[:, None]).to(o.dtype.element_ty), mask=valid[:, None])
     if STORE_LSE:  # the scores' log-sum-exp, back from log2 units
