@@ -134,26 +134,29 @@ def check_grad(rows, T, D, G, dtype, packed=False):
                      errs=dict(zip(("dq", "dk", "dv", "dh0"), errs, strict=True))))
 
 
-def check_decode(rows, D, G, dtype, W=64):
+def check_decode(rows, D, G, dtype, W=64, shared=False):
+    """shared: one state per kv head (the model's cache); the reference runs on it repeated per query head."""
     B, Hkv = 3, 2
     Hq = Hkv * G
     q, k, v = make(B, 1, Hq, Hkv, D, dtype, False)
-    state = torch.randn(B, Hq, D, D, device="cuda") * 0.1
+    state = torch.randn(B, Hkv if shared else Hq, D, D, device="cuda") * 0.1
     kr = torch.randn(B, Hkv, W, D, device="cuda").to(dtype)
     vr = torch.randn(B, Hkv, W, D, device="cuda").to(dtype)
     valid = torch.rand(B, W, device="cuda") > 0.3
     cos, sin = rope_tables(B, 1, D, "cuda")
     ref_state, ref_kr, ref_vr, ref_valid = state.double(), kr.double(), vr.double(), valid.clone()
+    if shared:
+        ref_state = ref_state.repeat_interleave(G, dim=1)
     r = liger_decode_step_torch(q.double(), k.double(), v.double(), ref_state, ref_kr, ref_vr, ref_valid, 77,
                                 window=W, mix=0.5, gate_normalizer=16.0, cos=cos.double(), sin=sin.double())
     poison()
     o = liger_decode_step(q, k, v, state, kr, vr, valid, 77, window=W, mix=0.5, gate_normalizer=16.0, cos=cos,
                           sin=sin, backend="triton")
     torch.cuda.synchronize()
-    e_o, e_s = rel(o, r), rel(state, ref_state)
+    e_o, e_s = rel(o, r), rel(state, ref_state[:, ::G] if shared else ref_state)
     e_ring = max(rel(kr, ref_kr), rel(vr, ref_vr))
     ok = e_o < TOL[dtype] and e_s < TOL[dtype] and e_ring < TOL[dtype] and bool((valid == ref_valid).all())
-    rows.append(dict(test="decode", T=1, D=D, G=G, dtype=NAMES[dtype], gates="weak", packed=False,
+    rows.append(dict(test="decode shared" if shared else "decode", T=1, D=D, G=G, dtype=NAMES[dtype], gates="weak", packed=False,
                      err_o=e_o, err_state=e_s, ok=ok))
 
 
@@ -182,6 +185,8 @@ def tasks(args) -> list[tuple[str, tuple, dict]]:
             out.append(("check_chunk_gla", (T, D, dtype), {}))
         for D, G, dtype in itertools.product((64, 128), (1, 4, 8), dtypes):
             out.append(("check_decode", (D, G, dtype), {}))
+            if G > 1:
+                out.append(("check_decode", (D, G, dtype), {"shared": True}))
     if not args.no_grad and not args.only:
         for T, D, G, dtype in itertools.product(args.grad_T, (64, 128), (1, 4), dtypes):
             out.append(("check_grad", (T, D, G, dtype), {}))

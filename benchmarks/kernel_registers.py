@@ -86,6 +86,7 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     sweep = dict(D=D, V=D, BT=gdn_chunk.BT, **dict(zip(("BD", "BV"), chunk_triton.state_tile(D, D), strict=True)))
     fwd_bv, fwd_warps = chunk_triton.forward_tile(D, D)  # as gla_fwd launches: Liger's heads, hedgehog's 2D features
     hh_bv, hh_warps = chunk_triton.forward_tile(2 * D, D)
+    decode = dict(HQ=HQ, HKV=HKV, K=D, BK=D, W=64, BW=64)
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=fwd_bv, WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
@@ -145,9 +146,10 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("gdn delta rule, chunk sweep back (TF32)", gdn_chunk.chunk_delta_bwd_kernel,
          dict(sweep, USE_DHT=True, PRECISION="tf32"), 8, 1),
         ("decode step (Liger, window 64, state per query head)", liger_decode_kernel,
-         dict(HQ=HQ, HKV=HKV, HS=HQ, K=D, BV=min(D, 64 if D <= 128 else 32), W=64, BW=64, SLOT_IN_MEMORY=False), 4, 3),
+         dict(decode, HS=HQ, BV=D if D <= 128 else 32, GB=2, SLOT_IN_MEMORY=False), 4, 3),
         ("decode step (Liger, window 64, state per kv head, CUDA-graph slot)", liger_decode_kernel,
-         dict(HQ=HQ, HKV=HKV, HS=HKV, K=D, BV=min(D, 64 if D <= 128 else 32), W=64, BW=64, SLOT_IN_MEMORY=True), 4, 3),
+         dict(decode, HS=HKV, BV=D if D <= 128 and HQ == HKV else min(D, 64 if D <= 128 else 32),
+              GB=max(1 << (HQ // HKV - 1).bit_length(), 2), SLOT_IN_MEMORY=True), 4, 3),
     ]
 
 

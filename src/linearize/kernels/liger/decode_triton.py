@@ -3,10 +3,11 @@
 The recurrent state depends only on keys, values and gates, so the query heads of a kv group
 share one: the state may hold a head per query head (HS = HQ, the layout of liger_attention's
 final_state) or per kv head (HS = HKV, what the model's cache keeps: a G-th of the bytes to
-read and write each step). Program (value block, state head, batch row) reads its [K, BV] tile
-of the fp32 state once, decays and updates it, writes it back in place, and for each of the
-G = HQ / HS query heads it serves reads the GLA output off the tile; with a window it also
-attends over the ring buffer [W, K] of rotated keys, loaded once for those heads. The new
+read and write each step). Program (value block, state head, batch row) takes its [K, BV]
+column of the fp32 state in blocks of BK key rows: it decays and updates each block, writes it
+back in place, and adds the block's share of the GLA output of each of the G = HQ / HS query
+heads it serves (one accumulator row per head); with a window it also adds the block's share of
+each head's scores against the ring buffer [W, K] of rotated keys. The new
 token's rotated key and value are written into ring slot position % W by the first program of
 each kv group (and the first value block for the key); every program uses the new key/value
 from registers for that slot, so no program depends on another program's write. ring_valid[b,
@@ -30,7 +31,7 @@ from .naive import liger_decode_step_torch
 def liger_decode_kernel(
     q, k, v, state, k_ring, v_ring, ring_valid, cos, sin, o,
     slot, position, gate_mult, mix, win_scale, s_cos_b, s_qb, s_kb, s_vb,
-    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, BV: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GB: tl.constexpr,
     W: tl.constexpr, BW: tl.constexpr, SLOT_IN_MEMORY: tl.constexpr,
 ):
     i_v, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -39,63 +40,83 @@ def liger_decode_kernel(
     i_hk = (i_s * GP) // G
     ck = tl.arange(0, K)
     cv = i_v * BV + tl.arange(0, BV)
+    rows = tl.arange(0, GB)
     # s_qb, s_kb, s_vb: elements between batch rows, so q/k/v may be column slices of one fused projection
-    b_k = tl.load(k + i_b * s_kb + i_hk * K + ck).to(tl.float32)
+    p_k = k + i_b * s_kb + i_hk * K
+    p_q = q + i_b * s_qb + (i_s * GP) * K
     b_v = tl.load(v + i_b * s_vb + i_hk * K + cv).to(tl.float32)
-    p_s = state + (i_b * HS + i_s).to(tl.int64) * K * K + ck[:, None] * K + cv[None, :]
-    S = tl.load(p_s)
-    e_k = tl.exp(b_k - tl.max(b_k, axis=0))
-    f_k = e_k / tl.sum(e_k, axis=0)
-    gate = tl.exp((tl.minimum(b_k, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_k)))) * gate_mult)
-    S = S * gate[:, None] + f_k[:, None] * b_v[None, :]
-    tl.store(p_s, S)
-
-    if W > 0:  # the window's keys and values, shared by the query heads below
+    # the feature maps' softmax statistics over the whole head first; the key rows then go by in
+    # blocks of BK, so a program holds a [BK, BV] slice of the state rather than all of it
+    k_all = tl.load(p_k + ck).to(tl.float32)
+    k_max = tl.max(k_all, axis=0)
+    k_sum = tl.sum(tl.exp(k_all - k_max), axis=0)
+    q_all = tl.load(p_q + rows[:, None] * K + ck[None, :], mask=(rows < GP)[:, None], other=0.0).to(tl.float32)
+    q_max = tl.max(q_all, axis=1)
+    q_sum = tl.sum(tl.exp(q_all - q_max[:, None]), axis=1)
+    o_lin = tl.zeros([GB, BV], dtype=tl.float32)
+    if W > 0:
         if SLOT_IN_MEMORY:  # position: an int64 tensor of one element, tokens already cached
             slot = (tl.load(position) % W).to(tl.int32)
-        ck_swap = (ck + K // 2) % K
-        sign = tl.where(ck < K // 2, -1.0, 1.0)
-        c = tl.load(cos + i_b * s_cos_b + ck).to(tl.float32)
-        s = tl.load(sin + i_b * s_cos_b + ck).to(tl.float32)
-        k_sw = tl.load(k + i_b * s_kb + i_hk * K + ck_swap).to(tl.float32)
-        k_rot = b_k * c + sign * k_sw * s
         cw = tl.arange(0, BW)
         m_w = cw < W
-        p_kr = k_ring + ((i_b * HKV + i_hk) * W + cw)[:, None].to(tl.int64) * K + ck[None, :]
-        p_vr = v_ring + ((i_b * HKV + i_hk) * W + cw)[:, None].to(tl.int64) * K + cv[None, :]
-        kr = tl.load(p_kr, mask=m_w[:, None], other=0.0)
-        vr = tl.load(p_vr, mask=m_w[:, None], other=0.0)
         new = (cw == slot)[:, None]
-        k_new = k_rot.to(kr.dtype)
-        v_new = b_v.to(vr.dtype)
-        kr = tl.where(new, k_new[None, :], kr).to(tl.float32)
-        vr = tl.where(new, v_new[None, :], vr).to(tl.float32)
+        first_of_group = (i_s * GP) % G == 0  # writes the new token's ring slot
+        p_ring = ((i_b * HKV + i_hk) * W + cw)[:, None].to(tl.int64) * K
+        scores = tl.zeros([GB, BW], dtype=tl.float32)
+        # every load is issued before the first store: the compiler cannot move a load past a
+        # store to another pointer it may alias, so a late load would wait on a round trip
+        vr = tl.load(v_ring + p_ring + cv[None, :], mask=m_w[:, None], other=0.0)
         valid = tl.load(ring_valid + i_b * W + cw, mask=m_w, other=0) != 0
-        valid = (valid | (cw == slot)) & m_w
-
-    for g in tl.static_range(GP):
-        i_h = i_s * GP + g
-        b_q = tl.load(q + i_b * s_qb + i_h * K + ck).to(tl.float32)
-        e_q = tl.exp(b_q - tl.max(b_q, axis=0))
-        f_q = e_q / tl.sum(e_q, axis=0)
-        b_o = tl.sum(f_q[:, None] * S, axis=0)
+    p_s = state + (i_b * HS + i_s).to(tl.int64) * K * K
+    for kb in tl.static_range(0, K, BK):
+        cb = kb + tl.arange(0, BK)
+        b_k = tl.load(p_k + cb).to(tl.float32)
+        f_k = tl.exp(b_k - k_max) / k_sum
+        gate = tl.exp((tl.minimum(b_k, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_k)))) * gate_mult)
+        S = tl.load(p_s + cb[:, None] * K + cv[None, :])
+        if W > 0:  # this block's rotated keys: the ring's, and the new token's for its slot
+            kr = tl.load(k_ring + p_ring + cb[None, :], mask=m_w[:, None], other=0.0)
+            cb_swap = (cb + K // 2) % K
+            sign = tl.where(cb < K // 2, -1.0, 1.0)
+            c = tl.load(cos + i_b * s_cos_b + cb).to(tl.float32)
+            s = tl.load(sin + i_b * s_cos_b + cb).to(tl.float32)
+            k_rot = b_k * c + sign * tl.load(p_k + cb_swap).to(tl.float32) * s
+            k_new = k_rot.to(kr.dtype)
+            kr = tl.where(new, k_new[None, :], kr).to(tl.float32)
+        S = S * gate[:, None] + f_k[:, None] * b_v[None, :]
+        for g in tl.static_range(GP):
+            b_q = tl.load(p_q + g * K + cb).to(tl.float32)
+            is_g = rows == g
+            f_q = tl.exp(b_q - tl.sum(tl.where(is_g, q_max, 0.0), axis=0)) / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0)
+            o_lin += tl.where(is_g[:, None], tl.sum(f_q[:, None] * S, axis=0)[None, :], 0.0)
+            if W > 0:
+                q_rot = b_q * c + sign * tl.load(p_q + g * K + cb_swap).to(tl.float32) * s
+                scores += tl.where(is_g[:, None], tl.sum(kr * q_rot[None, :], axis=1)[None, :], 0.0)
+        tl.store(p_s + cb[:, None] * K + cv[None, :], S)
         if W > 0:
-            q_sw = tl.load(q + i_b * s_qb + i_h * K + ck_swap).to(tl.float32)
-            q_rot = b_q * c + sign * q_sw * s
-            sc = tl.sum(kr * q_rot[None, :], axis=1) * win_scale
-            sc = tl.where(valid, sc, -float("inf"))
-            p = tl.exp(sc - tl.max(sc, axis=0))
-            p = p / tl.sum(p, axis=0)
-            o_win = tl.sum(p[:, None] * vr, axis=0)
-            b_o = mix * o_win + (1.0 - mix) * b_o
-        tl.store(o + (i_b * HQ + i_h) * K + cv, b_o.to(o.dtype.element_ty))
+            if first_of_group:
+                if i_v == 0:
+                    tl.store(k_ring + ((i_b * HKV + i_hk) * W + slot).to(tl.int64) * K + cb, k_new)
+
+    if W > 0:  # the window's softmax over the ring's valid slots, against its values
+        v_new = b_v.to(vr.dtype)
+        vr = tl.where(new, v_new[None, :], vr).to(tl.float32)
+        valid = (valid | (cw == slot)) & m_w
+        scores = tl.where(valid[None, :], scores * win_scale, -float("inf"))
+        p = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+    for g in tl.static_range(GP):
+        is_g = rows == g
+        b_o = tl.sum(tl.where(is_g[:, None], o_lin, 0.0), axis=0)
+        if W > 0:
+            p_g = tl.sum(tl.where(is_g[:, None], p, 0.0), axis=0)
+            b_o = mix * tl.sum(p_g[:, None] * vr, axis=0) + (1.0 - mix) * b_o
+        tl.store(o + (i_b * HQ + i_s * GP + g) * K + cv, b_o.to(o.dtype.element_ty))
 
     if W > 0:
-        if (i_s * GP) % G == 0:  # the kv group's first program writes the new token's ring slot
-            p_slot = (i_b * HKV + i_hk) * W + slot
-            tl.store(v_ring + p_slot.to(tl.int64) * K + cv, v_new)
+        if first_of_group:
+            tl.store(v_ring + ((i_b * HKV + i_hk) * W + slot).to(tl.int64) * K + cv, v_new)
             if i_v == 0:
-                tl.store(k_ring + p_slot.to(tl.int64) * K + ck, k_new)
                 if i_s == 0:
                     tl.store(ring_valid + i_b * W + slot, 1)
 
@@ -109,10 +130,29 @@ def _packed_rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def default_block_v(K: int, HQ: int, HS: int, B: int, device: torch.device) -> int:
+    """Value columns a decode program takes. Measured on one H200 in one call (graph replay, heads of
+    128, window 64; docs/kernels.md, twelfth session):
+    - a state per query head: the whole head (B8 19.7 us against 20.9 at 64 columns, B64 118.8
+      against 127.1); one program then reads the head's ring keys once, not once per value block;
+    - a state shared by a kv group (the model's cache; G query heads a program): 64 columns
+      (B64 Hkv8 55.8 us; 76.8 at 32, 66.3 at 128), unless that leaves fewer programs than SMs,
+      then 32 (B8 Hkv8: 128 programs at 64 columns on 132 SMs, 12.3 us; 11.1 at 32).
+    Heads of 256 take 32 columns: a [256, 64] tile spills 2.4 KB (kernel_registers.py)."""
+    if K > 128:
+        return 32
+    if HS == HQ:
+        return K
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return min(K, 64 if triton.cdiv(K, 64) * HS * B >= sms else 32)
+
+
 def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int | torch.Tensor, *, window, mix,
-                      gate_normalizer, cos=None, sin=None, block_v: int | None = None, num_warps: int = 4):
+                      gate_normalizer, cos=None, sin=None, block_v: int | None = None, block_k: int | None = None,
+                      num_warps: int = 4):
     """Triton form of liger_decode_step_torch (same arguments; updates state and ring in place).
-    `position` is an int or an int64 device tensor of one element (read by the kernel: no sync)."""
+    `position` is an int or an int64 device tensor of one element (read by the kernel: no sync).
+    block_v / block_k: the state tile a program holds at once (value columns / key rows)."""
     B, _, HQ, K = q.shape
     HKV, HS = k.shape[2], state.shape[1]
     W = int(window)
@@ -131,15 +171,10 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         cos, sin = cos.reshape(cos.shape[0], -1)[:, -K:].contiguous(), sin.reshape(sin.shape[0], -1)[:, -K:].contiguous()
         s_cos_b = 0 if cos.shape[0] == 1 else K
         valid_u8 = ring_valid.view(torch.uint8)
-    if block_v is None:
-        # 64 value columns a program: each program re-reads its head's ring keys, so fewer, wider
-        # programs move less. Measured on an H100 (graph replay, heads of 128, docs/kernels.md):
-        # 32 -> 64 took B8 from 68% to 73% of copy bandwidth and B64 from 89% to 93%. At 4 warps
-        # the [128, 64] tile spills 424 B (kernel_registers.py), yet 8 warps, spill-free, measured
-        # slower in every shape (B8 62%, B64 77%). Heads of 256 keep 32 columns: a [256, 64] tile
-        # spills 2.4 KB, a [256, 32] tile 136 B.
-        block_v = min(K, 64 if K <= 128 else 32)
+    block_v = min(K, block_v or default_block_v(K, HQ, HS, B, q.device))
+    block_k = K if block_k is None else min(block_k, K)
     BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
+    GP = HQ // HS
     in_memory = isinstance(position, torch.Tensor)
     grid = (triton.cdiv(K, block_v), HS, B)
     liger_decode_kernel[grid](
@@ -148,6 +183,6 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         cos if W > 0 else q, sin if W > 0 else q, o,
         0 if in_memory or W == 0 else position % W, position if in_memory else q,
         1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b, q.stride(0), k.stride(0), v.stride(0),
-        HQ=HQ, HKV=HKV, HS=HS, K=K, BV=block_v, W=W, BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
+        HQ=HQ, HKV=HKV, HS=HS, K=K, BK=block_k, BV=block_v, GB=max(1 << (GP - 1).bit_length(), 2), W=W, BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
     )
     return o
