@@ -102,8 +102,9 @@ def kernel_times(step, iterations: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=["16,1024,9,3,64", "4,4096,9,3,64", "8,4096,32,32,128"],
-                    help="B,T,Hq,Hkv,D each")
+    ap.add_argument("--shapes", nargs="+", default=None,
+                    help="B,T,Hq,Hkv,D each (default: SmolLM2's heads at T 1024 and 4096 and Llama-3-8B's at 4096; "
+                         "for --layer gla, whose heads are one per query head, the same with Hkv = Hq)")
     ap.add_argument("--variants", nargs="+", default=["default", "dkv_warps=4", "dkv_maxnreg=128"])
     ap.add_argument("--layer", choices=["liger", "hedgehog", "gla"], default="liger",
                     help="gla: chunk_gla on PyTorch maps and gates (Hq = Hkv), the plain sweeps")
@@ -114,7 +115,10 @@ def main() -> None:
         raise SystemExit("sweep_launch.py times CUDA kernels: no CUDA device here")
     device = torch.cuda.get_device_name()
     rows = []
-    for shape in args.shapes:
+    shapes = args.shapes or ["16,1024,9,3,64", "4,4096,9,3,64", "8,4096,32,32,128"]
+    if args.layer == "gla" and args.shapes is None:
+        shapes = ["16,1024,9,9,64", "4,1024,16,16,128", "4,4096,16,16,64"]  # the eleventh session's rows
+    for shape in shapes:
         B, T, Hq, Hkv, D = map(int, shape.split(","))
         if args.layer == "gla" and Hq != Hkv:
             raise SystemExit(f"--layer gla runs chunk_gla, whose heads are one per query head: give Hkv = Hq ({shape})")
