@@ -7,6 +7,12 @@ so its counters say why (stall reasons, pipe use, occupancy). Each kernel runs o
     ncu --clock-control none --set full -k regex:'gla_|window_' -o prof \\
         python benchmarks/ncu_liger.py --B 8 --T 4096 --Hq 32 --Hkv 32 --D 128
     ncu -i prof.ncu-rep --page details > prof.txt
+
+`--decode` instead runs one decode step (`liger_decode_kernel`, window 64, state per query head or,
+with `--shared-state`, per kv head as the model's cache keeps it):
+
+    ncu --clock-control none --set full -k regex:liger_decode -o dec \
+        python benchmarks/ncu_liger.py --decode --B 8 --Hq 32 --Hkv 32 --D 128
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import os
 
 import torch
 
-from linearize.kernels import liger_attention
+from linearize.kernels import liger_attention, liger_decode_step
 
 
 def main() -> None:
@@ -28,9 +34,13 @@ def main() -> None:
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--segments", action="store_true", help="let liger_attention cut sequences into segments")
+    ap.add_argument("--decode", action="store_true", help="one decode step instead of a forward and backward")
+    ap.add_argument("--shared-state", action="store_true", help="decode: one state per kv head (the model's cache)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("ncu_liger.py profiles CUDA kernels: no CUDA device here")
+    if args.decode:
+        return decode_step(args)
     if not args.segments:  # one launch per kernel, whole sequences
         os.environ["LINEARIZE_SEGMENTS"] = "0"
     dtype = getattr(torch, args.dtype)
@@ -45,6 +55,22 @@ def main() -> None:
     o.backward(torch.randn_like(o))
     torch.cuda.synchronize()
     print(f"ran {torch.cuda.get_device_name()}: B{args.B} T{args.T} Hq{args.Hq} Hkv{args.Hkv} D{args.D} {args.dtype}")
+
+
+def decode_step(args: argparse.Namespace) -> None:
+    dtype, W = getattr(torch, args.dtype), 64
+    torch.manual_seed(0)
+    q = torch.randn(args.B, 1, args.Hq, args.D, device="cuda", dtype=dtype)
+    k, v = (torch.randn(args.B, 1, args.Hkv, args.D, device="cuda", dtype=dtype) for _ in range(2))
+    state = torch.randn(args.B, args.Hkv if args.shared_state else args.Hq, args.D, args.D, device="cuda") * 0.01
+    k_ring, v_ring = (torch.randn(args.B, args.Hkv, W, args.D, device="cuda", dtype=dtype) for _ in range(2))
+    valid = torch.ones(args.B, W, dtype=torch.bool, device="cuda")
+    ang = torch.full((1, 1, args.D), 0.5, device="cuda")
+    liger_decode_step(q, k, v, state, k_ring, v_ring, valid, torch.tensor(5, device="cuda"), window=W, mix=0.5,
+                      gate_normalizer=16.0, cos=ang.cos(), sin=ang.sin(), backend="triton")
+    torch.cuda.synchronize()
+    print(f"ran {torch.cuda.get_device_name()}: decode B{args.B} Hq{args.Hq} Hkv{args.Hkv} D{args.D} {args.dtype}, "
+          f"state per {'kv' if args.shared_state else 'query'} head")
 
 
 if __name__ == "__main__":
