@@ -86,7 +86,7 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     sweep = dict(D=D, V=D, BT=gdn_chunk.BT, **dict(zip(("BD", "BV"), chunk_triton.state_tile(D, D), strict=True)))
     fwd_bv, fwd_warps = chunk_triton.forward_tile(D, D)  # as gla_fwd launches: Liger's heads, hedgehog's 2D features
     hh_bv, hh_warps = chunk_triton.forward_tile(2 * D, D)
-    decode = dict(HQ=HQ, HKV=HKV, K=D, BK=D, W=64, BW=64)
+    decode = dict(HQ=HQ, HKV=HKV, K=D, W=64, BW=64)
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=fwd_bv, WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,

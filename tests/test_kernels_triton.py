@@ -484,10 +484,10 @@ def chunk_gla_case(T, packed):
         assert rel(a, b) < 1e-4, name
 
 
-def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False, shared=False, block_k=None, D=16):
+def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False, shared=False, block_v=None, D=16):
     """The Triton decode step against the PyTorch one in float64. shared: the state holds one head
     per kv head (the model cache's layout); the reference then runs on it repeated per query head.
-    block_k: key rows of the state a program holds at once (default: all of them)."""
+    block_v: value columns a program takes (default: the kernel's own choice)."""
     torch.manual_seed(Hq + W)
     B = 3
     q, k, v = torch.randn(B, 1, Hq, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
@@ -505,14 +505,14 @@ def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False, shared=False
     kw = dict(window=W, mix=0.4, gate_normalizer=16.0)
     # as_tensor: the position as a device tensor the kernel reads, as a CUDA-graph replay passes it
     at = torch.tensor([position]) if as_tensor else position
-    if block_k is None:
+    if block_v is None:
         o = kernels().liger_decode_step(q, k, v, state, kr if W else None, vr if W else None, valid if W else None, at,
                                         cos=cos, sin=sin, backend="triton", **kw)
     else:
         from linearize.kernels.liger.decode_triton import liger_decode_step as triton_decode_step  # noqa: PLC0415
 
         o = triton_decode_step(q, k, v, state, kr if W else None, vr if W else None, valid if W else None, at,
-                               cos=cos, sin=sin, block_k=block_k, block_v=D // 2, **kw)
+                               cos=cos, sin=sin, block_v=block_v, **kw)
     r = liger_decode_step_torch(q.double(), k.double(), v.double(), s2, kr2 if W else None, vr2 if W else None,
                                 valid2 if W else None, position, cos=cos.double(), sin=sin.double(), **kw)
     assert o.shape == (B, 1, Hq, D)
@@ -657,11 +657,11 @@ for _d in [(2, 2, 8, 13), (4, 1, 6, 2), (4, 2, 0, 5), (4, 2, 8, 13, True)]:
 CHECKS["decode_fused_qkv_rows"] = lambda: decode_case(4, 2, 8, 13, fused=True)
 for _d in [(4, 2, 8, 13), (4, 1, 0, 5), (2, 2, 6, 3)]:  # the last: no groups, shared = per query head
     CHECKS["decode_shared_state_Hq{}_Hkv{}_W{}_pos{}".format(*_d)] = lambda d=_d: decode_case(*d, as_tensor=True, shared=True)
-# the state in blocks of key rows (and two value blocks): per query head, shared by a group of
-# three (accumulator rows padded to four), no window; D 32 so the blocks split the rotation halves
+# two value blocks a head: per query head, shared by a group of three (accumulator rows padded to
+# four), no window; D 32 so each block's ring keys and rotation halves are whole rows
 for _d in [(4, 4, 8, 13, False), (6, 2, 6, 3, True), (4, 2, 0, 5, True)]:
-    CHECKS["decode_key_blocks_Hq{}_Hkv{}_W{}_pos{}_{}".format(*_d[:4], "shared" if _d[4] else "per_query_head")] = (
-        lambda d=_d: decode_case(*d[:4], as_tensor=True, shared=d[4], block_k=8, D=32))
+    CHECKS["decode_value_blocks_Hq{}_Hkv{}_W{}_pos{}_{}".format(*_d[:4], "shared" if _d[4] else "per_query_head")] = (
+        lambda d=_d: decode_case(*d[:4], as_tensor=True, shared=d[4], block_v=16, D=32))
 
 
 def kernels():

@@ -73,14 +73,13 @@ def hedgehog_attention_chunked(
         z_all = z_all + initial_state[1].to(dt)[:, None]
     num, den = num.to(dt), (phi_q * z_all).sum(-1, keepdim=True)  # one kernel promotes phi_q: no fp32 copy
     if W > 0:
-        kernels = window_kernels(q, v, W) if on_triton and window_prefix is None and valid is None else None
+        kernels = window_kernels(q, v, W, window_prefix, valid) if on_triton else None
         if kernels is not None:
             o_win, lse = kernels.window_with_lse(q.to(io), k.to(io), v.to(io), cos, sin, window=W)  # fp32 = dt
         else:
             valid = torch.ones(B, T, dtype=torch.bool, device=q.device) if valid is None else valid
-            v_dt = v.to(dt) if keep is None else torch.where(keep, v.to(dt), 0.0)
             keys = torch.cat([pk, apply_rope(k.to(dt), cos, sin)], 1)
-            o_win, lse = sliding_window_attention(apply_rope(q.to(dt), cos, sin), keys, torch.cat([pv, v_dt], 1),
+            o_win, lse = sliding_window_attention(apply_rope(q.to(dt), cos, sin), keys, torch.cat([pv, v_io.to(dt)], 1),
                                                   window=W, scale=D**-0.5, key_valid=torch.cat([pvalid, valid], 1),
                                                   return_lse=True)
         w = torch.exp(-lse)[..., None]

@@ -3,11 +3,10 @@
 The recurrent state depends only on keys, values and gates, so the query heads of a kv group
 share one: the state may hold a head per query head (HS = HQ, the layout of liger_attention's
 final_state) or per kv head (HS = HKV, what the model's cache keeps: a G-th of the bytes to
-read and write each step). Program (value block, state head, batch row) takes its [K, BV]
-column of the fp32 state in blocks of BK key rows: it decays and updates each block, writes it
-back in place, and adds the block's share of the GLA output of each of the G = HQ / HS query
-heads it serves (one accumulator row per head); with a window it also adds the block's share of
-each head's scores against the ring buffer [W, K] of rotated keys. The new
+read and write each step). Program (value block, state head, batch row) loads its [K, BV] tile
+of the fp32 state, the ring buffer's [W, K] rotated keys and [W, BV] values before it stores
+anything, decays and updates the tile, and for each of the G = HQ / HS query heads it serves adds
+that head's GLA output and window scores into one row of an accumulator. The new
 token's rotated key and value are written into ring slot position % W by the first program of
 each kv group (and the first value block for the key); every program uses the new key/value
 from registers for that slot, so no program depends on another program's write. ring_valid[b,
@@ -31,7 +30,7 @@ from .naive import liger_decode_step_torch
 def liger_decode_kernel(
     q, k, v, state, k_ring, v_ring, ring_valid, cos, sin, o,
     slot, position, gate_mult, mix, win_scale, s_cos_b, s_qb, s_kb, s_vb,
-    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GB: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, BV: tl.constexpr, GB: tl.constexpr,
     W: tl.constexpr, BW: tl.constexpr, SLOT_IN_MEMORY: tl.constexpr,
 ):
     i_v, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -45,14 +44,16 @@ def liger_decode_kernel(
     p_k = k + i_b * s_kb + i_hk * K
     p_q = q + i_b * s_qb + (i_s * GP) * K
     b_v = tl.load(v + i_b * s_vb + i_hk * K + cv).to(tl.float32)
-    # the feature maps' softmax statistics over the whole head first; the key rows then go by in
-    # blocks of BK, so a program holds a [BK, BV] slice of the state rather than all of it
-    k_all = tl.load(p_k + ck).to(tl.float32)
-    k_max = tl.max(k_all, axis=0)
-    k_sum = tl.sum(tl.exp(k_all - k_max), axis=0)
+    b_k = tl.load(p_k + ck).to(tl.float32)
+    e_k = tl.exp(b_k - tl.max(b_k, axis=0))
+    f_k = e_k / tl.sum(e_k, axis=0)
+    # every served query head's softmax statistics at once (each head's row is picked out below)
     q_all = tl.load(p_q + rows[:, None] * K + ck[None, :], mask=(rows < GP)[:, None], other=0.0).to(tl.float32)
     q_max = tl.max(q_all, axis=1)
     q_sum = tl.sum(tl.exp(q_all - q_max[:, None]), axis=1)
+    gate = tl.exp((tl.minimum(b_k, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_k)))) * gate_mult)
+    # one accumulator row per served query head (GLA output, window scores): the group's window
+    # softmax and outputs run after the state tile is stored
     o_lin = tl.zeros([GB, BV], dtype=tl.float32)
     if W > 0:
         if SLOT_IN_MEMORY:  # position: an int64 tensor of one element, tokens already cached
@@ -67,38 +68,32 @@ def liger_decode_kernel(
         # store to another pointer it may alias, so a late load would wait on a round trip
         vr = tl.load(v_ring + p_ring + cv[None, :], mask=m_w[:, None], other=0.0)
         valid = tl.load(ring_valid + i_b * W + cw, mask=m_w, other=0) != 0
-    p_s = state + (i_b * HS + i_s).to(tl.int64) * K * K
-    for kb in tl.static_range(0, K, BK):
-        cb = kb + tl.arange(0, BK)
-        b_k = tl.load(p_k + cb).to(tl.float32)
-        f_k = tl.exp(b_k - k_max) / k_sum
-        gate = tl.exp((tl.minimum(b_k, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_k)))) * gate_mult)
-        S = tl.load(p_s + cb[:, None] * K + cv[None, :])
-        if W > 0:  # this block's rotated keys: the ring's, and the new token's for its slot
-            kr = tl.load(k_ring + p_ring + cb[None, :], mask=m_w[:, None], other=0.0)
-            cb_swap = (cb + K // 2) % K
-            sign = tl.where(cb < K // 2, -1.0, 1.0)
-            c = tl.load(cos + i_b * s_cos_b + cb).to(tl.float32)
-            s = tl.load(sin + i_b * s_cos_b + cb).to(tl.float32)
-            k_rot = b_k * c + sign * tl.load(p_k + cb_swap).to(tl.float32) * s
-            k_new = k_rot.to(kr.dtype)
-            kr = tl.where(new, k_new[None, :], kr).to(tl.float32)
-        S = S * gate[:, None] + f_k[:, None] * b_v[None, :]
-        for g in tl.static_range(GP):
-            b_q = tl.load(p_q + g * K + cb).to(tl.float32)
-            is_g = rows == g
-            f_q = tl.exp(b_q - tl.sum(tl.where(is_g, q_max, 0.0), axis=0)) / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0)
-            o_lin += tl.where(is_g[:, None], tl.sum(f_q[:, None] * S, axis=0)[None, :], 0.0)
-            if W > 0:
-                q_rot = b_q * c + sign * tl.load(p_q + g * K + cb_swap).to(tl.float32) * s
-                scores += tl.where(is_g[:, None], tl.sum(kr * q_rot[None, :], axis=1)[None, :], 0.0)
-        tl.store(p_s + cb[:, None] * K + cv[None, :], S)
+    p_s = state + (i_b * HS + i_s).to(tl.int64) * K * K + ck[:, None] * K + cv[None, :]
+    S = tl.load(p_s)
+    if W > 0:  # the ring's rotated keys, and the new token's for its slot
+        kr = tl.load(k_ring + p_ring + ck[None, :], mask=m_w[:, None], other=0.0)
+        ck_swap = (ck + K // 2) % K
+        sign = tl.where(ck < K // 2, -1.0, 1.0)
+        c = tl.load(cos + i_b * s_cos_b + ck).to(tl.float32)
+        s = tl.load(sin + i_b * s_cos_b + ck).to(tl.float32)
+        k_rot = b_k * c + sign * tl.load(p_k + ck_swap).to(tl.float32) * s
+        k_new = k_rot.to(kr.dtype)
+        kr = tl.where(new, k_new[None, :], kr).to(tl.float32)
+    S = S * gate[:, None] + f_k[:, None] * b_v[None, :]
+    for g in tl.static_range(GP):
+        b_q = tl.load(p_q + g * K + ck).to(tl.float32)
+        is_g = rows == g
+        f_q = tl.exp(b_q - tl.sum(tl.where(is_g, q_max, 0.0), axis=0)) / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0)
+        o_lin += tl.where(is_g[:, None], tl.sum(f_q[:, None] * S, axis=0)[None, :], 0.0)
         if W > 0:
-            if first_of_group:
-                if i_v == 0:
-                    tl.store(k_ring + ((i_b * HKV + i_hk) * W + slot).to(tl.int64) * K + cb, k_new)
-
-    if W > 0:  # the window's softmax over the ring's valid slots, against its values
+            q_rot = b_q * c + sign * tl.load(p_q + g * K + ck_swap).to(tl.float32) * s
+            scores += tl.where(is_g[:, None], tl.sum(kr * q_rot[None, :], axis=1)[None, :], 0.0)
+    tl.store(p_s, S)
+    if W > 0:
+        if first_of_group:
+            if i_v == 0:
+                tl.store(k_ring + ((i_b * HKV + i_hk) * W + slot).to(tl.int64) * K + ck, k_new)
+        # the window's softmax over the ring's valid slots, against its values
         v_new = b_v.to(vr.dtype)
         vr = tl.where(new, v_new[None, :], vr).to(tl.float32)
         valid = (valid | (cw == slot)) & m_w
@@ -148,11 +143,10 @@ def default_block_v(K: int, HQ: int, HS: int, B: int, device: torch.device) -> i
 
 
 def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int | torch.Tensor, *, window, mix,
-                      gate_normalizer, cos=None, sin=None, block_v: int | None = None, block_k: int | None = None,
-                      num_warps: int = 4):
+                      gate_normalizer, cos=None, sin=None, block_v: int | None = None, num_warps: int = 4):
     """Triton form of liger_decode_step_torch (same arguments; updates state and ring in place).
     `position` is an int or an int64 device tensor of one element (read by the kernel: no sync).
-    block_v / block_k: the state tile a program holds at once (value columns / key rows)."""
+    block_v: value columns a program takes (default_block_v)."""
     B, _, HQ, K = q.shape
     HKV, HS = k.shape[2], state.shape[1]
     W = int(window)
@@ -172,7 +166,6 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         s_cos_b = 0 if cos.shape[0] == 1 else K
         valid_u8 = ring_valid.view(torch.uint8)
     block_v = min(K, block_v or default_block_v(K, HQ, HS, B, q.device))
-    block_k = K if block_k is None else min(block_k, K)
     BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
     GP = HQ // HS
     in_memory = isinstance(position, torch.Tensor)
@@ -183,6 +176,6 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         cos if W > 0 else q, sin if W > 0 else q, o,
         0 if in_memory or W == 0 else position % W, position if in_memory else q,
         1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b, q.stride(0), k.stride(0), v.stride(0),
-        HQ=HQ, HKV=HKV, HS=HS, K=K, BK=block_k, BV=block_v, GB=max(1 << (GP - 1).bit_length(), 2), W=W, BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
+        HQ=HQ, HKV=HKV, HS=HS, K=K, BV=block_v, GB=max(1 << (GP - 1).bit_length(), 2), W=W, BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
     )
     return o

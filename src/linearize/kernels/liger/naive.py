@@ -173,9 +173,12 @@ def liger_attention_torch(
     return o.to(q.dtype), state
 
 
-def window_kernels(q: torch.Tensor, v: torch.Tensor, window: int):
-    """liger/window_triton.py where its kernels take these heads and window, else None (imported here:
-    it needs Triton, which is optional on CPU)."""
+def window_kernels(q: torch.Tensor, v: torch.Tensor, window: int, window_prefix=None, attention_mask=None):
+    """liger/window_triton.py where its kernels take these heads and window and there is no cached
+    prefix and no padding (the kernels take neither), else None (imported here: it needs Triton,
+    which is optional on CPU)."""
+    if window_prefix is not None or attention_mask is not None:
+        return None
     from . import window_triton  # noqa: PLC0415
 
     return window_triton if window_triton.supported(q, v, window) else None
@@ -204,10 +207,9 @@ def mix_window_branch(
     if cos is None or sin is None:
         raise ValueError("the sliding-window branch needs the rotary tables cos and sin")
     dt = o.dtype
-    kernels = window_kernels(q, v, window) if on_triton and window_prefix is None and attention_mask is None else None
+    kernels = window_kernels(q, v, window, window_prefix, attention_mask) if on_triton else None
     if kernels is not None:
-        o_win, _ = kernels.window_with_lse(q, k, v, cos, sin, window=window)
-        return mix * o_win.to(dt) + (1.0 - mix) * o
+        return mix * kernels.window_attention(q, k, v, cos, sin, window=window).to(dt) + (1.0 - mix) * o
     q_rot, k_rot = apply_rope(q.to(dt), cos, sin), apply_rope(k.to(dt), cos, sin)
     v_win, valid = v.to(dt), attention_mask
     if window_prefix is not None:

@@ -18,11 +18,11 @@ from . import window_bwd_triton, window_fwd_triton
 
 class WindowLseFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cos, sin, window):
+    def forward(ctx, q, k, v, cos, sin, window, with_lse):
         B, T, HQ, D = q.shape
         q, k, v = (x.contiguous() for x in (q, k, v))
         o = torch.empty(B, T, HQ, D, dtype=torch.float32, device=q.device)
-        lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device)
+        lse = torch.empty(B, T, HQ, dtype=torch.float32, device=q.device) if with_lse else None
         window_fwd_triton.window_fwd_into(o, q, k, v, cos, sin, window=window, mix=1.0, lse=lse)
         ctx.save_for_backward(q, k, v, cos, sin)
         ctx.window = window
@@ -34,7 +34,7 @@ class WindowLseFunction(torch.autograd.Function):
         q, k, v, cos, sin = ctx.saved_tensors
         do = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if do is None else do.float()
         dq, dk, dv = window_bwd_triton.window_bwd(q, k, v, do, cos, sin, window=ctx.window, mix=1.0, dlse=dlse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def supported(q: torch.Tensor, v: torch.Tensor, window: int) -> bool:
@@ -45,4 +45,9 @@ def supported(q: torch.Tensor, v: torch.Tensor, window: int) -> bool:
 def window_with_lse(q, k, v, cos, sin, *, window: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(o_win [B, T, Hq, D] fp32, lse [B, T, Hq] fp32) of softmax attention with RoPE over the last
     `window` keys (scale D^-1/2), as sliding_window_attention(..., return_lse=True) on rotated q, k."""
-    return WindowLseFunction.apply(q, k, v, cos, sin, window)
+    return WindowLseFunction.apply(q, k, v, cos, sin, window, True)
+
+
+def window_attention(q, k, v, cos, sin, *, window: int) -> torch.Tensor:
+    """window_with_lse's o_win alone: the kernel writes no lse (the targets that only mix the window in)."""
+    return WindowLseFunction.apply(q, k, v, cos, sin, window, False)[0]
