@@ -510,7 +510,6 @@ def test_chunk_kernels_follow_the_float32_matmul_precision():
         torch.set_float32_matmul_precision(before)
 
 
-
 NO_TRITON = """
 import sys
 from pathlib import Path
