@@ -3,7 +3,7 @@
 
     python benchmarks/kernels.py [--json out.json] [--T 1024 4096 16384] [--no-backward]
     python benchmarks/kernels.py --B 4 --Hq 9 --Hkv 3 --D 64 --T 4096 --swa none --segments 0 1408 --profile
-    python benchmarks/kernels.py --decode-only --decode-block-v 32 64 --decode-warps 4 8
+    python benchmarks/kernels.py --decode-only --decode-block-k 16 128 --decode-block-v 32 64 --decode-warps 4 8
 
 Per shape (by default B 8, Hq 32, Hkv 32 or 8, D 128, bf16, window 64): forward and forward+backward ms
 (triton.testing.do_bench, median), the forward's achieved GB/s counting q, k, v read once and
@@ -220,6 +220,8 @@ def main(argv=None):
     ap.add_argument("--decode-batch", type=int, nargs="+", default=[8, 64], help="batch sizes of the decode rows")
     ap.add_argument("--decode-block-v", type=int, nargs="+", default=[None],
                     help="value columns per decode program to time (default, or 0: the kernel's own choice)")
+    ap.add_argument("--decode-block-k", type=int, nargs="+", default=[None],
+                    help="key rows per decode state block to time (default, or 0: the kernel's own choice)")
     ap.add_argument("--decode-warps", type=int, nargs="+", default=[None],
                     help="warps per decode program to time (default: the kernel's own choice)")
     ap.add_argument("--B", type=int, default=8)
@@ -315,18 +317,19 @@ def main(argv=None):
                    torch.ones(Bd, WINDOW, dtype=torch.bool, device="cuda")) for _ in range(copies)]
         position = torch.tensor(5, device="cuda")
 
-        for block_v, warps in itertools.product(args.decode_block_v, args.decode_warps):
+        for block_k, block_v, warps in itertools.product(args.decode_block_k, args.decode_block_v, args.decode_warps):
             def step(cache, at=5):
                 return triton_decode_step(q, k, v, *cache, at, window=WINDOW, mix=MIX, gate_normalizer=GN, cos=cos,
-                                          sin=sin, block_v=block_v or None, num_warps=warps)
+                                          sin=sin, block_k=block_k or None, block_v=block_v or None, num_warps=warps)
 
             ms = bench(lambda: step(caches[0]))
             graph_ms = do_bench_cudagraph(lambda: [step(c, position) for c in caches], return_mode="median") / copies
             gbps, graph_gbps = (nbytes / (t * 1e-3) / 1e9 for t in (ms, graph_ms))
-            result["decode"].append(dict(B=Bd, Hq=Hq, Hkv=Hkv, state_heads=Hs, D=D, block_v=block_v, num_warps=warps, ms=ms,
+            result["decode"].append(dict(B=Bd, Hq=Hq, Hkv=Hkv, state_heads=Hs, D=D, block_k=block_k, block_v=block_v,
+                                         num_warps=warps, ms=ms,
                                          bytes=nbytes, GBps=gbps, frac_copy=gbps / bw, graph_ms=graph_ms, graph_GBps=graph_gbps,
                                          graph_frac_copy=graph_gbps / bw, graph_copies=copies))
-            print(f"decode B{Bd} Hq{Hq} Hkv{Hkv} state heads {Hs} block_v {block_v or 'auto'} "
+            print(f"decode B{Bd} Hq{Hq} Hkv{Hkv} state heads {Hs} block_k {block_k or 'auto'} block_v {block_v or 'auto'} "
                   f"warps {warps or 'auto'}: called "
                   f"{ms * 1e3:.1f} us, {gbps:.0f} GB/s = {100 * gbps / bw:.0f}% of copy; graph replay {graph_ms * 1e3:.1f} us, {graph_gbps:.0f} "
                   f"GB/s = {100 * graph_gbps / bw:.0f}%")

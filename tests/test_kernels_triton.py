@@ -484,10 +484,11 @@ def chunk_gla_case(T, packed):
         assert rel(a, b) < 1e-4, name
 
 
-def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False, shared=False, block_v=None, D=16):
+def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False, shared=False, block_v=None, block_k=None, D=16):
     """The Triton decode step against the PyTorch one in float64. shared: the state holds one head
     per kv head (the model cache's layout); the reference then runs on it repeated per query head.
-    block_v: value columns a program takes (default: the kernel's own choice)."""
+    block_v, block_k: value columns a program takes, key rows per state block (default: the
+    kernel's own choice)."""
     torch.manual_seed(Hq + W)
     B = 3
     q, k, v = torch.randn(B, 1, Hq, D), torch.randn(B, 1, Hkv, D), torch.randn(B, 1, Hkv, D)
@@ -505,14 +506,14 @@ def decode_case(Hq, Hkv, W, position, as_tensor=False, fused=False, shared=False
     kw = dict(window=W, mix=0.4, gate_normalizer=16.0)
     # as_tensor: the position as a device tensor the kernel reads, as a CUDA-graph replay passes it
     at = torch.tensor([position]) if as_tensor else position
-    if block_v is None:
+    if block_v is None and block_k is None:
         o = kernels().liger_decode_step(q, k, v, state, kr if W else None, vr if W else None, valid if W else None, at,
                                         cos=cos, sin=sin, backend="triton", **kw)
     else:
         from linearize.kernels.liger.decode_triton import liger_decode_step as triton_decode_step  # noqa: PLC0415
 
         o = triton_decode_step(q, k, v, state, kr if W else None, vr if W else None, valid if W else None, at,
-                               cos=cos, sin=sin, block_v=block_v, **kw)
+                               cos=cos, sin=sin, block_v=block_v, block_k=block_k, **kw)
     r = liger_decode_step_torch(q.double(), k.double(), v.double(), s2, kr2 if W else None, vr2 if W else None,
                                 valid2 if W else None, position, cos=cos.double(), sin=sin.double(), **kw)
     assert o.shape == (B, 1, Hq, D)
@@ -662,6 +663,11 @@ for _d in [(4, 2, 8, 13), (4, 1, 0, 5), (2, 2, 6, 3)]:  # the last: no groups, s
 for _d in [(4, 4, 8, 13, False), (6, 2, 6, 3, True), (4, 2, 0, 5, True)]:
     CHECKS["decode_value_blocks_Hq{}_Hkv{}_W{}_pos{}_{}".format(*_d[:4], "shared" if _d[4] else "per_query_head")] = (
         lambda d=_d: decode_case(*d[:4], as_tensor=True, shared=d[4], block_v=16, D=32))
+# the state in blocks of 8 key rows (four a head, each loaded before the previous one's store),
+# with two value blocks, per query head and shared by a group of two
+for _d in [(4, 4, 8, 13, False), (4, 2, 6, 3, True)]:
+    CHECKS["decode_key_blocks_Hq{}_Hkv{}_W{}_pos{}_{}".format(*_d[:4], "shared" if _d[4] else "per_query_head")] = (
+        lambda d=_d: decode_case(*d[:4], as_tensor=True, shared=d[4], block_v=16, block_k=8, D=32))
 
 
 def kernels():
@@ -705,21 +711,22 @@ def test_triton_interpreter(results, name):
 
 
 def test_decode_tile_defaults_follow_the_measured_rule():
-    """default_block_v (docs/kernels.md, twelfth session): whole heads of at most 128 for a state per
-    query head; 64 columns for a shared state unless that leaves fewer programs than SMs, then 32."""
+    """default_tile (docs/kernels.md, thirteenth session): a state per query head at heads of 128 in
+    blocks of 32 key rows, 64 columns; other heads whole; a shared state whole columns, 64 of them
+    unless that leaves fewer programs than SMs, then 32; heads of 256 32 columns."""
     pytest.importorskip("triton")
     from types import SimpleNamespace  # noqa: PLC0415
 
-    from linearize.kernels.liger.decode_triton import default_block_v  # noqa: PLC0415
+    from linearize.kernels.liger.decode_triton import default_tile  # noqa: PLC0415
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert default_block_v(128, 32, 32, 8, cpu) == 128
-    assert default_block_v(64, 9, 9, 1, cpu) == 64
-    assert default_block_v(256, 32, 32, 8, cpu) == 32
-    assert default_block_v(16, 4, 2, 3, cpu) == 16  # never wider than the head
+    assert default_tile(128, 32, 32, 8, cpu) == (32, 64)
+    assert default_tile(64, 9, 9, 1, cpu) == (64, 64)
+    assert default_tile(256, 32, 32, 8, cpu) == (256, 32)
+    assert default_tile(16, 4, 2, 3, cpu) == (16, 16)  # never wider than the head
     with mock.patch("torch.cuda.get_device_properties", return_value=SimpleNamespace(multi_processor_count=132)):
-        assert default_block_v(128, 32, 8, 8, gpu) == 32  # 2 x 8 x 8 = 128 programs at 64 columns
-        assert default_block_v(128, 32, 8, 64, gpu) == 64
+        assert default_tile(128, 32, 8, 8, gpu) == (128, 32)  # 2 x 8 x 8 = 128 programs at 64 columns
+        assert default_tile(128, 32, 8, 64, gpu) == (128, 64)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ final_state) or per kv head (HS = HKV, what the model's cache keeps: a G-th of t
 read and write each step). Program (value block, state head, batch row) loads its [K, BV] tile
 of the fp32 state, the ring buffer's [W, K] rotated keys and [W, BV] values before it stores
 anything, decays and updates the tile, and for each of the G = HQ / HS query heads it serves adds
-that head's GLA output and window scores into one row of an accumulator. The new
+that head's GLA output and window scores into one row of an accumulator. A state per query head
+at heads of 128 is walked in blocks of BK key rows instead (default_tile), each block loaded before
+the previous one is stored: a program's loads and stores then overlap, where the whole tile's
+loads and then its stores are two phases one wave of programs goes through in step. The new
 token's rotated key and value are written into ring slot position % W by the first program of
 each kv group (and the first value block for the key); every program uses the new key/value
 from registers for that slot, so no program depends on another program's write. ring_valid[b,
@@ -30,8 +33,8 @@ from .naive import liger_decode_step_torch
 def liger_decode_kernel(
     q, k, v, state, k_ring, v_ring, ring_valid, cos, sin, o,
     slot, position, gate_mult, mix, win_scale, s_cos_b, s_qb, s_kb, s_vb,
-    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, BV: tl.constexpr, GB: tl.constexpr,
-    W: tl.constexpr, BW: tl.constexpr, SLOT_IN_MEMORY: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    GB: tl.constexpr, W: tl.constexpr, BW: tl.constexpr, SLOT_IN_MEMORY: tl.constexpr,
 ):
     i_v, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G: tl.constexpr = HQ // HKV  # query heads per kv head
@@ -45,8 +48,10 @@ def liger_decode_kernel(
     p_q = q + i_b * s_qb + (i_s * GP) * K
     b_v = tl.load(v + i_b * s_vb + i_hk * K + cv).to(tl.float32)
     b_k = tl.load(p_k + ck).to(tl.float32)
-    e_k = tl.exp(b_k - tl.max(b_k, axis=0))
-    f_k = e_k / tl.sum(e_k, axis=0)
+    k_max = tl.max(b_k, axis=0)
+    e_k = tl.exp(b_k - k_max)
+    k_sum = tl.sum(e_k, axis=0)
+    f_k = e_k / k_sum
     # every served query head's softmax statistics at once (each head's row is picked out below)
     q_all = tl.load(p_q + rows[:, None] * K + ck[None, :], mask=(rows < GP)[:, None], other=0.0).to(tl.float32)
     q_max = tl.max(q_all, axis=1)
@@ -64,12 +69,18 @@ def liger_decode_kernel(
         first_of_group = (i_s * GP) % G == 0  # writes the new token's ring slot
         p_ring = ((i_b * HKV + i_hk) * W + cw)[:, None].to(tl.int64) * K
         scores = tl.zeros([GB, BW], dtype=tl.float32)
-        # every load is issued before the first store: the compiler cannot move a load past a
-        # store to another pointer it may alias, so a late load would wait on a round trip
+        # the ring's loads are issued before the first store: the compiler cannot move a load past
+        # a store to another pointer it may alias, so a late load would wait on a round trip
         vr = tl.load(v_ring + p_ring + cv[None, :], mask=m_w[:, None], other=0.0)
         valid = tl.load(ring_valid + i_b * W + cw, mask=m_w, other=0) != 0
-    p_s = state + (i_b * HS + i_s).to(tl.int64) * K * K + ck[:, None] * K + cv[None, :]
-    S = tl.load(p_s)
+    # the state tile: whole (BK = K), or in blocks of BK key rows whose first is loaded with the ring
+    if BK == K:
+        p_s = state + (i_b * HS + i_s).to(tl.int64) * K * K + ck[:, None] * K + cv[None, :]
+        S = tl.load(p_s)
+    else:
+        p_s = state + (i_b * HS + i_s).to(tl.int64) * K * K + cv[None, :]
+        cb = tl.arange(0, BK)
+        S = tl.load(p_s + cb[:, None] * K)
     if W > 0:  # the ring's rotated keys, and the new token's for its slot
         kr = tl.load(k_ring + p_ring + ck[None, :], mask=m_w[:, None], other=0.0)
         ck_swap = (ck + K // 2) % K
@@ -79,16 +90,41 @@ def liger_decode_kernel(
         k_rot = b_k * c + sign * tl.load(p_k + ck_swap).to(tl.float32) * s
         k_new = k_rot.to(kr.dtype)
         kr = tl.where(new, k_new[None, :], kr).to(tl.float32)
-    S = S * gate[:, None] + f_k[:, None] * b_v[None, :]
-    for g in tl.static_range(GP):
-        b_q = tl.load(p_q + g * K + ck).to(tl.float32)
-        is_g = rows == g
-        f_q = tl.exp(b_q - tl.sum(tl.where(is_g, q_max, 0.0), axis=0)) / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0)
-        o_lin += tl.where(is_g[:, None], tl.sum(f_q[:, None] * S, axis=0)[None, :], 0.0)
+    if BK == K:
+        S = S * gate[:, None] + f_k[:, None] * b_v[None, :]
+        for g in tl.static_range(GP):
+            b_q = tl.load(p_q + g * K + ck).to(tl.float32)
+            is_g = rows == g
+            f_q = tl.exp(b_q - tl.sum(tl.where(is_g, q_max, 0.0), axis=0)) / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0)
+            o_lin += tl.where(is_g[:, None], tl.sum(f_q[:, None] * S, axis=0)[None, :], 0.0)
+            if W > 0:
+                q_rot = b_q * c + sign * tl.load(p_q + g * K + ck_swap).to(tl.float32) * s
+                scores += tl.where(is_g[:, None], tl.sum(kr * q_rot[None, :], axis=1)[None, :], 0.0)
+        tl.store(p_s, S)
+    else:
+        # blocks of key rows, software-pipelined: each block is loaded before the previous one is
+        # stored, so the program reads and writes its state at once rather than in two phases
+        # (the whole tile's loads, then its stores)
         if W > 0:
-            q_rot = b_q * c + sign * tl.load(p_q + g * K + ck_swap).to(tl.float32) * s
-            scores += tl.where(is_g[:, None], tl.sum(kr * q_rot[None, :], axis=1)[None, :], 0.0)
-    tl.store(p_s, S)
+            for g in tl.static_range(GP):
+                b_q = tl.load(p_q + g * K + ck).to(tl.float32)
+                q_rot = b_q * c + sign * tl.load(p_q + g * K + ck_swap).to(tl.float32) * s
+                scores += tl.where((rows == g)[:, None], tl.sum(kr * q_rot[None, :], axis=1)[None, :], 0.0)
+        for i_blk in tl.static_range(K // BK):
+            rk = i_blk * BK + cb
+            if i_blk + 1 < K // BK:
+                S_next = tl.load(p_s + (rk + BK)[:, None] * K)
+            bk = tl.load(p_k + rk).to(tl.float32)  # this block's rows of phi(k) and of the gate
+            gate_blk = tl.exp((tl.minimum(bk, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(bk)))) * gate_mult)
+            S = S * gate_blk[:, None] + (tl.exp(bk - k_max) / k_sum)[:, None] * b_v[None, :]
+            for g in tl.static_range(GP):
+                is_g = rows == g
+                f_q = (tl.exp(tl.load(p_q + g * K + rk).to(tl.float32) - tl.sum(tl.where(is_g, q_max, 0.0), axis=0))
+                       / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0))
+                o_lin += tl.where(is_g[:, None], tl.sum(f_q[:, None] * S, axis=0)[None, :], 0.0)
+            tl.store(p_s + rk[:, None] * K, S)
+            if i_blk + 1 < K // BK:
+                S = S_next
     if W > 0:
         if first_of_group:
             if i_v == 0:
@@ -125,28 +161,35 @@ def _packed_rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-def default_block_v(K: int, HQ: int, HS: int, B: int, device: torch.device) -> int:
-    """Value columns a decode program takes. Measured on one H200 in one call (graph replay, heads of
-    128, window 64; docs/kernels.md, twelfth session):
-    - a state per query head: the whole head (B8 19.7 us against 20.9 at 64 columns, B64 118.8
-      against 127.1); one program then reads the head's ring keys once, not once per value block;
-    - a state shared by a kv group (the model's cache; G query heads a program): 64 columns
-      (B64 Hkv8 55.8 us; 76.8 at 32, 66.3 at 128), unless that leaves fewer programs than SMs,
-      then 32 (B8 Hkv8: 128 programs at 64 columns on 132 SMs, 12.3 us; 11.1 at 32).
+def default_tile(K: int, HQ: int, HS: int, B: int, device: torch.device) -> tuple[int, int]:
+    """(key rows per state block, value columns) a decode program takes. Measured on H200s, graph
+    replay, window 64 (docs/kernels.md, twelfth and thirteenth sessions):
+    - a state per query head (HS = HQ: liger_attention's final_state, and the model's cache when
+      the model has as many kv heads as query heads), heads of 128: 64 columns in blocks of 32 key
+      rows, each block loaded before the previous one is stored. B8 Hkv32 15.9 us and B64 100.6
+      against 19.7 and 121.3 for the whole [128, 128] tile at once; blocks of 16 took 17.4 and
+      115.8, of 8 21.4 and 149.3, and 32 columns were slower at every block size. Other head
+      sizes take the whole head at once (heads of 64, SmolLM2's: B8 5.4 us against 6.5 in blocks
+      of 32);
+    - a state shared by a kv group (the model's cache; G query heads a program): the whole column
+      at once, 64 columns (B64 Hkv8 55.8 us; 76.8 at 32, 66.3 at 128), unless that leaves fewer
+      programs than SMs, then 32 (B8 Hkv8: 128 programs at 64 columns on 132 SMs, 12.3 us; 11.1
+      at 32). Blocks of key rows were slower here (B8 Hkv8 13.5 us in blocks of 32 against 11.2).
     Heads of 256 take 32 columns: a [256, 64] tile spills 2.4 KB (kernel_registers.py)."""
     if K > 128:
-        return 32
+        return K, 32
     if HS == HQ:
-        return K
+        return (32, 64) if K == 128 else (K, K)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return min(K, 64 if triton.cdiv(K, 64) * HS * B >= sms else 32)
+    return K, min(K, 64 if triton.cdiv(K, 64) * HS * B >= sms else 32)
 
 
 def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int | torch.Tensor, *, window, mix,
-                      gate_normalizer, cos=None, sin=None, block_v: int | None = None, num_warps: int = 4):
+                      gate_normalizer, cos=None, sin=None, block_k: int | None = None, block_v: int | None = None,
+                      num_warps: int = 4):
     """Triton form of liger_decode_step_torch (same arguments; updates state and ring in place).
     `position` is an int or an int64 device tensor of one element (read by the kernel: no sync).
-    block_v: value columns a program takes (default_block_v)."""
+    block_k, block_v: key rows per state block and value columns a program takes (default_tile)."""
     B, _, HQ, K = q.shape
     HKV, HS = k.shape[2], state.shape[1]
     W = int(window)
@@ -165,7 +208,8 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         cos, sin = cos.reshape(cos.shape[0], -1)[:, -K:].contiguous(), sin.reshape(sin.shape[0], -1)[:, -K:].contiguous()
         s_cos_b = 0 if cos.shape[0] == 1 else K
         valid_u8 = ring_valid.view(torch.uint8)
-    block_v = min(K, block_v or default_block_v(K, HQ, HS, B, q.device))
+    default_k, default_v = default_tile(K, HQ, HS, B, q.device)
+    block_k, block_v = min(K, block_k or default_k), min(K, block_v or default_v)
     BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
     GP = HQ // HS
     in_memory = isinstance(position, torch.Tensor)
@@ -176,6 +220,7 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         cos if W > 0 else q, sin if W > 0 else q, o,
         0 if in_memory or W == 0 else position % W, position if in_memory else q,
         1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b, q.stride(0), k.stride(0), v.stride(0),
-        HQ=HQ, HKV=HKV, HS=HS, K=K, BV=block_v, GB=max(1 << (GP - 1).bit_length(), 2), W=W, BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
+        HQ=HQ, HKV=HKV, HS=HS, K=K, BK=block_k, BV=block_v, GB=max(1 << (GP - 1).bit_length(), 2), W=W,
+        BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
     )
     return o
