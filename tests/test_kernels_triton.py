@@ -81,7 +81,7 @@ CASES = [  # (T, Hq, Hkv, window, strong[, head_dim]); the window kernels run fr
     (70, 4, 1, 5, False),
     (33, 2, 2, 0, False),
     (40, 2, 2, 100, False),  # window beyond the kernel's 64: PyTorch fallback
-    (150, 8, 1, 64, False),  # GQA 8 (atomics of 8 heads into one kv row), windows across 3 query blocks
+    (150, 8, 1, 64, False),  # GQA 8 (8 query heads' rows summed into one kv row), windows across 3 query blocks
     (150, 4, 2, 64, False, 32),  # the Triton window backward (dk/dv programs of 32 and 64 key rows)
     (70, 2, 2, 20, True, 32),
 ]

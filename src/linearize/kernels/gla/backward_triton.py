@@ -162,8 +162,7 @@ def gla_bwd_dkv_kernel(
         b_dk += e_o * tl.dot(b_v, tl.trans(dS.to(dot_t)), input_precision="ieee")
         if FEATURE_MAP:
             # the gate: dB = phi(q) dphi(q) - phi(k) dphi(k), summed over this and later steps;
-            # then back through softmax and logsigmoid (d/dk logsigmoid(k) = sigmoid(-k)). The
-            # query heads of a kv group add into the same rows: atomically.
+            # then back through softmax and logsigmoid (d/dk logsigmoid(k) = sigmoid(-k)).
             b_kd = b_k * b_dk
             b_dB = tl.load(qdq + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0) - b_kd
             b_dB = tl.where(m_t[:, None], b_dB, 0.0)
@@ -172,11 +171,8 @@ def gla_bwd_dkv_kernel(
             carry += total
             b_dk = b_kd - b_k * tl.sum(b_kd, axis=1)[:, None]
             b_dk += b_dg * gate_mult / (1.0 + tl.exp(raw_k))
-            tl.atomic_add(dk + kv_row * K + ck[None, :], b_dk, mask=m_t[:, None])
-            tl.atomic_add(dv + kv_row * V + cv[None, :], b_dv, mask=m_t[:, None])
-        else:
-            tl.store(dv + q_row * V + cv[None, :], b_dv, mask=m_t[:, None])
-            tl.store(dk_part + q_row * K + ck[None, :], b_dk, mask=m_t[:, None])
+        tl.store(dv + q_row * V + cv[None, :], b_dv, mask=m_t[:, None])
+        tl.store(dk_part + q_row * K + ck[None, :], b_dk, mask=m_t[:, None])
         q_in = b_q * (scale * tl.exp(b_b))
         dS = dS * tl.exp(b_last)[:, None] + tl.dot(tl.trans(q_in.to(dot_t)), b_do, input_precision="ieee")
 
@@ -297,16 +293,14 @@ def gla_bwd(
     NV = triton.cdiv(V, BV)
     f32 = dict(dtype=torch.float32, device=q.device)
     dq = torch.empty(B, T, HQ, K, **f32)
-    if feature_map:  # per-query-head contributions added atomically into the kv heads' rows
-        qdq = torch.empty(B, T, HQ, K, **f32)
-        dk = torch.zeros(B, T, HKV, K, **f32)
-        dv = torch.zeros(B, T, HKV, V, **f32)
-    else:
-        qdq = dq
-        dk = torch.empty(NV, B, T, HQ, K, **f32)
-        dv = torch.empty(B, T, HQ, V, **f32)
+    # rows per query head, a kv group's summed afterwards: atomic adds into the kv head's rows were
+    # slower (dk/dv sweep 0.63 against 0.45 ms at SmolLM2's shape, 7.36 against 5.70 at B8 T4096
+    # Hq32 Hkv8 D128; H200, thirteenth session)
+    qdq = torch.empty(B, T, HQ, K, **f32) if feature_map else dq
+    dk = torch.empty(NV, B, T, HQ, K, **f32)
+    dv = torch.empty(B, T, HQ, V, **f32)
     dh0 = torch.empty(N, HQ, K, V, **f32) if need_dh0 else None
-    chunk_triton.poison(*((dq, qdq, dh0) if feature_map else (dq, dk, dv, dh0)))
+    chunk_triton.poison(dq, qdq, dk, dv, dh0)
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     dht = dht.to(torch.float32).contiguous() if dht is not None else None
     ht = final_state.to(torch.float32).contiguous() if dht is not None else None
@@ -324,10 +318,8 @@ def gla_bwd(
         T, B * T, float(scale), float(gate_mult), BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, **common,
         **_sweep_launch("dkv", num_warps, default_warps("dkv", feature_map, K, NV * HQ * N, q.device)),
     )
-    if feature_map:
-        return dq, dk, dv, None, dh0
-    dk = dk.sum(0)
-    dg = _gate_gradient(q, k, dq, dk, G, dht, ht, cu_seqlens, N, T) if need_dg else None
+    dk = dk.sum(0) if NV > 1 else dk[0]
+    dg = _gate_gradient(q, k, dq, dk, G, dht, ht, cu_seqlens, N, T) if need_dg and not feature_map else None
     if G > 1:
         dk = dk.view(B, T, HKV, G, K).sum(3)
         dv = dv.view(B, T, HKV, G, V).sum(3)
