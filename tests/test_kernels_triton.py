@@ -729,5 +729,18 @@ def test_decode_tile_defaults_follow_the_measured_rule():
         assert default_tile(128, 32, 8, 64, gpu) == (128, 64)
 
 
+def test_decode_tiles_must_be_powers_of_two():
+    pytest.importorskip("triton")
+    from linearize.kernels.liger.decode_triton import liger_decode_step as triton_decode_step  # noqa: PLC0415
+
+    B, H, D, W = 1, 2, 64, 4
+    q, k, v = (torch.randn(B, 1, H, D) for _ in range(3))
+    cos, sin = rope(B, 1, D)
+    with pytest.raises(ValueError, match="powers of two"):
+        triton_decode_step(q, k, v, torch.zeros(B, H, D, D), torch.zeros(B, H, W, D), torch.zeros(B, H, W, D),
+                           torch.zeros(B, W, dtype=torch.bool), 0, window=W, mix=0.5, gate_normalizer=16.0,
+                           cos=cos, sin=sin, block_k=48)
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])

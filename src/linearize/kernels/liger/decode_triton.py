@@ -90,7 +90,7 @@ def liger_decode_kernel(
         k_rot = b_k * c + sign * tl.load(p_k + ck_swap).to(tl.float32) * s
         k_new = k_rot.to(kr.dtype)
         kr = tl.where(new, k_new[None, :], kr).to(tl.float32)
-    if BK == K:
+    if BK == K:  # kept as written before blocks existed: reordering it cost registers (spills at D 64)
         S = S * gate[:, None] + f_k[:, None] * b_v[None, :]
         for g in tl.static_range(GP):
             b_q = tl.load(p_q + g * K + ck).to(tl.float32)
@@ -210,6 +210,8 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         valid_u8 = ring_valid.view(torch.uint8)
     default_k, default_v = default_tile(K, HQ, HS, B, q.device)
     block_k, block_v = min(K, block_k or default_k), min(K, block_v or default_v)
+    if block_k & (block_k - 1) or block_v & (block_v - 1):
+        raise ValueError(f"decode tiles must be powers of two (block_k={block_k}, block_v={block_v})")
     BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
     GP = HQ // HS
     in_memory = isinstance(position, torch.Tensor)
