@@ -24,7 +24,20 @@ import triton
 import triton.language as tl
 
 from ..gla import chunk_triton
+from ..gla.chunk_triton import logsigmoid
 from .naive import liger_decode_step_torch
+
+
+@triton.jit
+def served_query_map(b_q, is_g, q_max, q_sum):
+    """phi(q) = softmax(q) of the served head is_g picks, from every served head's statistics."""
+    return tl.exp(b_q - tl.sum(tl.where(is_g, q_max, 0.0), axis=0)) / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0)
+
+
+@triton.jit
+def ring_scores(b_q, q_swap, c, s, sign, kr):
+    """The RoPE'd query's unscaled scores [BW] against the ring's rotated keys kr [BW, K]."""
+    return tl.sum(kr * (b_q * c + sign * q_swap * s)[None, :], axis=1)
 
 
 # slot changes every step: unspecialised, else Triton compiles a variant for slot == 1 and for
@@ -56,7 +69,7 @@ def liger_decode_kernel(
     q_all = tl.load(p_q + rows[:, None] * K + ck[None, :], mask=(rows < GP)[:, None], other=0.0).to(tl.float32)
     q_max = tl.max(q_all, axis=1)
     q_sum = tl.sum(tl.exp(q_all - q_max[:, None]), axis=1)
-    gate = tl.exp((tl.minimum(b_k, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(b_k)))) * gate_mult)
+    gate = tl.exp(logsigmoid(b_k) * gate_mult)
     # one accumulator row per served query head (GLA output, window scores): the group's window
     # softmax and outputs run after the state tile is stored
     o_lin = tl.zeros([GB, BV], dtype=tl.float32)
@@ -95,11 +108,11 @@ def liger_decode_kernel(
         for g in tl.static_range(GP):
             b_q = tl.load(p_q + g * K + ck).to(tl.float32)
             is_g = rows == g
-            f_q = tl.exp(b_q - tl.sum(tl.where(is_g, q_max, 0.0), axis=0)) / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0)
+            f_q = served_query_map(b_q, is_g, q_max, q_sum)
             o_lin += tl.where(is_g[:, None], tl.sum(f_q[:, None] * S, axis=0)[None, :], 0.0)
             if W > 0:
-                q_rot = b_q * c + sign * tl.load(p_q + g * K + ck_swap).to(tl.float32) * s
-                scores += tl.where(is_g[:, None], tl.sum(kr * q_rot[None, :], axis=1)[None, :], 0.0)
+                q_swap = tl.load(p_q + g * K + ck_swap).to(tl.float32)
+                scores += tl.where(is_g[:, None], ring_scores(b_q, q_swap, c, s, sign, kr)[None, :], 0.0)
         tl.store(p_s, S)
     else:
         # blocks of key rows, software-pipelined: each block is loaded before the previous one is
@@ -108,19 +121,18 @@ def liger_decode_kernel(
         if W > 0:
             for g in tl.static_range(GP):
                 b_q = tl.load(p_q + g * K + ck).to(tl.float32)
-                q_rot = b_q * c + sign * tl.load(p_q + g * K + ck_swap).to(tl.float32) * s
-                scores += tl.where((rows == g)[:, None], tl.sum(kr * q_rot[None, :], axis=1)[None, :], 0.0)
+                q_swap = tl.load(p_q + g * K + ck_swap).to(tl.float32)
+                scores += tl.where((rows == g)[:, None], ring_scores(b_q, q_swap, c, s, sign, kr)[None, :], 0.0)
         for i_blk in tl.static_range(K // BK):
             rk = i_blk * BK + cb
             if i_blk + 1 < K // BK:
                 S_next = tl.load(p_s + (rk + BK)[:, None] * K)
             bk = tl.load(p_k + rk).to(tl.float32)  # this block's rows of phi(k) and of the gate
-            gate_blk = tl.exp((tl.minimum(bk, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(bk)))) * gate_mult)
+            gate_blk = tl.exp(logsigmoid(bk) * gate_mult)
             S = S * gate_blk[:, None] + (tl.exp(bk - k_max) / k_sum)[:, None] * b_v[None, :]
             for g in tl.static_range(GP):
                 is_g = rows == g
-                f_q = (tl.exp(tl.load(p_q + g * K + rk).to(tl.float32) - tl.sum(tl.where(is_g, q_max, 0.0), axis=0))
-                       / tl.sum(tl.where(is_g, q_sum, 0.0), axis=0))
+                f_q = served_query_map(tl.load(p_q + g * K + rk).to(tl.float32), is_g, q_max, q_sum)
                 o_lin += tl.where(is_g[:, None], tl.sum(f_q[:, None] * S, axis=0)[None, :], 0.0)
             tl.store(p_s + rk[:, None] * K, S)
             if i_blk + 1 < K // BK:
