@@ -4,8 +4,9 @@ The sweeps run one program per (sequence, head) at ~180-255 registers a thread, 
 or two of them and a grid of 144 programs on 132 SMs takes two rounds (Nsight Compute, ninth GPU
 session: the dk/dv sweep at SmolLM2's shape ran 1.09 waves). This times each kernel on its own
 (torch.profiler, summed over the iterations) for settings of chunk_triton.FORWARD_LAUNCH (keys
-fwd_warps, fwd_block_v, fwd_split_window) and backward_triton.BACKWARD_LAUNCH (num_warps, dq_warps, dkv_warps,
-dq_maxnreg, dkv_maxnreg, block_k, block_v), so a setting that helps one kernel and hurts another shows as such.
+fwd_warps, fwd_block_v, fwd_split_window), backward_triton.BACKWARD_LAUNCH (num_warps, dq_warps, dkv_warps,
+dq_maxnreg, dkv_maxnreg, block_k, block_v) and the window kernels' (win_fwd_warps, win_fwd_stages, win_dq_warps,
+win_dkv_warps, win_dq_stages, win_dkv_stages, win_dkv_block), so a setting that helps one kernel and hurts another shows as such.
 
     python benchmarks/sweep_launch.py --shapes 16,1024,9,3,64 8,4096,32,32,128 \\
         --variants default dkv_warps=4 dkv_maxnreg=128 --json sweep_launch.json
@@ -36,9 +37,14 @@ from triton.testing import do_bench
 from linearize.kernels import chunk_gla, liger_attention
 from linearize.kernels.gla import backward_triton, chunk_triton
 from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
+from linearize.kernels.liger import window_bwd_triton, window_fwd_triton
 
 KERNELS = ("window_fwd_kernel", "gla_fwd_kernel", "gla_bwd_dq_kernel", "gla_bwd_dkv_kernel", "window_dq_kernel", "window_dkv_kernel")
 FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v", "fwd_split_window": "split_window"}
+# the window kernels' launch overrides (liger/window_fwd_triton.LAUNCH, liger/window_bwd_triton.LAUNCH)
+WINDOW_FORWARD_KEYS = {"win_fwd_warps": "num_warps", "win_fwd_stages": "num_stages"}
+WINDOW_BACKWARD_KEYS = {"win_dq_warps": "dq_warps", "win_dkv_warps": "dkv_warps", "win_dq_stages": "dq_stages",
+                        "win_dkv_stages": "dkv_stages", "win_dkv_block": "block_kv"}
 
 
 def launch_settings(text: str) -> dict:
@@ -50,11 +56,16 @@ def launch_settings(text: str) -> dict:
 
 def patched(settings: dict) -> ExitStack:
     """FORWARD_LAUNCH and BACKWARD_LAUNCH set from one variant's settings, for the `with` block."""
+    window_keys = WINDOW_FORWARD_KEYS | WINDOW_BACKWARD_KEYS
     forward = {FORWARD_KEYS[k]: v for k, v in settings.items() if k in FORWARD_KEYS}
-    backward = {k: v for k, v in settings.items() if k not in FORWARD_KEYS}
+    backward = {k: v for k, v in settings.items() if k not in FORWARD_KEYS and k not in window_keys}
     stack = ExitStack()
     stack.enter_context(mock.patch.object(chunk_triton, "FORWARD_LAUNCH", forward))
     stack.enter_context(mock.patch.object(backward_triton, "BACKWARD_LAUNCH", backward))
+    stack.enter_context(mock.patch.object(window_fwd_triton, "LAUNCH",
+                                          {WINDOW_FORWARD_KEYS[k]: v for k, v in settings.items() if k in WINDOW_FORWARD_KEYS}))
+    stack.enter_context(mock.patch.object(window_bwd_triton, "LAUNCH",
+                                          {WINDOW_BACKWARD_KEYS[k]: v for k, v in settings.items() if k in WINDOW_BACKWARD_KEYS}))
     return stack
 
 

@@ -37,9 +37,21 @@ from .window_fwd_triton import dot_halves, halves, packed_starts, rotated_halves
 
 BQ = 64  # rows per block; a query's keys come from its block and the one before, so W <= 64
 MIN_D = 32  # the halves feed tl.dot, whose inner size must be at least 16
-# Key rows per dk/dv program for heads of 128 and more; 64 below. Chosen, with 8 warps, from the
-# register report of kernels compiled for sm_90 (Triton 3.6, no spills; 64 rows spill at D = 128).
+# Key rows per dk/dv program for heads of 128 and more; 64 below (at 4 warps, sm_90, Triton 3.6:
+# 64 rows spill 824 B a thread at D 128, 32 rows 256 B; at D 64, 64 rows none).
 BKV_WIDE = 32
+# Launch overrides for benchmarks/sweep_launch.py: dq_warps, dkv_warps, dq_stages, dkv_stages, block_kv.
+LAUNCH: dict[str, int] = {}
+
+
+def launch(kernel: str) -> dict[str, int]:
+    """num_warps and num_stages of window_dq_kernel ("dq") or window_dkv_kernel ("dkv"). 4 warps, one
+    stage: on an H200 (fourteenth session, sweep_launch.py) 4 warps took the dq kernel from 0.240 to
+    0.102 ms at B16 T1024 H9 D64 and from 2.54 to 1.53 ms at B8 T4096 H32 D128, and the dk/dv kernel
+    from 0.191 to 0.102 and from 4.07 to 2.63 ms (despite 256 B of spill at D 128), against 8 warps.
+    At 8 warps an SM held one program (142-255 registers); at 4 it holds two or three. Two stages
+    made the dq kernel slower (0.286 ms at D 64)."""
+    return dict(num_warps=LAUNCH.get(f"{kernel}_warps", 4), num_stages=LAUNCH.get(f"{kernel}_stages", 1))
 
 
 @triton.jit
@@ -226,7 +238,7 @@ def window_bwd(
         return window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu_seqlens, add_to=add_to,
                                 dlse=dlse)
     if block_kv is None:
-        block_kv = BKV_WIDE if D >= 128 else BQ
+        block_kv = LAUNCH.get("block_kv", BKV_WIDE if D >= 128 else BQ)
     NT = B * T
     if cu_seqlens is None:
         rows = torch.arange(NT, device=q.device, dtype=torch.int32)
@@ -243,19 +255,19 @@ def window_bwd(
     delta = torch.empty_like(lse)
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
     common = dict(HQ=HQ, HKV=HKV, D=D, W=int(window), BQ=BQ, LOW_PRECISION=q.dtype in (torch.bfloat16, torch.float16),
-                  ACCUMULATE=add_to is not None, num_warps=8, num_stages=1)
+                  ACCUMULATE=add_to is not None)
     n_blocks = triton.cdiv(NT, BQ)
     args = (q, k, v, do, tables[0], tables[1], starts.contiguous())
     torch_form = dict(window=window, mix=mix, cu_seqlens=cu_seqlens, dlse=dlse)
     dlse_rows = None if dlse is None else dlse.float().reshape(NT, HQ).contiguous()
     try:
         window_dq_kernel[(n_blocks, HQ)](*args, dq, lse, delta, lse if dlse_rows is None else dlse_rows, NT, float(mix),
-                                         float(D) ** -0.5, HAS_DLSE=dlse is not None, **common)
+                                         float(D) ** -0.5, HAS_DLSE=dlse is not None, **common, **launch("dq"))
     except OutOfResources:  # nothing written yet
         return window_bwd_torch(q, k, v, do, cos, sin, **torch_form, add_to=add_to)
     try:
         window_dkv_kernel[(triton.cdiv(NT, block_kv), HKV)](*args, lse, delta, dk, dv, NT, float(mix),
-                                                             float(D) ** -0.5, BKV=block_kv, **common)
+                                                             float(D) ** -0.5, BKV=block_kv, **common, **launch("dkv"))
     except OutOfResources:  # dq is in place already: only dk, dv from the PyTorch form
         _, dk_torch, dv_torch = window_bwd_torch(q, k, v, do, cos, sin, **torch_form)
         if add_to is not None:
