@@ -40,7 +40,7 @@ from linearize.kernels.gla.chunk_triton import gla_fwd_kernel  # noqa: E402
 from linearize.kernels.gsa import chunk_triton as gsa_chunk  # noqa: E402
 from linearize.kernels.liger import window_bwd_triton as wb  # noqa: E402
 from linearize.kernels.liger import window_fwd_triton as wf  # noqa: E402
-from linearize.kernels.liger.decode_triton import default_tile, liger_decode_kernel  # noqa: E402
+from linearize.kernels.liger.decode_triton import accumulator_rows, default_tile, liger_decode_kernel  # noqa: E402
 
 # argument name -> Triton type; pointers to the I/O dtype are "*io" and filled in per run
 TYPES = {
@@ -154,10 +154,9 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("gdn delta rule, chunk sweep back (TF32)", gdn_chunk.chunk_delta_bwd_kernel,
          dict(sweep, USE_DHT=True, PRECISION="tf32"), 8, 1),
         ("decode step (Liger, window 64, state per query head)", liger_decode_kernel,
-         dict(decode, HS=HQ, **decode_tile(D, HQ, HQ), GB=2, SLOT_IN_MEMORY=False), 4, 3),
+         dict(decode, HS=HQ, **decode_tile(D, HQ, HQ), GB=accumulator_rows(1), SLOT_IN_MEMORY=False), 4, 3),
         ("decode step (Liger, window 64, state per kv head, CUDA-graph slot)", liger_decode_kernel,
-         dict(decode, HS=HKV, **decode_tile(D, HQ, HKV), GB=max(1 << (HQ // HKV - 1).bit_length(), 2),
-              SLOT_IN_MEMORY=True), 4, 3),
+         dict(decode, HS=HKV, **decode_tile(D, HQ, HKV), GB=accumulator_rows(HQ // HKV), SLOT_IN_MEMORY=True), 4, 3),
     ]
 
 

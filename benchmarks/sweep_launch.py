@@ -55,17 +55,16 @@ def launch_settings(text: str) -> dict:
 
 
 def patched(settings: dict) -> ExitStack:
-    """FORWARD_LAUNCH and BACKWARD_LAUNCH set from one variant's settings, for the `with` block."""
-    window_keys = WINDOW_FORWARD_KEYS | WINDOW_BACKWARD_KEYS
-    forward = {FORWARD_KEYS[k]: v for k, v in settings.items() if k in FORWARD_KEYS}
-    backward = {k: v for k, v in settings.items() if k not in FORWARD_KEYS and k not in window_keys}
+    """The kernels' launch dicts set from one variant's settings, for the `with` block: keys of
+    FORWARD_KEYS and the WINDOW_* maps renamed into their module's dict, the rest to BACKWARD_LAUNCH."""
+    keyed = {chunk_triton: ("FORWARD_LAUNCH", FORWARD_KEYS), window_fwd_triton: ("LAUNCH", WINDOW_FORWARD_KEYS),
+             window_bwd_triton: ("LAUNCH", WINDOW_BACKWARD_KEYS)}
     stack = ExitStack()
-    stack.enter_context(mock.patch.object(chunk_triton, "FORWARD_LAUNCH", forward))
-    stack.enter_context(mock.patch.object(backward_triton, "BACKWARD_LAUNCH", backward))
-    stack.enter_context(mock.patch.object(window_fwd_triton, "LAUNCH",
-                                          {WINDOW_FORWARD_KEYS[k]: v for k, v in settings.items() if k in WINDOW_FORWARD_KEYS}))
-    stack.enter_context(mock.patch.object(window_bwd_triton, "LAUNCH",
-                                          {WINDOW_BACKWARD_KEYS[k]: v for k, v in settings.items() if k in WINDOW_BACKWARD_KEYS}))
+    for module, (name, keys) in keyed.items():
+        stack.enter_context(mock.patch.object(module, name, {keys[k]: v for k, v in settings.items() if k in keys}))
+    claimed = {k for _, keys in keyed.values() for k in keys}
+    stack.enter_context(mock.patch.object(backward_triton, "BACKWARD_LAUNCH",
+                                          {k: v for k, v in settings.items() if k not in claimed}))
     return stack
 
 

@@ -69,6 +69,9 @@ def liger_decode_kernel(
     q_all = tl.load(p_q + rows[:, None] * K + ck[None, :], mask=(rows < GP)[:, None], other=0.0).to(tl.float32)
     q_max = tl.max(q_all, axis=1)
     q_sum = tl.sum(tl.exp(q_all - q_max[:, None]), axis=1)
+    # phi(k) and the gate over the whole head serve the whole-tile branch only (the blocked one
+    # takes its rows per block; the compiler drops these there). Computed here, not in that branch:
+    # moved, they cost it 8-11 registers (sm_90, Triton 3.6: 203 -> 211 at B8 Hkv8's shared state)
     gate = tl.exp(logsigmoid(b_k) * gate_mult)
     # one accumulator row per served query head (GLA output, window scores): the group's window
     # softmax and outputs run after the state tile is stored
@@ -173,6 +176,11 @@ def _packed_rows(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def accumulator_rows(served: int) -> int:
+    """GB: the kernel's accumulator rows for `served` query heads a program, a power of two, at least 2."""
+    return max(1 << (served - 1).bit_length(), 2)
+
+
 def default_tile(K: int, HQ: int, HS: int, B: int, device: torch.device) -> tuple[int, int]:
     """(key rows per state block, value columns) a decode program takes. Measured on H200s, graph
     replay, window 64 (docs/kernels.md, twelfth and thirteenth sessions):
@@ -225,7 +233,6 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
     if block_k & (block_k - 1) or block_v & (block_v - 1):
         raise ValueError(f"decode tiles must be powers of two (block_k={block_k}, block_v={block_v})")
     BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
-    GP = HQ // HS
     in_memory = isinstance(position, torch.Tensor)
     grid = (triton.cdiv(K, block_v), HS, B)
     liger_decode_kernel[grid](
@@ -234,7 +241,7 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
         cos if W > 0 else q, sin if W > 0 else q, o,
         0 if in_memory or W == 0 else position % W, position if in_memory else q,
         1.0 / gate_normalizer, float(mix), float(K) ** -0.5, s_cos_b, q.stride(0), k.stride(0), v.stride(0),
-        HQ=HQ, HKV=HKV, HS=HS, K=K, BK=block_k, BV=block_v, GB=max(1 << (GP - 1).bit_length(), 2), W=W,
+        HQ=HQ, HKV=HKV, HS=HS, K=K, BK=block_k, BV=block_v, GB=accumulator_rows(HQ // HS), W=W,
         BW=max(BW, 16), SLOT_IN_MEMORY=in_memory, num_warps=num_warps,
     )
     return o

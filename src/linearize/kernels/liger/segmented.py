@@ -113,8 +113,9 @@ class SegmentedLigerFunction(torch.autograd.Function):
         B, T, HQ, K = q.shape
         HKV, V = k.shape[2], v.shape[-1]
         group, pieces = HQ // HKV, -(-T // rows)
-        cum, total = _gates(k, pieces, rows, gate_normalizer)
-        phi_k = _segments(k, pieces, rows).softmax(-1)
+        k32 = k.float()  # the gates and phi(k) both read k in fp32: one conversion
+        cum, total = _gates(k32, pieces, rows, gate_normalizer)
+        phi_k = _segments(k32, pieces, rows).softmax(-1)
         local = torch.einsum("bslhk,bslhv->bshkv", phi_k.mul_(torch.exp(total[:, :, None] - cum)),
                              _segments(v, pieces, rows))[:, :, :, None]  # [B, S, HKV, 1, K, V]: one per kv group
         decay = torch.exp(total)[:, :, :, None, :, None]  # [B, S, HKV, 1, K, 1]
