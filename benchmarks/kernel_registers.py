@@ -38,6 +38,7 @@ from linearize.kernels.gla import backward_triton, chunk_triton  # noqa: E402
 from linearize.kernels.gla.backward_triton import gla_bwd_dkv_kernel, gla_bwd_dq_kernel  # noqa: E402
 from linearize.kernels.gla.chunk_triton import gla_fwd_kernel  # noqa: E402
 from linearize.kernels.gsa import chunk_triton as gsa_chunk  # noqa: E402
+from linearize.kernels.liger import segment_states_triton as seg  # noqa: E402
 from linearize.kernels.liger import window_bwd_triton as wb  # noqa: E402
 from linearize.kernels.liger import window_fwd_triton as wf  # noqa: E402
 from linearize.kernels.liger.decode_triton import accumulator_rows, default_tile, liger_decode_kernel  # noqa: E402
@@ -46,10 +47,11 @@ from linearize.kernels.liger.decode_triton import accumulator_rows, default_tile
 TYPES = {
     **{n: "*io" for n in ("q", "k", "v", "g", "do", "o")},
     **{n: "*fp32" for n in ("cos", "sin", "h0", "ht", "dht", "dh0", "qdq", "dq", "dk", "dv", "lse", "dlse", "delta",
-                            "state")},
+                            "state", "local", "totals", "start", "before", "after")},
     **{n: "*io" for n in ("k_ring", "v_ring")},
     "ring_valid": "*u8", "position": "*i64", "starts": "*i32", "cu_seqlens": "*i32", "window_starts": "*i32",
-    **{n: "i32" for n in ("T", "TOTAL", "NT", "TABLE_T", "s_cos_b", "s_qb", "s_kb", "s_vb", "slot", "ROWS")},
+    **{n: "i32" for n in ("T", "TOTAL", "NT", "TABLE_T", "s_cos_b", "s_qb", "s_kb", "s_vb", "slot", "ROWS", "rows",
+                          "pieces")},
     # gsa's slot scores: the feature maps as fp32 pointers (the model's are bf16: similar registers)
     **{n: "*fp32" for n in ("fq", "fk", "u", "log_gate", "s", "ds", "du", "dq_parts", "dk_parts")},
     # gdn's chunk terms and sweep: fp32 throughout, but q, k, v, o, do are named as the Liger kernels' ("*io")
@@ -93,6 +95,8 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     fwd_bv, fwd_warps = chunk_triton.forward_tile(D, D)  # as gla_fwd launches: Liger's heads, hedgehog's 2D features
     hh_bv, hh_warps = chunk_triton.forward_tile(2 * D, D)
     decode = dict(HQ=HQ, HKV=HKV, K=D, W=64, BW=64)
+    seg_bt, seg_bv = seg.tile(D, D)
+    seg_tiles = dict(HKV=HKV, K=D, V=D, BV=seg_bv)
     return [
         ("forward (Liger, fused)", gla_fwd_kernel,
          dict(common, K=D, V=D, BT=BT, BV=fwd_bv, WINDOW=64, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
@@ -113,6 +117,12 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("backward dk/dv sweep (Liger, sequence segment)", gla_bwd_dkv_kernel,
          dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=True, STORE_DH0=True, IS_VARLEN=True),
          sweep_warps("dkv", D, many=False), 1),
+        ("segment states: each segment's own (segmented.py)", seg.segment_local_states_kernel,
+         dict(seg_tiles, BT=seg_bt, PRECISION="tf32"), 4, 1),
+        ("segment states: each segment's gradient", seg.segment_local_grads_kernel,
+         dict(seg_tiles, HQ=HQ, BT=seg_bt, PRECISION="tf32"), 4, 1),
+        ("segment states: the scan across segments", seg.segment_scan_kernel,
+         dict(seg_tiles, HQ=HQ, LOCAL_H=HKV, USE_START=True, REVERSE=False, STORE_AFTER=True), 4, 1),
         ("backward dq sweep (chunk_gla)", gla_bwd_dq_kernel,
          dict(common, K=D, V=D, BT=BT, BK=min(D, 64), FEATURE_MAP=False, USE_H0=False), plain_warps("dq", D), 1),
         ("backward dk/dv sweep (chunk_gla)", gla_bwd_dkv_kernel,

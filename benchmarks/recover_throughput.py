@@ -124,6 +124,14 @@ def profile(model, seq_len: int, tokens_per_step: int, device: torch.device, row
             f"host waits: {waits or 'none'}")
 
 
+def patched(patches: list) -> ExitStack:
+    """A row's (module, attribute, value) patches, for a `with` block."""
+    stack = ExitStack()
+    for module, attr, value in patches:
+        stack.enter_context(mock.patch.object(module, attr, value))
+    return stack
+
+
 # CUDA runtime calls that block the host until the GPU catches up (a pageable copy to the device,
 # .item(), .tolist(), bool(tensor) ...)
 HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "cudaEventSynchronize")
@@ -155,7 +163,8 @@ def main() -> None:
     p.add_argument("--targets", default="",
                    help="extra rows converted to these other targets (hgrn2, mamba2, hedgehog, gdn, gsa), comma-separated")
     p.add_argument("--ceiling", action="store_true", help="add a row with no token mixing (an upper bound)")
-    p.add_argument("--profile", type=int, metavar="SEQ_LEN", help="print each model's top GPU kernels at this length")
+    p.add_argument("--profile", type=int, metavar="SEQ_LEN",
+                   help="print every row's top GPU kernels at this length, and its GPU busy time a step")
     args = p.parse_args()
     # (label, target converted to, module attributes patched for the row)
     variants = [("gla", "gla", [])]
@@ -174,9 +183,7 @@ def main() -> None:
         row = {"seq_len": seq_len}
         for label, target, patches in [("softmax", None, []), *variants]:
             model = build(args.source, target, device)
-            with ExitStack() as stack:
-                for module, attr, value in patches:
-                    stack.enter_context(mock.patch.object(module, attr, value))
+            with patched(patches):
                 try:
                     row[label] = tokens_per_second(model, seq_len, args.tokens_per_step, args.steps, device)
                 except torch.OutOfMemoryError:
@@ -199,9 +206,10 @@ def main() -> None:
     console.print(table)
     profiles = {}
     if args.profile and device.type == "cuda":
-        for label in ("softmax", "gla"):
-            model = build(args.source, "gla" if label == "gla" else None, device)
-            profiles[label] = profile(model, args.profile, args.tokens_per_step, device)
+        for label, target, patches in [("softmax", None, []), *variants]:
+            model = build(args.source, target, device)
+            with patched(patches):
+                profiles[label] = profile(model, args.profile, args.tokens_per_step, device)
             console.print(f"\n{label} at seq len {args.profile}, one training step:\n{profiles[label]}", markup=False)
             del model
             torch.cuda.empty_cache()

@@ -471,9 +471,9 @@ def test_chunked_gated_deltanet_equals_the_step_by_step_reference(T, window, pad
 
 
 def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
-    """liger/segmented.py's choice, on a pretend 132-SM GPU: SmolLM2's 9 heads at batch 4 and 4096
-    tokens get 3 segments (108 programs, one wave); B8 x 32 heads already fill the SMs; short
-    sequences stay whole."""
+    """liger/segmented.py's choice, on a pretend 132-SM GPU: split while the programs fill less than
+    half of what the SMs hold (two an SM at heads of 64, one at 128), in segments of 640 or 1024 rows;
+    sequences no longer than a segment stay whole."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
@@ -481,17 +481,18 @@ def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     gpu = torch.device("cuda")
-    assert segmented.segment_length(4, 4096, 9, gpu) == 1408
-    assert segmented.segment_length(1, 32768, 9, gpu) == 2560  # 13 segments: 117 programs
-    assert segmented.segment_length(1, 4096, 32, gpu) == 1024
-    assert segmented.segment_length(8, 4096, 32, gpu) is None
-    assert segmented.segment_length(16, 1024, 9, gpu) is None  # 2 segments: 3 waves of 640 rows, not 10% better
-    assert segmented.segment_length(4, 400, 9, gpu) is None
-    assert segmented.segment_length(4, 4096, 9, torch.device("cpu")) is None
+    assert segmented.segment_length(4, 4096, 9, 64, gpu) == 640  # SmolLM2 at 4096: 36 programs
+    assert segmented.segment_length(8, 1024, 9, 64, gpu) == 640  # 72 programs
+    assert segmented.segment_length(16, 1024, 9, 64, gpu) is None  # 144 of 264
+    assert segmented.segment_length(1, 32768, 32, 128, gpu) == 1024
+    assert segmented.segment_length(2, 4096, 32, 128, gpu) == 1024  # 64 of 132
+    assert segmented.segment_length(4, 4096, 32, 128, gpu) is None  # 128 of 132
+    assert segmented.segment_length(4, 640, 9, 64, gpu) is None
+    assert segmented.segment_length(4, 4096, 9, 64, torch.device("cpu")) is None
     monkeypatch.setenv("LINEARIZE_SEGMENTS", "0")
-    assert segmented.segment_length(4, 4096, 9, gpu) is None
+    assert segmented.segment_length(4, 4096, 9, 64, gpu) is None
     monkeypatch.setattr(segmented, "SEGMENT_LEN", 48)
-    assert segmented.segment_length(4, 4096, 9, torch.device("cpu")) == 48
+    assert segmented.segment_length(4, 4096, 9, 64, torch.device("cpu")) == 48
 
 
 def test_chunk_kernels_follow_the_float32_matmul_precision():

@@ -152,6 +152,32 @@ for _s in [(150, 4, 2, 64, False, 48), (150, 2, 2, 20, True, 32), (96, 2, 1, 0, 
         lambda c=_s: segmented_case(*c))
 
 
+def segment_states_case(B, T, Hq, Hkv, D, rows, with_states, strong):
+    """liger/segment_states_triton.py's kernels (boundary states forward, their gradients backward)
+    against their float64 PyTorch references, within 1e-5."""
+    from linearize.kernels.liger import segment_states_triton as st  # noqa: PLC0415
+
+    torch.manual_seed(T + rows + D)
+    q, do = torch.randn(B, T, Hq, D), torch.randn(B, T, Hq, D)
+    k, v = torch.randn(B, T, Hkv, D) * (3.0 if strong else 1.0), torch.randn(B, T, Hkv, D)
+    h0, dht = (torch.randn(B, Hq, D, D), torch.randn(B, Hq, D, D)) if with_states else (None, None)
+    gate_mult = 1.0 if strong else 1 / 16
+    got = st.segment_states(k, v, h0, rows, gate_mult, Hq)
+    ref = st.segment_states_torch(k.double(), v.double(), h0 if h0 is None else h0.double(), rows, gate_mult, Hq)
+    for name, a, b in zip(("entering", "leaving", "totals"), got, ref, strict=True):
+        assert a.shape == b.shape and rel(a, b) < 1e-5, name
+    grads = st.segment_state_grads(q, k, do, dht, got[2], rows, gate_mult)
+    ref_grads = st.segment_state_grads_torch(q.double(), k.double(), do.double(), dht if dht is None else dht.double(),
+                                             ref[2], rows, gate_mult)
+    assert grads.shape == ref_grads.shape and rel(grads, ref_grads) < 1e-5
+
+
+for _s in [(2, 150, 4, 2, 32, 64, True, False), (1, 70, 2, 2, 16, 32, False, True), (2, 96, 3, 1, 32, 48, True, True),
+           (1, 130, 2, 1, 64, 64, False, False), (1, 100, 2, 2, 128, 64, True, False)]:
+    CHECKS["segment_states_B{}_T{}_Hq{}_Hkv{}_D{}_rows{}_{}_{}".format(
+        *_s[:6], "states" if _s[6] else "zeros", "strong" if _s[7] else "weak")] = lambda c=_s: segment_states_case(*c)
+
+
 def fp16_case(seed, T, Hq, Hkv, segment_rows=None):
     """Half-precision I/O against float64 (one batch row, heads of 32). (fp16, not bf16: the
     interpreter's numpy has no bfloat16 maths, so bf16 runs are checked on the GPU by

@@ -307,6 +307,12 @@ def gla_fwd_kernel(
         tl.store(ht + p_state, S)
 
 
+def window_split_here(K: int, V: int) -> bool:
+    """Whether gla_fwd runs Liger's window as liger/window_fwd_triton.py's kernel (then the sweep
+    without it) rather than inside the sweep."""
+    return bool(window_fwd.supported(K, V) and FORWARD_LAUNCH.get("split_window", 1))
+
+
 def _next_pow2(x: int) -> int:
     return 1 << (max(int(x), 1) - 1).bit_length()
 
@@ -321,12 +327,14 @@ def gla_fwd(
     q, k, v, g=None, *, scale=1.0, gate_mult=1.0, feature_map=False, window=0, mix=0.0,
     cos=None, sin=None, initial_state=None, output_final_state=False, cu_seqlens=None,
     block_v: int | None = None, num_warps: int | None = None, num_stages: int = 1, block_t: int | None = None,
-    window_starts=None,
+    window_starts=None, out=None,
 ):
     """Launch gla_fwd_kernel. q [B, T, Hq, K]; k [B, T, Hkv, K]; v [B, T, Hkv, V] (Hkv = Hq
     for plain chunk_gla); g [B, T, Hq, K] unless feature_map. Returns (o, final state).
     window_starts [N] int32, with cu_seqlens: the first row of each segment's sequence (segments
-    start on a block boundary of their sequence; see the module docstring)."""
+    start on a block boundary of their sequence; see the module docstring). out [B, T, Hq, V] (window 0,
+    feature_map): holds mix times the window branch already, written by the caller with
+    liger/window_fwd_triton.py; the sweep adds (1 - mix) times its own into it."""
     import torch  # noqa: PLC0415
 
     B, T, HQ, K = q.shape
@@ -337,9 +345,11 @@ def gla_fwd(
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
+    if out is not None and (window > 0 or not feature_map):
+        raise ValueError("gla_fwd adds into `out` only for the feature-map sweep with its window run already")
+    o = out if out is not None else torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device)
     ht = torch.empty(N, HQ, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    poison(o, ht)
+    poison(None if out is not None else o, ht)
     h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
     s_cos_b = 0
     if window > 0:
@@ -355,7 +365,7 @@ def gla_fwd(
         num_warps = FORWARD_LAUNCH.get("num_warps") or forward_tile(K, block_v)[1]
     # Liger's window as a kernel of its own, parallel over blocks, then the sweep without it (see
     # liger/window_fwd_triton.py); FORWARD_LAUNCH {"split_window": 0} keeps it inside the sweep.
-    split = (window > 0 and feature_map and window_fwd.supported(K, V) and FORWARD_LAUNCH.get("split_window", 1))
+    split = window > 0 and feature_map and window_split_here(K, V)
     if split:
         window_fwd.window_fwd_into(o, q, k, v, cos, sin, window=window, mix=mix, cu_seqlens=cu_seqlens,
                                    window_starts=window_starts)
@@ -370,6 +380,7 @@ def gla_fwd(
         HQ=HQ, HKV=HKV, K=K, V=V, BT=block_t, BV=block_v, WINDOW=int(window),
         FEATURE_MAP=feature_map, USE_H0=h0 is not None, STORE_HT=output_final_state,
         IS_VARLEN=cu_seqlens is not None, LOW_PRECISION=low, DIAG_F32=q.dtype == torch.float16,
-        PRELOAD=window_starts is not None, ADD_TO_OUT=bool(split), num_warps=num_warps, num_stages=num_stages,
+        PRELOAD=window_starts is not None, ADD_TO_OUT=bool(split) or out is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return o, ht

@@ -116,7 +116,8 @@ def liger_attention(q, k, v, *, window=64, mix=0.5, gate_normalizer=16.0, cos=No
     if window > 0 and (cos is None or sin is None):
         raise ValueError("the sliding-window branch needs the rotary tables cos and sin")
     _check(q, cu_seqlens)
-    rows = segmented.segment_length(q.shape[0], q.shape[1], q.shape[2], q.device) if cu_seqlens is None else None
+    rows = (segmented.segment_length(q.shape[0], q.shape[1], q.shape[2], q.shape[3], q.device) if cu_seqlens is None
+            else None)
     if rows is not None and rows < q.shape[1]:  # few (sequence, head) programs: split the sequences
         o, ht = segmented.SegmentedLigerFunction.apply(
             q, k, v, initial_state, cos, sin, int(window), float(mix), float(gate_normalizer),

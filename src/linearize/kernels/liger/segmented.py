@@ -5,22 +5,23 @@ most of the GPU idles: SmolLM2's 9 heads at batch 4 make 36 programs for an H100
 each taking 256 sequential blocks for 4096 tokens (docs/kernels.md, fourth session). Here each
 sequence becomes S segments, run as separate programs through the kernels' packed-sequence mode.
 
-Forward. A segment's own contribution to the state is one batched matrix product,
-L_j = sum_t exp(G_j - C_t) phi(k_t) v_t^T, with C_t its cumulative log-gate and G_j its total;
-the state entering each segment follows in S small steps, S_in[j+1] = exp(G_j) S_in[j] + L_j.
-Then one kernel launch computes every segment's outputs from its S_in, the window looking back
-across the segment boundary (`window_starts` in gla/chunk_triton.py).
+Forward. A segment's own contribution to the state is L_j = sum_t exp(G_j - C_t) phi(k_t) v_t^T,
+with C_t its cumulative log-gate and G_j its total; the state entering each segment follows in S
+small steps, S_in[j+1] = exp(G_j) S_in[j] + L_j (segment_states_triton.py: one kernel for every
+L_j side by side, one for the steps). Then one launch computes every segment's outputs from its
+S_in, the window looking back across the segment boundary (`window_starts` in gla/chunk_triton.py).
 
 Backward. The gradient reaching a segment's final state comes from the segments after it:
-dS_in[j] = exp(G_j) dS_out[j] + sum_t exp(C_t) phi(q_t) do_t^T (again one batched product),
-dS_out[j - 1] = dS_in[j], run backwards. Then one launch of the two sweeps takes each segment's
-initial and final state and its final-state gradient. The window's backward kernels are parallel
-over blocks already and run on the whole sequences as before.
+dS_in[j] = exp(G_j) dS_out[j] + sum_t exp(C_t) phi(q_t) do_t^T, dS_out[j - 1] = dS_in[j], run
+backwards (the same two kernels' backward forms). Then one launch of the two sweeps takes each
+segment's initial and final state and its final-state gradient. The window's backward kernels are
+parallel over blocks already and run on the whole sequences as before.
 
-The extra work (the prologue's products, a second pass over q and k in PyTorch) is not free: at
-SmolLM2's shape (B4 T4096, 3 segments) it took 0.87 ms of GPU time per layer's forward and
-backward, against 2.95 ms saved in the sweeps (5.18 -> 3.07 ms in all; docs/kernels.md, fifth
-session). It pays only where programs are few, so `segment_length` only splits then.
+The extra work (the boundary states, a second pass over q and k) is small now: at SmolLM2's shape
+(B4 T4096, 3 segments) the two local kernels take 0.10 ms each way. Done in PyTorch it was 0.84
+ms of GPU time and about 90 small launches a layer, and the layer waited on the host (4.22 ms of
+wall for 2.42 of GPU work; 2.00 for 1.97 with the kernels; one H200, fifteenth session). It pays
+only where programs are few, so `segment_length` only splits then.
 """
 
 from __future__ import annotations
@@ -29,63 +30,44 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 
-from ..cumsum import blocked_cumsum
 from ..gla import chunk_triton
 from ..gla.backward_triton import gla_bwd
 from ..gla.chunk_triton import gla_fwd
+from .segment_states_triton import segment_state_grads, segment_states
 from .window_bwd_triton import window_bwd
+from .window_fwd_triton import window_fwd_into
 
 # Rows per segment: None chooses (segment_length), 0 never splits; tests set a small value.
 SEGMENT_LEN: int | None = None
-MIN_SEGMENT = 256  # rows; shorter segments would be mostly look-back and prologue
-# A segment's fixed cost in rows: the window's look-back (64 rows) plus, by estimate, as much
-# again for the PyTorch prologue and the launch tail.
-SEGMENT_OVERHEAD = 128
 
 
-def segment_length(batch: int, length: int, q_heads: int, device: torch.device) -> int | None:
-    """Rows per segment, or None to keep whole sequences.
-
-    The sweeps hold ~230 registers a thread at 8 warps, so an SM runs one program at a time and
-    the time goes in waves of `SMs` programs. The pick minimises waves x rows per program (plus
-    SEGMENT_OVERHEAD per segment), splitting only for a 10% gain. With 132 SMs: SmolLM2's 36
-    programs at 4096 tokens take 3 segments of 1408 rows (one wave); at 1024 tokens and batch 16
-    (144 programs) they stay whole, as B8 x 32 heads do."""
+def segment_length(batch: int, length: int, q_heads: int, head_dim: int, device: torch.device) -> int | None:
+    """Rows per segment, or None to keep whole sequences (see _pick)."""
     if SEGMENT_LEN is not None:
         return SEGMENT_LEN or None
     if os.environ.get("LINEARIZE_SEGMENTS") == "0" or device.type != "cuda":  # the env variable turns it off
         return None
-    return _best_split(batch * q_heads, length, torch.cuda.get_device_properties(device).multi_processor_count)
+    return _pick(batch * q_heads, length, head_dim, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 @functools.cache  # asked by every layer on every call: the same few shapes each step
-def _best_split(programs: int, length: int, sms: int) -> int | None:
-    step = 4 * chunk_triton.BT  # whole blocks, and a full window look-back (4 blocks) from the second segment on
-    best, best_cost = None, -(-programs // sms) * length
-    for pieces in range(2, length // MIN_SEGMENT + 1):
-        rows = -(-length // pieces // step) * step
-        pieces = -(-length // rows)  # after rounding rows up to whole steps
-        cost = -(-programs * pieces // sms) * (rows + SEGMENT_OVERHEAD)
-        if cost < 0.9 * best_cost:  # a clear gain only: splitting has costs this model leaves out
-            best, best_cost = rows, cost
-    return best
+def _pick(programs: int, length: int, head_dim: int, sms: int) -> int | None:
+    """Split while the (sequence, head) programs fill less than half of what the SMs hold at once
+    (two sweeps an SM at heads of 64 and less, whose backward runs at 4 warps; one above), into
+    segments of 640 rows at heads up to 64 and 1024 above.
 
-
-def _segments(x: torch.Tensor, pieces: int, rows: int) -> torch.Tensor:
-    """[B, T, H, D] -> [B, S, rows, H, D] in fp32, the last segment padded with zero rows."""
-    x = x.float()
-    if pieces * rows != x.shape[1]:
-        x = F.pad(x, (0, 0, 0, 0, 0, pieces * rows - x.shape[1]))
-    return x.view(x.shape[0], pieces, rows, *x.shape[2:])
-
-
-def _gates(k: torch.Tensor, pieces: int, rows: int, gate_normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cumulative log-gate within each segment C [B, S, rows, Hkv, K] and each segment's total [B, S, Hkv, K]
-    (padding rows add nothing)."""
-    cum = blocked_cumsum(_segments(F.logsigmoid(k.float()).div_(gate_normalizer), pieces, rows), 2)
-    return cum, cum[:, :, -1]
+    Measured on one H200 (fifteenth session; ms of a layer's forward+backward, bf16, segments of 256
+    to 2048 rows, as `benchmarks/sweep_launch.py --variants segments=0 segments=640 ...` times them).
+    At heads of 64, 640 rows were the fastest or within 1% of it at B4 T4096, B8 T2048, B2 T8192,
+    B1 T16384, B8 T1024 and B4 T2048 H16 (B4 T4096 H9: 3.93 whole, 1.89 at 1408 rows, 1.23 at 640);
+    512 rows were slower than 384 in every one. At heads of 128 (H32/8), 1024 rows were within 2% of
+    the best at B1 and B2 T4096 and B1 T16384, while B4 T4096 (128 programs) ran 8.96 whole and
+    10.2-10.6 in segments. At B16 T1024 H9 (144 programs) whole sequences take 1.38 ms and 256-row
+    segments 1.33, which this rule leaves (a whole training step: 119.4 against 116.2 ms of GPU)."""
+    rows = 640 if head_dim <= 64 else 1024
+    held = sms * (2 if head_dim <= 64 else 1)
+    return rows if 2 * programs < held and length > rows else None
 
 
 def _packed(x: torch.Tensor) -> torch.Tensor:
@@ -111,55 +93,34 @@ class SegmentedLigerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, initial_state, cos, sin, window, mix, gate_normalizer, output_final_state, rows):
         B, T, HQ, K = q.shape
-        HKV, V = k.shape[2], v.shape[-1]
-        group, pieces = HQ // HKV, -(-T // rows)
-        k32 = k.float()  # the gates and phi(k) both read k in fp32: one conversion
-        cum, total = _gates(k32, pieces, rows, gate_normalizer)
-        phi_k = _segments(k32, pieces, rows).softmax(-1)
-        local = torch.einsum("bslhk,bslhv->bshkv", phi_k.mul_(torch.exp(total[:, :, None] - cum)),
-                             _segments(v, pieces, rows))[:, :, :, None]  # [B, S, HKV, 1, K, V]: one per kv group
-        decay = torch.exp(total)[:, :, :, None, :, None]  # [B, S, HKV, 1, K, 1]
-        # query heads of a group share k and v: their states differ only by the initial state
-        state = (torch.zeros(B, HKV, 1, K, V, device=q.device) if initial_state is None
-                 else initial_state.float().unflatten(1, (HKV, group)))
-        entering, leaving = [], []
-        for j in range(pieces):
-            entering.append(state)
-            state = decay[:, j] * state + local[:, j]
-            leaving.append(state)
-        # [B, S, HQ, K, V]
-        entering, leaving = (torch.stack(x, 1).expand(-1, -1, -1, group, -1, -1).flatten(2, 3) for x in (entering, leaving))
-
+        V = v.shape[-1]
+        q, k, v = (x.contiguous() for x in (q, k, v))  # the kernels index rows of contiguous tensors
+        entering, leaving, totals = segment_states(k, v, initial_state, rows, 1.0 / gate_normalizer, HQ)
         cu, starts = _layout(B, T, rows, q.device)
-        cos_p, sin_p = (_rope_packed(x, B, T) for x in (cos, sin)) if window > 0 else (None, None)
-        o, _ = gla_fwd(
-            _packed(q), _packed(k), _packed(v), feature_map=True, gate_mult=1.0 / gate_normalizer, window=window,
-            mix=mix, cos=cos_p, sin=sin_p, initial_state=entering.flatten(0, 1), cu_seqlens=cu,
-            window_starts=starts if window > 0 else None, num_warps=8,  # 4 spilled at D 64 (kernel_registers.py)
-        )
-        ctx.save_for_backward(q, k, v, cos, sin, entering, leaving, cu)
+        common = dict(feature_map=True, gate_mult=1.0 / gate_normalizer, mix=mix, initial_state=entering.flatten(0, 1),
+                      cu_seqlens=cu, num_warps=8)  # 4 warps spilled at D 64 (kernel_registers.py)
+        if window > 0 and chunk_triton.window_split_here(K, V):
+            # the window does not care where the segments start: it runs on the whole sequences, then
+            # the segments' sweeps add the linear branch (no packed RoPE tables or row starts)
+            o = window_fwd_into(torch.empty(B, T, HQ, V, dtype=q.dtype, device=q.device), q, k, v, cos, sin,
+                                window=window, mix=mix)
+            gla_fwd(_packed(q), _packed(k), _packed(v), out=_packed(o), **common)
+        else:  # the window, if any, inside the sweeps, looking back across segment starts
+            tables = {} if window == 0 else dict(window=window, cos=_rope_packed(cos, B, T), sin=_rope_packed(sin, B, T),
+                                                 window_starts=starts)
+            o, _ = gla_fwd(_packed(q), _packed(k), _packed(v), **tables, **common)
+        ctx.save_for_backward(q, k, v, cos, sin, entering, leaving, totals, cu)
         ctx.cfg = (window, mix, gate_normalizer, rows, initial_state is not None)
         return o.view(B, T, HQ, V), leaving[:, -1].clone() if output_final_state else None
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, cos, sin, entering, leaving, cu = ctx.saved_tensors
+        q, k, v, cos, sin, entering, leaving, totals, cu = ctx.saved_tensors
         window, mix, gn, rows, has_h0 = ctx.cfg
         B, T, HQ, K = q.shape
-        group, pieces = HQ // k.shape[2], -(-T // rows)
+        pieces = -(-T // rows)
         do_linear = do * ((1.0 - mix) if window > 0 else 1.0)
-        cum, total = _gates(k, pieces, rows, gn)
-        phi_q = _segments(q, pieces, rows).softmax(-1).unflatten(3, (-1, group))  # [B, S, rows, HKV, group, K]
-        phi_q.mul_(torch.exp(cum)[:, :, :, :, None])  # times exp(C_t), shared by a group's query heads
-        do_grouped = _segments(do_linear, pieces, rows).unflatten(3, (-1, group))
-        local = torch.einsum("bslhgk,bslhgv->bshgkv", phi_q, do_grouped).flatten(2, 3)  # [B, S, HQ, K, V]
-        decay = torch.exp(total).repeat_interleave(group, dim=2)[..., None]
-        grad = torch.zeros_like(leaving[:, 0]) if dht is None else dht.float()
-        leaving_grads = []
-        for j in reversed(range(pieces)):
-            leaving_grads.append(grad)
-            grad = decay[:, j] * grad + local[:, j]
-        leaving_grads = torch.stack(leaving_grads[::-1], 1)
+        leaving_grads = segment_state_grads(q, k, do_linear, dht, totals, rows, 1.0 / gn)
 
         dq, dk, dv, _, dh0 = gla_bwd(
             _packed(q), _packed(k), _packed(v), None, _packed(do_linear), scale=1.0, feature_map=True,
