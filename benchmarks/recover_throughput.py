@@ -102,9 +102,10 @@ def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, dev
 
 
 def profile(model, seq_len: int, tokens_per_step: int, device: torch.device, rows: int = 18) -> str:
-    """The kernels one training step spends its GPU time in (torch.profiler's table), then the step's
-    wall time against the GPU's busy time and the host calls that wait for the GPU: a step whose
-    wall time is well above its GPU time is bound by the host (launches, synchronisations)."""
+    """The kernels one training step spends its GPU time in and the host ops it spends its CPU time in
+    (torch.profiler's tables), then the step's wall time against the GPU's busy time and the host calls
+    that wait for the GPU: a step whose wall time is well above its GPU time is bound by the host
+    (launches, synchronisations)."""
     step, _ = training_step(model, seq_len, tokens_per_step, device)
     for _ in range(3):
         step()
@@ -120,8 +121,11 @@ def profile(model, seq_len: int, tokens_per_step: int, device: torch.device, row
     waits = {e.key: e.count for e in events if e.key in HOST_WAITS}
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
     table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
-    return (f"{table}\nstep wall {wall_ms:.1f} ms (profiled), GPU busy {gpu_ms:.1f} ms, {launches} kernel launches; "
-            f"host waits: {waits or 'none'}")
+    # the host side: where a step whose GPU idles spends its CPU time (ops, launches, autograd)
+    host = events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)
+    cpu_ms = sum(e.self_cpu_time_total for e in events if e.device_type == torch.autograd.DeviceType.CPU) / 1e3
+    return (f"{table}\n{host}\nstep wall {wall_ms:.1f} ms (profiled), GPU busy {gpu_ms:.1f} ms, host ops {cpu_ms:.1f} ms, "
+            f"{launches} kernel launches; host waits: {waits or 'none'}")
 
 
 def patched(patches: list) -> ExitStack:
