@@ -487,6 +487,7 @@ def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
     assert segmented.segment_length(1, 32768, 32, 128, gpu) == 1024
     assert segmented.segment_length(2, 4096, 32, 128, gpu) == 1024  # 64 of 132
     assert segmented.segment_length(4, 4096, 32, 128, gpu) is None  # 128 of 132
+    assert segmented.segment_length(1, 4096, 8, 256, gpu) is None  # heads over 128 stay whole
     assert segmented.segment_length(4, 640, 9, 64, gpu) is None
     assert segmented.segment_length(4, 4096, 9, 64, torch.device("cpu")) is None
     monkeypatch.setenv("LINEARIZE_SEGMENTS", "0")

@@ -55,7 +55,8 @@ def segment_length(batch: int, length: int, q_heads: int, head_dim: int, device:
 def _pick(programs: int, length: int, head_dim: int, sms: int) -> int | None:
     """Split while the (sequence, head) programs fill less than half of what the SMs hold at once
     (two sweeps an SM at heads of 64 and less, whose backward runs at 4 warps; one above), into
-    segments of 640 rows at heads up to 64 and 1024 above.
+    segments of 640 rows at heads up to 64 and 1024 above. Heads over 128 stay whole: their
+    unsegmented backward differentiates the maps in PyTorch (fused_triton.FEATURE_MAP_MAX_D).
 
     Measured on one H200 (fifteenth session; ms of a layer's forward+backward, bf16, segments of 256
     to 2048 rows, as `benchmarks/sweep_launch.py --variants segments=0 segments=640 ...` times them).
@@ -65,6 +66,8 @@ def _pick(programs: int, length: int, head_dim: int, sms: int) -> int | None:
     the best at B1 and B2 T4096 and B1 T16384, while B4 T4096 (128 programs) ran 8.96 whole and
     10.2-10.6 in segments. At B16 T1024 H9 (144 programs) whole sequences take 1.38 ms and 256-row
     segments 1.33, which this rule leaves (a whole training step: 119.4 against 116.2 ms of GPU)."""
+    if head_dim > 128:  # the segments' backward runs the feature-map sweeps, which spill beyond 128
+        return None
     rows = 640 if head_dim <= 64 else 1024
     held = sms * (2 if head_dim <= 64 else 1)
     return rows if 2 * programs < held and length > rows else None
