@@ -6,9 +6,9 @@ session: the dk/dv sweep at SmolLM2's shape ran 1.09 waves). This times each ker
 (torch.profiler, summed over the iterations) for settings of chunk_triton.FORWARD_LAUNCH (keys
 fwd_warps, fwd_block_v, fwd_split_window), backward_triton.BACKWARD_LAUNCH (num_warps, dq_warps, dkv_warps,
 dq_maxnreg, dkv_maxnreg, block_k, block_v) and the window kernels' (win_fwd_warps, win_fwd_stages, win_dq_warps,
-win_dkv_warps, win_dq_stages, win_dkv_stages, win_dkv_block), and rows per segment (segments: liger/segmented.py's
-SEGMENT_LEN, 0 = whole sequences; the segment-state kernels count in "other"), so a setting that helps one kernel and
-hurts another shows as such.
+win_dkv_warps, win_dq_stages, win_dkv_stages, win_dkv_block), rows per segment (segments: liger/segmented.py's
+SEGMENT_LEN, 0 = whole sequences) and the segment-state kernels' (seg_warps, seg_stages, seg_block_t, seg_block_v;
+they count in "other"), so a setting that helps one kernel and hurts another shows as such.
 
     python benchmarks/sweep_launch.py --shapes 16,1024,9,3,64 8,4096,32,32,128 \\
         --variants default dkv_warps=4 dkv_maxnreg=128 --json sweep_launch.json
@@ -39,7 +39,7 @@ from triton.testing import do_bench
 from linearize.kernels import chunk_gla, liger_attention
 from linearize.kernels.gla import backward_triton, chunk_triton
 from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
-from linearize.kernels.liger import segmented, window_bwd_triton, window_fwd_triton
+from linearize.kernels.liger import segment_states_triton, segmented, window_bwd_triton, window_fwd_triton
 
 KERNELS = ("window_fwd_kernel", "gla_fwd_kernel", "gla_bwd_dq_kernel", "gla_bwd_dkv_kernel", "window_dq_kernel", "window_dkv_kernel")
 FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v", "fwd_split_window": "split_window"}
@@ -47,6 +47,8 @@ FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v", "fwd_split_w
 WINDOW_FORWARD_KEYS = {"win_fwd_warps": "num_warps", "win_fwd_stages": "num_stages"}
 WINDOW_BACKWARD_KEYS = {"win_dq_warps": "dq_warps", "win_dkv_warps": "dkv_warps", "win_dq_stages": "dq_stages",
                         "win_dkv_stages": "dkv_stages", "win_dkv_block": "block_kv"}
+SEGMENT_STATE_KEYS = {"seg_warps": "num_warps", "seg_stages": "num_stages", "seg_block_t": "block_t",
+                      "seg_block_v": "block_v"}
 
 
 def launch_settings(text: str) -> dict:
@@ -60,7 +62,8 @@ def patched(settings: dict) -> ExitStack:
     """The kernels' launch dicts set from one variant's settings, for the `with` block: keys of
     FORWARD_KEYS and the WINDOW_* maps renamed into their module's dict, the rest to BACKWARD_LAUNCH."""
     keyed = {chunk_triton: ("FORWARD_LAUNCH", FORWARD_KEYS), window_fwd_triton: ("LAUNCH", WINDOW_FORWARD_KEYS),
-             window_bwd_triton: ("LAUNCH", WINDOW_BACKWARD_KEYS)}
+             window_bwd_triton: ("LAUNCH", WINDOW_BACKWARD_KEYS),
+             segment_states_triton: ("LAUNCH", SEGMENT_STATE_KEYS)}
     stack = ExitStack()
     if "segments" in settings:
         stack.enter_context(mock.patch.object(segmented, "SEGMENT_LEN", settings["segments"]))

@@ -32,7 +32,7 @@ from ..cumsum import blocked_cumsum
 from ..gla import chunk_triton
 from ..gla.chunk_triton import logsigmoid, softmax_rows
 
-# Launch overrides for benchmarks (keys block_t, block_v, num_warps, num_stages); empty: the defaults.
+# Launch overrides for benchmarks/sweep_launch.py (keys block_t, block_v, num_warps, num_stages); empty: the defaults.
 LAUNCH: dict[str, int] = {}
 
 
@@ -161,11 +161,7 @@ def segment_states(
         k, v, local, totals, T, rows, pieces, float(gate_mult), HKV=HKV, K=K, V=V, BT=BT, BV=BV,
         PRECISION=_precision(k.dtype), **_launch("states", K),
     )
-    start = initial_state.float().contiguous() if initial_state is not None else local
-    segment_scan_kernel[(NV, q_heads, B)](
-        local, totals, start, entering, leaving, pieces, HQ=q_heads, LOCAL_H=HKV, HKV=HKV, K=K, V=V, BV=BV,
-        USE_START=initial_state is not None, REVERSE=False, STORE_AFTER=True, num_warps=4,
-    )
+    _scan(local, totals, initial_state, entering, leaving, BV)
     return entering, leaving, totals
 
 
@@ -190,12 +186,20 @@ def segment_state_grads(
         q, k, do, local, T, rows, pieces, float(gate_mult), HQ=HQ, HKV=HKV, K=K, V=V, BT=BT, BV=BV,
         PRECISION=_precision(do.dtype), **_launch("grads", K),
     )
-    start = dht.float().contiguous() if dht is not None else local
-    segment_scan_kernel[(NV, HQ, B)](
-        local, totals, start, leaving_grads, leaving_grads, pieces, HQ=HQ, LOCAL_H=HQ, HKV=HKV, K=K, V=V, BV=BV,
-        USE_START=dht is not None, REVERSE=True, STORE_AFTER=False, num_warps=4,
-    )
+    _scan(local, totals, dht, leaving_grads, None, BV)
     return leaving_grads
+
+
+def _scan(local: torch.Tensor, totals: torch.Tensor, start: torch.Tensor | None, before: torch.Tensor,
+          after: torch.Tensor | None, BV: int) -> None:
+    """segment_scan_kernel over `before` [B, S, Hq, K, V]: forward from `start` (also writing `after`),
+    or, without `after`, backward (the gradients' direction). local [B, S, Hkv or Hq, K, V]."""
+    B, pieces, HQ, K, V = before.shape
+    segment_scan_kernel[(V // BV, HQ, B)](
+        local, totals, start.float().contiguous() if start is not None else local, before,
+        after if after is not None else before, pieces, HQ=HQ, LOCAL_H=local.shape[2], HKV=totals.shape[2], K=K, V=V,
+        BV=BV, USE_START=start is not None, REVERSE=after is None, STORE_AFTER=after is not None, num_warps=4,
+    )
 
 
 # ---- plain-PyTorch references (the prologue these kernels replaced) ----

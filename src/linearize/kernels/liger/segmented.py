@@ -120,11 +120,8 @@ class SegmentedLigerFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, cos, sin, entering, leaving, totals, cu = ctx.saved_tensors
         window, mix, gn, rows, has_h0 = ctx.cfg
-        B, T, HQ, K = q.shape
-        pieces = -(-T // rows)
         do_linear = do * ((1.0 - mix) if window > 0 else 1.0)
         leaving_grads = segment_state_grads(q, k, do_linear, dht, totals, rows, 1.0 / gn)
-
         dq, dk, dv, _, dh0 = gla_bwd(
             _packed(q), _packed(k), _packed(v), None, _packed(do_linear), scale=1.0, feature_map=True,
             gate_mult=1.0 / gn, initial_state=entering.flatten(0, 1), dht=leaving_grads.flatten(0, 1),
@@ -133,5 +130,5 @@ class SegmentedLigerFunction(torch.autograd.Function):
         dq, dk, dv = dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
         if window > 0:
             window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, add_to=(dq, dk, dv))
-        dh0 = dh0.view(B, pieces, *dh0.shape[1:])[:, 0] if dh0 is not None else None
+        dh0 = dh0.view(*entering.shape[:2], *dh0.shape[1:])[:, 0] if dh0 is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None, None, None, None, None, None
