@@ -317,3 +317,43 @@ def test_gdn_delta_rule_kernel_matches_the_chunked_form_on_gpu(D, autocast):
     for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dlog_gate", "dbeta", "dstate"),
                           got, run(gated_delta_chunked, torch.float64), strict=True):
         assert relative_error(a.double(), b) < tol, name
+
+
+def test_cached_launches_recompile_for_misaligned_and_other_dtypes_on_gpu():
+    """kernels/launch.py reuses a compiled kernel only for arguments Triton would specialise alike: the
+    Liger layer on 16-byte-aligned inputs, then on the same values at an odd element offset (Triton
+    compiles a form without aligned vector loads), then in fp16, then aligned again, each against the
+    float64 PyTorch form (outputs < 5e-3, gradients < 1e-2)."""
+    from linearize.kernels import liger_attention
+    from linearize.kernels.gla import chunk_triton
+    from linearize.kernels.launch import fast
+
+    from .test_kernels_triton import rope
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    B, T, Hq, Hkv, D = 1, 200, 4, 2, 64
+    # bf16 values: every dtype below holds them exactly, so only the arithmetic differs
+    values = [torch.randn(B, T, h, D, device="cuda", generator=g).bfloat16().float() for h in (Hq, Hkv, Hkv, Hq)]
+    cos, sin = (x.cuda() for x in rope(1, T, D))
+
+    def at_offset(x: torch.Tensor, dtype: torch.dtype, offset: int) -> torch.Tensor:
+        flat = torch.empty(x.numel() + offset, device="cuda", dtype=dtype)
+        out = flat[offset:].view(x.shape)  # contiguous: the wrappers pass it on as it is
+        out.copy_(x)
+        assert (out.data_ptr() % 16 == 0) == (offset == 0)
+        return out
+
+    def grads(dtype, offset, backend):
+        q, k, v, do = (at_offset(x, dtype, offset).requires_grad_(i < 3) for i, x in enumerate(values))
+        tables = (cos.double(), sin.double()) if dtype == torch.float64 else (cos, sin)
+        o, _ = liger_attention(q, k, v, window=64, cos=tables[0], sin=tables[1], backend=backend)
+        return [o, *torch.autograd.grad(o, (q, k, v), do)]
+
+    ref = grads(torch.float64, 0, "torch")
+    for dtype, offset in ((torch.bfloat16, 0), (torch.bfloat16, 1), (torch.float16, 3), (torch.bfloat16, 0)):
+        got = grads(dtype, offset, "triton")
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, ref, strict=True):
+            assert relative_error(a.double(), b) < (5e-3 if name == "o" else 1e-2), (dtype, offset, name)
+    # q is the forward kernel's first argument: one compiled entry per (dtype, alignment) it met
+    q_keys = {key[0][0] for key in fast(chunk_triton.gla_fwd_kernel).compiled}
+    assert {(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)} <= q_keys

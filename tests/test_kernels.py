@@ -496,6 +496,25 @@ def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
     assert segmented.segment_length(4, 4096, 9, 64, torch.device("cpu")) == 48
 
 
+def test_cached_launch_key_separates_what_triton_specialises():
+    """kernels/launch.py reuses a compiled kernel only under an equal key: tensors differ by dtype and by
+    16-byte alignment, integers by width class, by being 1 and by dividing by 16, bools from integers;
+    an argument of another kind is refused (that launch takes Triton's own path)."""
+    pytest.importorskip("triton")
+    from linearize.kernels.launch import _arg_key
+
+    x = torch.zeros(64, dtype=torch.bfloat16)
+    assert x.data_ptr() % 16 == 0
+    assert _arg_key(x) == _arg_key(torch.zeros(8, dtype=torch.bfloat16))
+    assert len({_arg_key(x), _arg_key(x[1:]), _arg_key(x[8:]), _arg_key(x.half())}) == 3  # x[8:] is 16 bytes on
+    ints = (1, 16, 17, 2**31, 2**31 + 1, 2**63)
+    assert len({_arg_key(i) for i in ints}) == len(ints)
+    assert _arg_key(17) == _arg_key(33) and _arg_key(16) == _arg_key(48)
+    assert _arg_key(True) != _arg_key(1) and _arg_key(None) is None and _arg_key(0.5) == _arg_key(2.0)
+    with pytest.raises(TypeError):
+        _arg_key("a string")
+
+
 def test_chunk_kernels_follow_the_float32_matmul_precision():
     """gdn/gsa chunk kernels' fp32 products: three TF32 passes under PyTorch's default "highest", one
     where set_float32_matmul_precision allows TF32 (CUDA autocast, which also gives one, needs a GPU)."""

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ..gla import chunk_triton
+from ..launch import fast
 from . import terms_triton
 from .terms_triton import BT, chunk_rows
 
@@ -132,7 +133,7 @@ def sweep_fwd(terms, state, precision: str, store_states: bool = False):
     else:
         o, ht, states = Qe.new_empty(BH, rows, V), Qe.new_empty(BH, D, V), None
         chunk_triton.poison(o, ht)
-    chunk_delta_fwd_kernel[(triton.cdiv(V, BV), BH)](
+    fast(chunk_delta_fwd_kernel)[(triton.cdiv(V, BV), BH)](
         Qe, Oe, W, U, Kr, Kw, v, dec, state, o if o is not None else Qe, ht if ht is not None else Qe,
         states if states is not None else Qe, rows // BT,
         D=D, V=V, BD=BD, BV=BV, BT=BT, STORE_STATES=store_states, PRECISION=precision, num_warps=8,
@@ -152,7 +153,7 @@ def sweep_bwd(terms, state, do, dht, precision: str):
     ddec = Qe.new_empty(blocks, BH, NC, D)
     du, dv, dh0 = torch.empty_like(U), torch.empty_like(v), torch.empty_like(state)
     chunk_triton.poison(dqe, dw, dkr, dkw, ddec, du, dv, dh0)
-    chunk_delta_bwd_kernel[(blocks, BH)](
+    fast(chunk_delta_bwd_kernel)[(blocks, BH)](
         Qe, W, U, Kr, Kw, v, dec, states, do, dht if dht is not None else dh0,
         dqe, dw, dkr, dkw, ddec, du, dv, dh0, NC, BH * rows,
         D=D, V=V, BD=BD, BV=BV, BT=BT, USE_DHT=dht is not None, PRECISION=precision,

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..launch import fast
+
 BT = 16  # chunk length, as chunk.py's CHUNK
 MID = BT // 2 - 1
 
@@ -250,7 +252,7 @@ def chunk_terms_fwd(q, k, v, log_gate, beta, precision: str) -> tuple[torch.Tens
     Qe, W, Kr, Kw = (q.new_empty(B * H, rows, D, dtype=torch.float32) for _ in range(4))
     Oe, U, vc = (q.new_empty(B * H, rows, V, dtype=torch.float32) for _ in range(3))
     dec = q.new_empty(B * H, NC, D, dtype=torch.float32)
-    chunk_terms_fwd_kernel[(NC, B * H)](
+    fast(chunk_terms_fwd_kernel)[(NC, B * H)](
         q, k, v, log_gate, beta, Qe, Oe, W, U, Kr, Kw, vc, dec, T, NC,
         H=H, D=D, V=V, BD=BD, BV=BV, BT=BT, MID=MID, PRECISION=precision, num_warps=4,
     )
@@ -263,7 +265,7 @@ def chunk_terms_bwd(q, k, v, log_gate, beta, d_terms, precision: str) -> tuple[t
     dq, dk, dg = (torch.empty(q.shape, dtype=torch.float32, device=q.device) for _ in range(3))
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
     dbeta = torch.empty(beta.shape, dtype=torch.float32, device=q.device)
-    chunk_terms_bwd_kernel[(NC, B * H)](
+    fast(chunk_terms_bwd_kernel)[(NC, B * H)](
         q, k, v, log_gate, beta, *(x.contiguous() for x in d_terms), dq, dk, dv, dg, dbeta, T, NC,
         H=H, D=D, V=V, BD=BD, BV=BV, BT=BT, MID=MID, PRECISION=precision,
         num_warps=8,  # about twenty [16, D] tiles live: 4 warps spill more (kernel_registers.py)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..cumsum import blocked_cumsum
+from ..launch import fast
 from . import chunk_triton
 from .chunk_triton import block_gates, liger_key_maps, sequence_bounds, softmax_rows
 
@@ -307,12 +308,12 @@ def gla_bwd(
     cu = cu_seqlens if cu_seqlens is not None else dq
     common = dict(HQ=HQ, HKV=HKV, K=K, V=V, BT=BT, FEATURE_MAP=feature_map, IS_VARLEN=cu_seqlens is not None,
                   LOW_PRECISION=bool(low_precision), DIAG_F32=fp16, num_stages=1)
-    gla_bwd_dq_kernel[(triton.cdiv(K, BK), HQ, N)](
+    fast(gla_bwd_dq_kernel)[(triton.cdiv(K, BK), HQ, N)](
         q, k, v, g if g is not None else q, do, h0 if h0 is not None else dq, dq, qdq, cu,
         T, float(scale), float(gate_mult), BK=BK, USE_H0=h0 is not None, **common,
         **_sweep_launch("dq", num_warps, default_warps("dq", feature_map, K, triton.cdiv(K, BK) * HQ * N, q.device)),
     )
-    gla_bwd_dkv_kernel[(NV, HQ, N)](
+    fast(gla_bwd_dkv_kernel)[(NV, HQ, N)](
         q, k, v, g if g is not None else q, do, ht if ht is not None else dq, dht if dht is not None else dq,
         dh0 if dh0 is not None else dq, qdq, dk, dv, cu,
         T, B * T, float(scale), float(gate_mult), BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, **common,

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import fast
 from ..liger import window_fwd_triton as window_fwd
 
 BT = 16  # block length (the state is carried from block to block)
@@ -372,7 +373,7 @@ def gla_fwd(
         window, window_starts = 0, None
     grid = (triton.cdiv(V, block_v), HQ, N)
     low = q.dtype in (torch.bfloat16, torch.float16)
-    gla_fwd_kernel[grid](
+    fast(gla_fwd_kernel)[grid](
         q, k, v, g if g is not None else q, cos if cos is not None else q, sin if sin is not None else q,
         h0 if h0 is not None else o, ht if ht is not None else o, o,
         cu_seqlens if cu_seqlens is not None else o, window_starts if window_starts is not None else o,

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from ..cumsum import blocked_cumsum
 from ..gla import chunk_triton
+from ..launch import fast
 
 BT = 16
 
@@ -178,7 +179,7 @@ class ChunkSlotScoresFunction(torch.autograd.Function):
         keys = phi_q.new_empty(B, H, M, D, dtype=torch.float32)
         chunk_triton.poison(scores, keys)
         grid = (triton.cdiv(M, BM), B * H)
-        chunk_scores_fwd_kernel[grid](
+        fast(chunk_scores_fwd_kernel)[grid](
             phi_q, phi_k, write, log_gate, scores, keys0, keys, scores, scores, T, B * T * H,
             H=H, D=D, M=M, BD=BD, BM=BM, BT=BT, USE_H0=True, STORE_HT=True, GRAD_Q=False, LOW_PRECISION=low,
             PRECISION=ctx.precision, num_warps=8,
@@ -199,13 +200,13 @@ class ChunkSlotScoresFunction(torch.autograd.Function):
         dk_parts, du = torch.empty_like(dq_parts), torch.empty_like(scores)
         dh0 = torch.empty_like(keys)
         chunk_triton.poison(dq_parts, dk_parts, du, dh0)
-        chunk_scores_fwd_kernel[grid](
+        fast(chunk_scores_fwd_kernel)[grid](
             phi_q, phi_k, write, log_gate, scores, keys0, keys, dq_parts, d_scores, T, rows,
             H=H, D=D, M=M, BD=BD, BM=BM, BT=BT, USE_H0=True, STORE_HT=False, GRAD_Q=True, LOW_PRECISION=ctx.low,
             PRECISION=ctx.precision, num_warps=8,
         )
         d_keys_in = d_keys.float().contiguous() if d_keys is not None else dh0
-        chunk_scores_bwd_kernel[grid](
+        fast(chunk_scores_bwd_kernel)[grid](
             phi_q, phi_k, write, log_gate, d_scores, d_keys_in, dk_parts, du, dh0, T, rows,
             H=H, D=D, M=M, BD=BD, BM=BM, BT=BT, USE_DHT=d_keys is not None, LOW_PRECISION=ctx.low,
             PRECISION=ctx.precision, num_warps=8,  # 4 warps spill (kernel_registers.py)

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ..gla import chunk_triton
 from ..gla.chunk_triton import logsigmoid
+from ..launch import fast
 from .naive import liger_decode_step_torch
 
 
@@ -235,7 +236,7 @@ def liger_decode_step(q, k, v, state, k_ring, v_ring, ring_valid, position: int 
     BW = 1 << max(W - 1, 0).bit_length() if W > 0 else 1
     in_memory = isinstance(position, torch.Tensor)
     grid = (triton.cdiv(K, block_v), HS, B)
-    liger_decode_kernel[grid](
+    fast(liger_decode_kernel)[grid](
         q, k, v, state,
         k_ring if W > 0 else q, v_ring if W > 0 else q, valid_u8 if W > 0 else q,
         cos if W > 0 else q, sin if W > 0 else q, o,

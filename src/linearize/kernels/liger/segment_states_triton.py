@@ -31,6 +31,7 @@ import triton.language as tl
 from ..cumsum import blocked_cumsum
 from ..gla import chunk_triton
 from ..gla.chunk_triton import logsigmoid, softmax_rows
+from ..launch import fast
 
 # Launch overrides for benchmarks/sweep_launch.py (keys block_t, block_v, num_warps, num_stages); empty: the defaults.
 LAUNCH: dict[str, int] = {}
@@ -157,7 +158,7 @@ def segment_states(
     entering, leaving = torch.empty(2, B, pieces, q_heads, K, V, **f32).unbind(0)
     chunk_triton.poison(local, totals, entering, leaving)
     NV = V // BV
-    segment_local_states_kernel[(NV, HKV, B * pieces)](
+    fast(segment_local_states_kernel)[(NV, HKV, B * pieces)](
         k, v, local, totals, T, rows, pieces, float(gate_mult), HKV=HKV, K=K, V=V, BT=BT, BV=BV,
         PRECISION=_precision(k.dtype), **_launch("states", K),
     )
@@ -182,7 +183,7 @@ def segment_state_grads(
     local, leaving_grads = torch.empty(2, B, pieces, HQ, K, V, **f32).unbind(0)
     chunk_triton.poison(local, leaving_grads)
     NV = V // BV
-    segment_local_grads_kernel[(NV, HQ, B * pieces)](
+    fast(segment_local_grads_kernel)[(NV, HQ, B * pieces)](
         q, k, do, local, T, rows, pieces, float(gate_mult), HQ=HQ, HKV=HKV, K=K, V=V, BT=BT, BV=BV,
         PRECISION=_precision(do.dtype), **_launch("grads", K),
     )
@@ -195,7 +196,7 @@ def _scan(local: torch.Tensor, totals: torch.Tensor, start: torch.Tensor | None,
     """segment_scan_kernel over `before` [B, S, Hq, K, V]: forward from `start` (also writing `after`),
     or, without `after`, backward (the gradients' direction). local [B, S, Hkv or Hq, K, V]."""
     B, pieces, HQ, K, V = before.shape
-    segment_scan_kernel[(V // BV, HQ, B)](
+    fast(segment_scan_kernel)[(V // BV, HQ, B)](
         local, totals, start.float().contiguous() if start is not None else local, before,
         after if after is not None else before, pieces, HQ=HQ, LOCAL_H=local.shape[2], HKV=totals.shape[2], K=K, V=V,
         BV=BV, USE_START=start is not None, REVERSE=after is None, STORE_AFTER=after is not None, num_warps=4,

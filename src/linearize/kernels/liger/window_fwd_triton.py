@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import fast
+
 BQ = 64  # rows per block: a query's keys lie in its block and the one before, so W <= 64
 LAUNCH: dict[str, int] = {}  # overrides for benchmarks/sweep_launch.py: num_warps (else warps(D)), num_stages
 
@@ -172,7 +174,7 @@ def window_fwd_into(
     cos, sin = cos.contiguous(), sin.contiguous()
     table_t = T if cos.shape[0] > 1 else 0
     row_t = NT if cu_seqlens is not None else T
-    window_fwd_kernel[(triton.cdiv(NT, BQ), HQ)](
+    fast(window_fwd_kernel)[(triton.cdiv(NT, BQ), HQ)](
         q, k, v, cos, sin, starts, o, o if lse is None else lse, NT, row_t, 0 if cu_seqlens is not None else table_t,
         float(mix), float(D) ** -0.5,
         HQ=HQ, HKV=HKV, D=D, W=int(window), BQ=BQ, IS_VARLEN=cu_seqlens is not None,
