@@ -7,7 +7,7 @@ the data. Prints a table and writes JSON with the device name.
 
     python benchmarks/recover_throughput.py --seq-lens 1024,4096 --tokens-per-step 16384 --json out.json
 
-`--targets gdn,gsa` adds rows converted to other targets. `--ceiling` adds a row with no token mixing at all (each layer's output is its values): the most
+`--triton-launch` adds a row with the cached kernel launches off. `--targets gdn,gsa` adds rows converted to other targets. `--ceiling` adds a row with no token mixing at all (each layer's output is its values): the most
 any linear-attention mixer could give on this model. `--profile` prints the GPU kernels that take
 the time in one training step of each model.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 import time
 from contextlib import ExitStack
@@ -34,6 +35,7 @@ from rich.table import Table  # noqa: E402
 
 from linearize import modeling  # noqa: E402
 from linearize.families import family_for  # noqa: E402
+from linearize.kernels import launch  # noqa: E402
 from linearize.kernels.gla import backward_triton, chunk_triton  # noqa: E402
 from linearize.kernels.liger import segmented  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
@@ -87,10 +89,8 @@ def training_step(model, seq_len: int, tokens_per_step: int, device: torch.devic
     return step, batch * seq_len
 
 
-def tokens_per_second(model, seq_len: int, tokens_per_step: int, steps: int, device: torch.device) -> float:
-    step, tokens = training_step(model, seq_len, tokens_per_step, device)
-    for _ in range(3):  # warm-up: compilation, autotuning, allocator
-        step()
+def tokens_per_second(step, tokens: int, steps: int, device: torch.device) -> float:
+    """Tokens/s of `steps` calls of a warmed-up training step."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -153,7 +153,8 @@ def main() -> None:
                    help="a checkpoint, or random:SHAPE (a shape of benchmarks/shapes.py, random weights)")
     p.add_argument("--seq-lens", default="1024,4096")
     p.add_argument("--tokens-per-step", type=int, default=16384)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="training steps a trial times")
+    p.add_argument("--trials", type=int, default=3, help="interleaved trials per row; a row reports their median")
     p.add_argument("--json", default="recover_throughput.json")
     p.add_argument("--gla-launch", default="",
                    help="extra converted-model rows with other forward launch settings, BLOCK_V:WARPS comma-separated "
@@ -167,6 +168,9 @@ def main() -> None:
     p.add_argument("--targets", default="",
                    help="extra rows converted to these other targets (hgrn2, mamba2, hedgehog, gdn, gsa), comma-separated")
     p.add_argument("--ceiling", action="store_true", help="add a row with no token mixing (an upper bound)")
+    p.add_argument("--triton-launch", action="store_true",
+                   help="add a converted-model row whose kernels launch through Triton's own path every time "
+                        "(kernels/launch.py off): the host time the cached launches save")
     p.add_argument("--profile", type=int, metavar="SEQ_LEN",
                    help="print every row's top GPU kernels at this length, and its GPU busy time a step")
     args = p.parse_args()
@@ -178,33 +182,55 @@ def main() -> None:
                  for v in args.gla_launch.split(",") if v]
     variants += [(f"gla bwd {v}", "gla", [(backward_triton, "BACKWARD_LAUNCH", launch_settings(v))]) for v in args.bwd_launch]
     variants += [(f"gla seg {n}", "gla", [(segmented, "SEGMENT_LEN", int(n))]) for n in args.segments.split(",") if n]
+    if args.triton_launch:
+        variants.append(("gla triton launch", "gla", [(launch, "ENABLED", False)]))
     if args.ceiling:
         variants.append(("no mixing", "gla", [(modeling, "liger_attention", no_mixing)]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
     for seq_len in [int(x) for x in args.seq_lens.split(",")]:
-        row = {"seq_len": seq_len}
+        row = {"seq_len": seq_len, "trials": {}}
+        runs = []  # (label, patches, step, tokens): every row's model stays loaded, so trials interleave
         for label, target, patches in [("softmax", None, []), *variants]:
             model = build(args.source, target, device)
-            with patched(patches):
-                try:
-                    row[label] = tokens_per_second(model, seq_len, args.tokens_per_step, args.steps, device)
-                except torch.OutOfMemoryError:
-                    row[label] = None
-            print(f"{label} at {seq_len}: {row[label] or 0:,.0f} tokens/s", flush=True)  # a cut run keeps these
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        row["ratio"] = row["gla"] / row["softmax"] if row["gla"] and row["softmax"] else None
+            step, tokens = training_step(model, seq_len, args.tokens_per_step, device)
+            try:
+                with patched(patches):
+                    for _ in range(3):  # warm-up: compilation, autotuning, allocator
+                        step()
+                runs.append((label, patches, step, tokens))
+            except torch.OutOfMemoryError:
+                row[label] = None
+                print(f"{label} at {seq_len}: out of memory", flush=True)
+        # Host-bound steps move by up to 25% between back-to-back runs on one machine (fifteenth
+        # session): each trial times every row once, in turn, and a row's figure is its median.
+        for trial in range(args.trials):
+            for label, patches, step, tokens in runs:
+                with patched(patches):
+                    row["trials"].setdefault(label, []).append(tokens_per_second(step, tokens, args.steps, device))
+                if trial == args.trials - 1:
+                    row[label] = statistics.median(row["trials"][label])
+                    print(f"{label} at {seq_len}: {row[label]:,.0f} tokens/s "
+                          f"(trials {', '.join(f'{x:,.0f}' for x in row['trials'][label])})", flush=True)
+        model = step = runs = None  # free this length's models before the next
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        row["ratio"] = row["gla"] / row["softmax"] if row.get("gla") and row.get("softmax") else None
+        if row["ratio"] is not None:  # each trial's own ratio: how far one run of the pair can mislead
+            pairs = zip(row["trials"]["gla"], row["trials"]["softmax"], strict=True)
+            row["trial_ratios"] = [g / s for g, s in pairs]
         rows.append(row)
     table = Table(title=f"LoRA recovery throughput, {args.source} on {name} (tokens/s)")
     extra = [label for label, _, _ in variants[1:]]
-    for col in ("seq len", "softmax (SDPA)", "converted gla", "gla / softmax", *extra):
+    for col in ("seq len", "softmax (SDPA)", "converted gla", "gla / softmax (trials' range)", *extra):
         table.add_column(col, justify="right")
     for r in rows:
         fmt = lambda x: "OOM" if x is None else f"{x:,.0f}"  # noqa: E731
-        table.add_row(str(r["seq_len"]), fmt(r["softmax"]), fmt(r["gla"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        if len(r.get("trial_ratios", [])) > 1:
+            ratio += f" ({min(r['trial_ratios']):.2f}-{max(r['trial_ratios']):.2f})"
+        table.add_row(str(r["seq_len"]), fmt(r["softmax"]), fmt(r["gla"]), ratio,
                       *(fmt(r[v]) for v in extra))
     console = Console(width=200)
     console.print(table)

@@ -177,6 +177,29 @@ def test_branch_scale_reports_every_layer():
         assert set(r["gla_over_window"]) == {"0-64", "64-256"} and all(x > 0 for x in r["gla_over_window"].values())
 
 
+def test_recover_throughput_interleaves_trials_and_reports_medians(tmp_path, monkeypatch):
+    """benchmarks/recover_throughput.py on the fixture (CPU): every row timed once per trial, in turn,
+    each row's figure the median of its trials, the ratio of the medians and each trial's own ratio;
+    the Triton-launch row switches kernels/launch.py off only while it runs."""
+    from linearize.kernels import launch
+
+    module = load_benchmark("recover_throughput")
+    seen = []
+    timed = module.tokens_per_second
+    monkeypatch.setattr(module, "tokens_per_second", lambda *a: seen.append(launch.ENABLED) or timed(*a))
+    out = tmp_path / "rt.json"
+    monkeypatch.setattr(sys, "argv", ["recover_throughput.py", "--source", str(STORIES), "--seq-lens", "16",
+                                      "--tokens-per-step", "32", "--steps", "1", "--trials", "3", "--triton-launch",
+                                      "--json", str(out)])
+    module.main()
+    row = json.loads(out.read_text())["rows"][0]
+    assert seen == [True, True, False] * 3 and launch.ENABLED
+    for label in ("softmax", "gla", "gla triton launch"):
+        assert len(row["trials"][label]) == 3 and row[label] == sorted(row["trials"][label])[1] > 0
+    assert row["ratio"] == row["gla"] / row["softmax"]
+    assert row["trial_ratios"] == [g / s for g, s in zip(row["trials"]["gla"], row["trials"]["softmax"], strict=True)]
+
+
 def test_compile_and_fuse_options_change_each_model_once(converted, monkeypatch):
     """`--compile` and `--fuse`: the teacher side shares the model's modules, so one compile_dense_parts
     and one fuse_projections call, fusing first (the tokens are checked in test_decoding.py); the
