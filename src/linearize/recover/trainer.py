@@ -282,6 +282,13 @@ class Recovery:
         self.model.train()
         return sum(losses) / len(losses)
 
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A CPU batch on the training device; on CUDA through pinned memory, which copies without
+        making the host wait for the GPU (a pageable copy does)."""
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        return x.pin_memory().to(self.device, non_blocking=True)
+
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
@@ -363,41 +370,43 @@ class Recovery:
             micro += [(spare[0], spare[1], 0.0)] * (most - len(micro))  # weight 0: no effect on the step
         optimizer.zero_grad(set_to_none=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        loss_sum = torch.zeros(3, device=self.device)  # token-weighted sum of losses, tokens, non-finite count
+        # Token-weighted sum of losses, tokens, non-finite count: kept on the device and read once a step,
+        # so the host never waits for a forward before queueing its backward (a small model's step is
+        # bound by the host).
+        loss_sum = torch.zeros(3, device=self.device)
         for ids, labels, weight in micro:
-            ids, labels = ids.to(self.device), labels.to(self.device)
+            ids, labels = self.to_device(ids), self.to_device(labels)
             with self.autocast():
                 loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
-            if not torch.isfinite(loss):
-                loss_sum[2] += 1
-                break
-            (loss * weight).backward()
+            loss_sum[2] += (~torch.isfinite(loss.detach())).float()
+            (loss * weight).backward()  # a non-finite loss's gradients are never applied: see below
             loss_sum[0] += loss.detach().float() * weight
             loss_sum[1] += weight
         all_reduce_sum(world, loss_sum)
-        loss_sum[1].clamp_(min=1)  # a step of prompt-only blocks: loss 0, no gradient
-        if loss_sum[2] > 0:
+        loss_total, weight_total, non_finite = loss_sum.tolist()  # the step's one wait for the GPU
+        if non_finite > 0:
             last = self.latest_checkpoint()
             where = f"the last good checkpoint is step {last.step} in {self.work / CHECKPOINTS}" if last else \
                 "no checkpoint was saved yet"
             raise LinearizeError(
                 f"loss is nan at {stage} step {pos.step + 1}: stopped; {where} (lower --lr or check the data, then --resume)"
             )
+        weight_total = max(weight_total, 1.0)  # a step of prompt-only blocks: loss 0, no gradient
         # Gradients of the step's token-mean loss, on every rank alike. FSDP has
         # already averaged them over the ranks (reduce-scatter); replicated ranks sum them here.
         for p in params:
             if self.sharded:
                 if p.grad is not None:
-                    p.grad.mul_(world.size / loss_sum[1])
+                    p.grad.mul_(world.size / weight_total)
                 continue
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            all_reduce_sum(world, p.grad).div_(loss_sum[1])
+            all_reduce_sum(world, p.grad).div_(weight_total)
         torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
         optimizer.step()
         scheduler.step()
         pos.blocks += len(items)
-        return (loss_sum[0] / loss_sum[1]).item(), sum(n for _, n in items)
+        return loss_total / weight_total, sum(n for _, n in items)
 
     # -- the whole run -----------------------------------------------------------------------
     def run(self) -> Path:
