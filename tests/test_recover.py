@@ -204,19 +204,24 @@ def test_resume_reaches_the_same_adapter(converted_dir, tmp_path, monkeypatch):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7)
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(converted_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("grad_accum, poisoned_pass", [(1, 5), (2, 9)], ids=["one-pass", "first-of-two-passes"])
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(converted_dir, tmp_path, monkeypatch, grad_accum,
+                                                                    poisoned_pass):
+    """A non-finite loss in any pass of step 5 (the step reads its non-finite count once, after its
+    passes) stops the run naming that step, before the optimizer applies anything."""
     real = losses.training_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] == 5 else loss
+        return loss * float("nan") if calls["n"] == poisoned_pass else loss
 
     monkeypatch.setattr("linearize.recover.trainer.training_loss", poisoned)
     out = tmp_path / "out"
     with pytest.raises(LinearizeError, match=r"loss is nan at lm step 5: stopped; the last good checkpoint is step 3"):
-        recover(options(converted_dir, out, tokens=8 * 2 * 64, save_every=3))
+        recover(options(converted_dir, out, tokens=8 * 2 * 64 * grad_accum, save_every=3, grad_accum=grad_accum))
+    assert calls["n"] == poisoned_pass + grad_accum - 1  # the step's other passes ran; no later step did
     assert not out.exists()
     assert (workdir_for(out) / "checkpoints" / "step-00-0000003").is_dir()
 
