@@ -200,6 +200,26 @@ def test_recover_throughput_interleaves_trials_and_reports_medians(tmp_path, mon
     assert row["trial_ratios"] == [g / s for g, s in zip(row["trials"]["gla"], row["trials"]["softmax"], strict=True)]
 
 
+def test_step_phases_orders_the_phases_and_bounds_the_attention_time(tmp_path, monkeypatch):
+    """benchmarks/step_phases.py on the fixture (CPU, no GPU columns): per model and shape, the phases
+    end in order, and the attention modules' host time fits inside the forward and backward phases
+    (their hooks are registered once per model, not once per shape)."""
+    module = load_benchmark("step_phases")
+    out = tmp_path / "phases.json"
+    monkeypatch.setattr(sys, "argv", ["step_phases.py", "--source", str(STORIES), "--shapes", "16x2,32x1",
+                                      "--steps", "2", "--json", str(out)])
+    module.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["seq_len"], r["batch"]) for r in rows] == [
+        ("softmax", 16, 2), ("softmax", 32, 1), ("gla", 16, 2), ("gla", 32, 1)]
+    for r in rows:
+        host, attention = r["host_ms"], r["attention_host_ms"]
+        assert r["gpu_ms"] is None
+        assert 0 <= host["copy"] <= host["forward"] <= host["backward"] <= host["optimizer"]
+        assert 0 < attention["forward"] < host["forward"] - host["copy"]
+        assert 0 < attention["backward"] < host["backward"] - host["forward"]
+
+
 def test_compile_and_fuse_options_change_each_model_once(converted, monkeypatch):
     """`--compile` and `--fuse`: the teacher side shares the model's modules, so one compile_dense_parts
     and one fuse_projections call, fusing first (the tokens are checked in test_decoding.py); the
