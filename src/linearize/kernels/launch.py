@@ -1,8 +1,8 @@
 """Triton launches with less host time: `fast(kernel)[grid](*args, **kwargs)` as `kernel[grid](...)`.
 
-Triton's own launch path spends 25-55 us of host time a call on an H200 host (binding the
-arguments, building and hashing the specialisation key, checking globals) before its C
-launcher runs. A small model's training step makes hundreds of these calls and waits on them
+Triton's own launch path spends 18-60 us of host time a call on an H200 host, more for kernels
+with more arguments: it binds them, builds and hashes the specialisation key and checks the
+kernel's globals, then runs its launcher. A small model's training step makes hundreds of these calls and waits on them
 (docs/kernels.md, sixteenth session). The first launch of each specialisation goes through
 Triton, which compiles it and returns the compiled kernel; later launches with the same key
 call that compiled kernel directly.
@@ -50,6 +50,8 @@ def _arg_key(x: Any) -> Any:
 
 
 class FastLaunch:
+    """One kernel's launches: Triton's path on a key's first launch, its compiled kernel after."""
+
     def __init__(self, kernel):
         self.kernel = kernel
         params = getattr(kernel, "params", ())
