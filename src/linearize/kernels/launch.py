@@ -2,10 +2,10 @@
 
 Triton's own launch path spends 18-60 us of host time a call on an H200 host, more for kernels
 with more arguments: it binds them, builds and hashes the specialisation key and checks the
-kernel's globals, then runs its launcher. A small model's training step makes hundreds of these calls and waits on them
-(docs/kernels.md, sixteenth session). The first launch of each specialisation goes through
-Triton, which compiles it and returns the compiled kernel; later launches with the same key
-call that compiled kernel directly.
+kernel's globals, then runs its launcher. A small model's training step makes hundreds of these
+calls and waits on them (docs/kernels.md, sixteenth session). The first launch of each
+specialisation goes through Triton, which compiles it and returns the compiled kernel; later
+launches with the same key call that compiled kernel directly.
 
 The key is at least as fine as Triton's specialisation, so it never reuses a binary compiled for
 other arguments: each tensor's dtype and whether its address is 16-byte aligned; each integer's
