@@ -71,20 +71,28 @@ def no_mixing(q, k, v, **_):
     return v.repeat_interleave(q.shape[2] // v.shape[2], dim=2), None
 
 
-def training_step(model, seq_len: int, tokens_per_step: int, device: torch.device):
-    """(step function, tokens per step): one LoRA training step on random tokens."""
+def training_step(model, seq_len: int, tokens_per_step: int, device: torch.device, mark=None):
+    """(step function, tokens per step): one LoRA training step on random tokens. `mark`, if given, is
+    called at the step's start and after each phase (copy, forward with the loss, backward,
+    optimizer): benchmarks/step_phases.py times them."""
     batch = max(1, tokens_per_step // seq_len)
     vocab = model.config.vocab_size
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator(device="cpu").manual_seed(0)
+    mark = mark or (lambda: None)
 
     def step():
+        mark()
         ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+        mark()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = lm_loss(model, ids, ids)
+        mark()
         loss.backward()
+        mark()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        mark()
 
     return step, batch * seq_len
 
@@ -205,14 +213,14 @@ def main() -> None:
                 print(f"{label} at {seq_len}: out of memory", flush=True)
         # Host-bound steps move by up to 25% between back-to-back runs on one machine (fifteenth
         # session): each trial times every row once, in turn, and a row's figure is its median.
-        for trial in range(args.trials):
+        for _ in range(args.trials):
             for label, patches, step, tokens in runs:
                 with patched(patches):
                     row["trials"].setdefault(label, []).append(tokens_per_second(step, tokens, args.steps, device))
-                if trial == args.trials - 1:
-                    row[label] = statistics.median(row["trials"][label])
-                    print(f"{label} at {seq_len}: {row[label]:,.0f} tokens/s "
-                          f"(trials {', '.join(f'{x:,.0f}' for x in row['trials'][label])})", flush=True)
+        for label, trials in row["trials"].items():
+            row[label] = statistics.median(trials)
+            print(f"{label} at {seq_len}: {row[label]:,.0f} tokens/s (trials {', '.join(f'{x:,.0f}' for x in trials)})",
+                  flush=True)
         model = step = runs = None  # free this length's models before the next
         if device.type == "cuda":
             torch.cuda.empty_cache()

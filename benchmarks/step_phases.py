@@ -1,7 +1,7 @@
 """Where a LoRA training step's time goes: host against GPU at each phase, softmax against converted.
 
-The models and step of recover_throughput.py (same LoRA, optimizer, bf16 autocast, random tokens).
-Each timed step starts on an idle GPU. For each phase (the batch's copy, the forward with the
+The models and training step of recover_throughput.py (same LoRA, optimizer, bf16 autocast, random
+tokens), with a mark at each phase. Each timed step starts on an idle GPU. For each phase (the batch's copy, the forward with the
 loss, the backward, the optimizer) it records when the host's call returned and, through CUDA
 events, when the GPU got there, both from the step's start. Where the GPU reaches a point only
 just after the host, the GPU waited on the host there; where it lags well behind, the host
@@ -73,43 +73,29 @@ def time_attention(model) -> dict[str, float]:
     return spent
 
 
-def measure(model, seq_len: int, batch: int, steps: int, device: torch.device, lm_loss, spent: dict) -> dict:
+def measure(rt, model, seq_len: int, batch: int, steps: int, device: torch.device, spent: dict) -> dict:
     """Mean host and GPU ms at which each phase ended, and the attention modules' host ms (`spent`:
-    time_attention's sums for this model)."""
+    time_attention's sums for this model), through recover_throughput's step (`rt`)."""
     cuda = device.type == "cuda"
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    vocab = model.config.vocab_size
+    marks: list | None = None  # (host time, CUDA event) at the step's start and after each phase
 
-    def step(marks: list | None):
-        def mark():
-            if marks is not None:
-                event = torch.cuda.Event(enable_timing=True) if cuda else None
-                if event is not None:
-                    event.record()
-                marks.append((time.perf_counter(), event))
+    def mark():
+        if marks is not None:
+            event = torch.cuda.Event(enable_timing=True) if cuda else None
+            if event is not None:
+                event.record()
+            marks.append((time.perf_counter(), event))
 
-        mark()
-        ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
-        mark()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = lm_loss(model, ids, ids)
-        mark()
-        loss.backward()
-        mark()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        mark()
-
+    step, _ = rt.training_step(model, seq_len, seq_len * batch, device, mark=mark)
     for _ in range(3):  # warm-up: compilation, allocator
-        step(None)
+        step()
     host, gpu = [0.0] * len(PHASES), [0.0] * len(PHASES)
     spent.update(forward=0.0, backward=0.0)
     for _ in range(steps):
         if cuda:
             torch.cuda.synchronize()
         marks = []
-        step(marks)
+        step()
         if cuda:
             torch.cuda.synchronize()
         (t0, e0), rest = marks[0], marks[1:]
@@ -138,7 +124,7 @@ def main() -> None:
         spent = time_attention(model)
         for seq_len, batch in shapes:
             rows.append({"model": label, "seq_len": seq_len, "batch": batch,
-                         **measure(model, seq_len, batch, args.steps, device, rt.lm_loss, spent)})
+                         **measure(rt, model, seq_len, batch, args.steps, device, spent)})
             print(json.dumps(rows[-1]), flush=True)  # a cut run keeps these
         del model
         if device.type == "cuda":

@@ -270,13 +270,14 @@ def window_bwd(
     torch_form = dict(window=window, mix=mix, cu_seqlens=cu_seqlens, dlse=dlse)
     dlse_rows = None if dlse is None else dlse.float().reshape(NT, HQ).contiguous()
     try:
-        fast(window_dq_kernel)[(n_blocks, HQ)](*args, dq, lse, delta, lse if dlse_rows is None else dlse_rows, NT, float(mix),
-                                         float(D) ** -0.5, HAS_DLSE=dlse is not None, **common, **launch("dq"))
+        fast(window_dq_kernel)[(n_blocks, HQ)](
+            *args, dq, lse, delta, lse if dlse_rows is None else dlse_rows, NT, float(mix), float(D) ** -0.5,
+            HAS_DLSE=dlse is not None, **common, **launch("dq"))
     except OutOfResources:  # nothing written yet
         return window_bwd_torch(q, k, v, do, cos, sin, **torch_form, add_to=add_to)
     try:
-        fast(window_dkv_kernel)[(triton.cdiv(NT, block_kv), HKV)](*args, lse, delta, dk, dv, NT, float(mix),
-                                                             float(D) ** -0.5, BKV=block_kv, **common, **launch("dkv"))
+        fast(window_dkv_kernel)[(triton.cdiv(NT, block_kv), HKV)](
+            *args, lse, delta, dk, dv, NT, float(mix), float(D) ** -0.5, BKV=block_kv, **common, **launch("dkv"))
     except OutOfResources:  # dq is in place already: only dk, dv from the PyTorch form
         _, dk_torch, dv_torch = window_bwd_torch(q, k, v, do, cos, sin, **torch_form)
         if add_to is not None:
