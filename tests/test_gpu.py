@@ -202,7 +202,8 @@ def test_split_window_forward_matches_float64_on_gpu(D, dtype, monkeypatch):
 @pytest.mark.parametrize("D", [64, 128])
 def test_segmented_sequences_match_whole_ones_on_gpu(D, dtype, monkeypatch):
     """liger/segmented.py (sequences cut into segments run side by side) against the one-program-per-
-    sequence kernels: outputs, final state and gradients, at a length with several segments."""
+    sequence kernels: outputs, final state and gradients, at a length with several segments: 512 rows
+    and the rows segment_length chooses."""
     from linearize.kernels import liger_attention
     from linearize.kernels.liger import segmented
 
@@ -224,8 +225,11 @@ def test_segmented_sequences_match_whole_ones_on_gpu(D, dtype, monkeypatch):
         return [o, s, *torch.autograd.grad(loss, xs)]
 
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dh0"), run(512), run(0), strict=True):
-        assert relative_error(a.float(), b.float()) < tol, name
+    whole = run(0)
+    assert segmented._pick(B * Hq, T, D, torch.cuda.get_device_properties(0).multi_processor_count) is not None
+    for rows in (512, None):  # ragged segments of 512 rows, then the rule's own (near-equal, shorter)
+        for name, a, b in zip(("o", "state", "dq", "dk", "dv", "dh0"), run(rows), whole, strict=True):
+            assert relative_error(a.float(), b.float()) < tol, (rows, name)
 
 
 @pytest.mark.parametrize("target", ["hedgehog", "gdn", "gsa", "mamba2"])

@@ -470,10 +470,10 @@ def test_chunked_gated_deltanet_equals_the_step_by_step_reference(T, window, pad
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
-    """liger/segmented.py's choice, on a pretend 132-SM GPU: split while the programs fill less than
-    half of what the SMs hold (two an SM at heads of 64, one at 128), in segments of 640 or 1024 rows;
-    sequences no longer than a segment stay whole."""
+def test_segment_length_follows_the_rounds_of_programs_the_sms_hold(monkeypatch):
+    """liger/segmented.py's choice, on a pretend 132-SM GPU (two sweeps an SM at heads of 64, one at 128):
+    near-equal segments that fit the grid in as few rounds of as few rows as it can, kept whole where
+    splitting would not pay for itself, and the choices the seventeenth session measured."""
     pytest.importorskip("triton")
     from types import SimpleNamespace
 
@@ -481,14 +481,27 @@ def test_segment_length_splits_only_when_programs_are_few(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
     gpu = torch.device("cuda")
-    assert segmented.segment_length(4, 4096, 9, 64, gpu) == 640  # SmolLM2 at 4096: 36 programs
-    assert segmented.segment_length(8, 1024, 9, 64, gpu) == 640  # 72 programs
-    assert segmented.segment_length(16, 1024, 9, 64, gpu) is None  # 144 of 264
-    assert segmented.segment_length(1, 32768, 32, 128, gpu) == 1024
-    assert segmented.segment_length(2, 4096, 32, 128, gpu) == 1024  # 64 of 132
-    assert segmented.segment_length(4, 4096, 32, 128, gpu) is None  # 128 of 132
+    # SmolLM2 at 4096 (36 programs): 7 segments of 592 fill 252 of 264 in one round; 640 rows would
+    # also take one round but of 640 rows, 512 rows two rounds (288 programs)
+    assert segmented.segment_length(4, 4096, 9, 64, gpu) == 592
+    assert segmented._rounds(36, 4096, 592, 264) == 592
+    assert segmented._rounds(36, 4096, 640, 264) == 640
+    assert segmented._rounds(36, 4096, 512, 264) == 1024
+    assert segmented.segment_length(8, 2048, 9, 64, gpu) == 192  # 792 programs, 3 rounds of 192 rows
+    assert segmented.segment_length(8, 1024, 9, 64, gpu) == 160  # 504 programs, 2 rounds of 160
+    assert segmented.segment_length(16, 1024, 9, 64, gpu) is None  # 144 programs: 624 rows split, not worth it
+    assert segmented.segment_length(4, 2048, 16, 64, gpu) == 512  # 256 programs, one round
+    assert segmented.segment_length(1, 4096, 32, 128, gpu) == 1024  # 128 of 132, one round
+    assert segmented.segment_length(1, 32768, 32, 128, gpu) == 2048  # no longer than MAX_ROWS
+    assert segmented.segment_length(4, 4096, 32, 128, gpu) is None  # 128 of 132 already
+    assert segmented.segment_length(8, 1024, 32, 128, gpu) is None  # two full rounds already
+    for batch, length, heads, dim in [(4, 4096, 9, 64), (8, 1024, 9, 64), (1, 32768, 32, 128), (2, 2000, 4, 64)]:
+        rows = segmented.segment_length(batch, length, heads, dim, gpu)
+        pieces = -(-length // rows)
+        assert rows % 16 == 0 and segmented.MIN_ROWS <= rows <= segmented.MAX_ROWS
+        assert length - (pieces - 1) * rows > rows - 16 * pieces  # near equal: the last one is not a stub
     assert segmented.segment_length(1, 4096, 8, 256, gpu) is None  # heads over 128 stay whole
-    assert segmented.segment_length(4, 640, 9, 64, gpu) is None
+    assert segmented.segment_length(4, 500, 9, 64, gpu) is None  # short sequences stay whole
     assert segmented.segment_length(4, 4096, 9, 64, torch.device("cpu")) is None
     monkeypatch.setenv("LINEARIZE_SEGMENTS", "0")
     assert segmented.segment_length(4, 4096, 9, 64, gpu) is None

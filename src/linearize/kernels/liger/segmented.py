@@ -51,26 +51,59 @@ def segment_length(batch: int, length: int, q_heads: int, head_dim: int, device:
     return _pick(batch * q_heads, length, head_dim, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+# The segment rule's constants (_pick): the shortest and longest segments tried (the segment-state
+# kernels walk each segment in turn, one program per kv head: long segments make them the slow part,
+# 0.72 ms at B1 T4096 H32/8 D128 with 2048 rows against 0.46 with 1024); what splitting costs the GPU, as a
+# share of a perfectly balanced sweep (the boundary states, a second pass over q and k); what it costs
+# the host, in rows of a sweep (four more launches and their Python: ~0.2 ms a layer's forward+backward,
+# about 256 rows at heads of 64); and how close to the cheapest a choice with fewer segments may be to win.
+MIN_ROWS = 128
+MAX_ROWS = 2048
+SPLIT_COST = 0.4
+SPLIT_HOST_ROWS = 256
+FEWER_SEGMENTS_WITHIN = 1.03
+
+
+def _rounds(programs: int, length: int, rows: int, held: int) -> int:
+    """Sequential rows the busiest SM walks: the rounds of `held` programs the grid takes, times the rows each."""
+    pieces = -(-length // rows)
+    return -(-programs * pieces // held) * rows
+
+
 @functools.cache  # asked by every layer on every call: the same few shapes each step
 def _pick(programs: int, length: int, head_dim: int, sms: int) -> int | None:
-    """Split while the (sequence, head) programs fill less than half of what the SMs hold at once
-    (two sweeps an SM at heads of 64 and less, whose backward runs at 4 warps; one above), into
-    segments of 640 rows at heads up to 64 and 1024 above. Heads over 128 stay whole: their
-    unsegmented backward differentiates the maps in PyTorch (fused_triton.FEATURE_MAP_MAX_D).
+    """The rows per segment that minimise the rows the busiest SM walks in turn, or None (whole sequences).
 
-    Measured on one H200 (fifteenth session; ms of a layer's forward+backward, bf16, segments of 256
-    to 2048 rows, as `benchmarks/sweep_launch.py --variants segments=0 segments=640 ...` times them).
-    At heads of 64, 640 rows were the fastest or within 1% of it at B4 T4096, B8 T2048, B2 T8192,
-    B1 T16384, B8 T1024 and B4 T2048 H16 (B4 T4096 H9: 3.93 whole, 1.89 at 1408 rows, 1.23 at 640);
-    512 rows were slower than 384 in every one. At heads of 128 (H32/8), 1024 rows were within 2% of
-    the best at B1 and B2 T4096 and B1 T16384, while B4 T4096 (128 programs) ran 8.96 whole and
-    10.2-10.6 in segments. At B16 T1024 H9 (144 programs) whole sequences take 1.38 ms and 256-row
-    segments 1.33, which this rule leaves (a whole training step: 119.4 against 116.2 ms of GPU)."""
-    if head_dim > 128:  # the segments' backward runs the feature-map sweeps, which spill beyond 128
-        return None
-    rows = 640 if head_dim <= 64 else 1024
+    An SM holds two sweeps at heads of 64 and less (their backward runs at 4 warps), one above, so a grid
+    of P programs runs in ceil(P / held) rounds, each as long as its longest segment. Segments are as
+    near equal as 16-row blocks allow, MIN_ROWS to MAX_ROWS long. Splitting adds SPLIT_COST of a
+    perfectly balanced sweep (P * length / held rows) and SPLIT_HOST_ROWS; among the choices within
+    FEWER_SEGMENTS_WITHIN of the cheapest, the one with fewest segments wins. Heads over 128 stay
+    whole: their unsegmented backward differentiates the maps in PyTorch (fused_triton.FEATURE_MAP_MAX_D).
+
+    Measured on one H200 (seventeenth session, `benchmarks/sweep_launch.py --variants segments=N`, GPU
+    ms of a layer's forward+backward, bf16). At B4 T4096 H9 D64 (36 programs, 264 held): 592 rows
+    make 7 segments in one round, 1.15 ms; 640 rows also one round of 640, 1.21; 512 rows make 8
+    segments, 288 programs, two rounds of 512: 1.54; 464 and 416 rows two rounds too (1.50, 1.40);
+    192 rows three rounds of 192 (1.18). Before, with 640-row segments, "512 rows slower than 384"
+    was unexplained: it is the second round. This rule against the one it replaced (640 rows at heads
+    of 64, 1024 above, and only below half the SMs' programs): B8 T1024 H9 0.66 against 1.04 ms, B8
+    T2048 1.14 against 1.31, B4 T2048 H16 1.07 against 1.24, B4 T4096 1.15 against 1.21. B16 T1024 H9
+    stays whole (1.36 ms GPU, 1.38 wall): 208-row segments take 1.20 ms of GPU but 1.50 of wall, the
+    split's host time, and in a SmolLM2 training step at that shape they cost tokens/s."""
+    if head_dim > 128 or length < 4 * MIN_ROWS:  # beyond 128 the segments' backward sweeps spill; short
+        return None  # sequences take microseconds a sweep, less than the segment kernels' launches
     held = sms * (2 if head_dim <= 64 else 1)
-    return rows if 2 * programs < held and length > rows else None
+    whole = _rounds(programs, length, length, held)
+    split = SPLIT_COST * programs * length / held + SPLIT_HOST_ROWS
+    choices = []
+    for pieces in range(max(2, -(-length // MAX_ROWS)), length // MIN_ROWS + 1):
+        rows = -(-length // pieces // 16) * 16  # ceil(length / pieces), up to whole 16-row blocks
+        choices.append((_rounds(programs, length, rows, held) + split, rows))
+    cheapest = min([whole, *(cost for cost, _ in choices)])
+    if whole <= cheapest * FEWER_SEGMENTS_WITHIN:
+        return None
+    return next(rows for cost, rows in choices if cost <= cheapest * FEWER_SEGMENTS_WITHIN)
 
 
 def _packed(x: torch.Tensor) -> torch.Tensor:
