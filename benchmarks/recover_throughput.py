@@ -7,7 +7,9 @@ the data. Prints a table and writes JSON with the device name.
 
     python benchmarks/recover_throughput.py --seq-lens 1024,4096 --tokens-per-step 16384 --json out.json
 
-`--triton-launch` adds a row with the cached kernel launches off. `--targets gdn,gsa` adds rows converted to other targets. `--ceiling` adds a row with no token mixing at all (each layer's output is its values): the most
+`--triton-launch` adds a row with the cached kernel launches off. `--cuda-graph` adds both models
+with each pass replayed from a CUDA graph (`linearize recover --cuda-graph`): the host's launches
+leave the step, so the pair compares GPU work. `--targets gdn,gsa` adds rows converted to other targets. `--ceiling` adds a row with no token mixing at all (each layer's output is its values): the most
 any linear-attention mixer could give on this model. `--profile` prints the GPU kernels that take
 the time in one training step of each model.
 """
@@ -40,7 +42,10 @@ from linearize.kernels.gla import backward_triton, chunk_triton  # noqa: E402
 from linearize.kernels.liger import segmented  # noqa: E402
 from linearize.loading import load_causal_lm  # noqa: E402
 from linearize.modeling import default_settings, linearize_model  # noqa: E402
+from linearize.recover.graphed import GraphedPass  # noqa: E402
 from linearize.recover.losses import lm_loss  # noqa: E402
+
+GRAPHED = " cuda graph"  # the label suffix of a row whose passes replay a CUDA graph
 
 
 def random_model(shape: str, device: torch.device):
@@ -71,27 +76,38 @@ def no_mixing(q, k, v, **_):
     return v.repeat_interleave(q.shape[2] // v.shape[2], dim=2), None
 
 
-def training_step(model, seq_len: int, tokens_per_step: int, device: torch.device, mark=None):
+def training_step(model, seq_len: int, tokens_per_step: int, device: torch.device, mark=None, graphed: bool = False):
     """(step function, tokens per step): one LoRA training step on random tokens. `mark`, if given, is
     called at the step's start and after each phase (copy, forward with the loss, backward,
-    optimizer): benchmarks/step_phases.py times them."""
+    optimizer): benchmarks/step_phases.py times them. `graphed`: the forward and backward replay a
+    CUDA graph (recover/graphed.py; `mark` then sees them as one phase)."""
     batch = max(1, tokens_per_step // seq_len)
     vocab = model.config.vocab_size
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator(device="cpu").manual_seed(0)
     mark = mark or (lambda: None)
+
+    def loss_of(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return lm_loss(model, ids, labels)
+
+    replay = GraphedPass(loss_of, params, (batch, seq_len), device) if graphed else None
 
     def step():
         mark()
         ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
         mark()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = lm_loss(model, ids, ids)
-        mark()
-        loss.backward()
+        if replay is not None:
+            replay(ids, ids, 1.0)
+            mark()
+        else:
+            loss = loss_of(ids, ids)
+            mark()
+            loss.backward()
         mark()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=replay is None)  # a recorded pass adds into the same gradient tensors
         mark()
 
     return step, batch * seq_len
@@ -109,12 +125,12 @@ def tokens_per_second(step, tokens: int, steps: int, device: torch.device) -> fl
     return steps * tokens / (time.perf_counter() - start)
 
 
-def profile(model, seq_len: int, tokens_per_step: int, device: torch.device, rows: int = 18) -> str:
+def profile(model, seq_len: int, tokens_per_step: int, device: torch.device, rows: int = 18, graphed: bool = False) -> str:
     """The kernels one training step spends its GPU time in and the host ops it spends its CPU time in
     (torch.profiler's tables), then the step's wall time against the GPU's busy time and the host calls
     that wait for the GPU: a step whose wall time is well above its GPU time is bound by the host
     (launches, synchronisations)."""
-    step, _ = training_step(model, seq_len, tokens_per_step, device)
+    step, _ = training_step(model, seq_len, tokens_per_step, device, graphed=graphed)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -176,6 +192,8 @@ def main() -> None:
     p.add_argument("--targets", default="",
                    help="extra rows converted to these other targets (hgrn2, mamba2, hedgehog, gdn, gsa), comma-separated")
     p.add_argument("--ceiling", action="store_true", help="add a row with no token mixing (an upper bound)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="add both models with each pass replayed from a CUDA graph (recover --cuda-graph)")
     p.add_argument("--triton-launch", action="store_true",
                    help="add a converted-model row whose kernels launch through Triton's own path every time "
                         "(kernels/launch.py off): the host time the cached launches save")
@@ -194,6 +212,8 @@ def main() -> None:
         variants.append(("gla triton launch", "gla", [(launch, "ENABLED", False)]))
     if args.ceiling:
         variants.append(("no mixing", "gla", [(modeling, "liger_attention", no_mixing)]))
+    if args.cuda_graph:
+        variants += [("softmax" + GRAPHED, None, []), ("gla" + GRAPHED, "gla", [])]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
@@ -202,8 +222,9 @@ def main() -> None:
         runs = []  # (label, patches, step, tokens): every row's model stays loaded, so trials interleave
         for label, target, patches in [("softmax", None, []), *variants]:
             model = build(args.source, target, device)
-            step, tokens = training_step(model, seq_len, args.tokens_per_step, device)
             try:
+                step, tokens = training_step(model, seq_len, args.tokens_per_step, device,
+                                             graphed=label.endswith(GRAPHED))
                 with patched(patches):
                     for _ in range(3):  # warm-up: compilation, autotuning, allocator
                         step()
@@ -225,6 +246,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         row["ratio"] = row["gla"] / row["softmax"] if row.get("gla") and row.get("softmax") else None
+        if row.get("gla" + GRAPHED) and row.get("softmax" + GRAPHED):  # the pair with the host out of the step
+            row["graphed_ratio"] = row["gla" + GRAPHED] / row["softmax" + GRAPHED]
         if row["ratio"] is not None:  # each trial's own ratio: how far one run of the pair can mislead
             pairs = zip(row["trials"]["gla"], row["trials"]["softmax"], strict=True)
             row["trial_ratios"] = [g / s for g, s in pairs]
@@ -242,12 +265,16 @@ def main() -> None:
                       *(fmt(r[v]) for v in extra))
     console = Console(width=200)
     console.print(table)
+    for r in rows:
+        if r.get("graphed_ratio"):
+            console.print(f"seq len {r['seq_len']}, both models' passes replayed from CUDA graphs: gla / softmax "
+                          f"{r['graphed_ratio']:.2f}x")
     profiles = {}
     if args.profile and device.type == "cuda":
         for label, target, patches in [("softmax", None, []), *variants]:
             model = build(args.source, target, device)
             with patched(patches):
-                profiles[label] = profile(model, args.profile, args.tokens_per_step, device)
+                profiles[label] = profile(model, args.profile, args.tokens_per_step, device, graphed=label.endswith(GRAPHED))
             console.print(f"\n{label} at seq len {args.profile}, one training step:\n{profiles[label]}", markup=False)
             del model
             torch.cuda.empty_cache()

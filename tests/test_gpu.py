@@ -361,3 +361,46 @@ def test_cached_launches_recompile_for_misaligned_and_other_dtypes_on_gpu():
     # q is the forward kernel's first argument: one compiled entry per (dtype, alignment) it met
     q_keys = {key[0][0] for key in fast(chunk_triton.gla_fwd_kernel).compiled}
     assert {(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)} <= q_keys
+
+
+@pytest.mark.parametrize("rows", [None, 16], ids=["whole", "segments-of-16"])
+def test_cuda_graph_recovery_matches_eager_on_gpu(family_source, tmp_path, monkeypatch, rows):
+    """`recover --cuda-graph`: every full micro-batch's pass replays one recorded CUDA graph and the budget's
+    cut-short last block runs eagerly; tokens, losses step by step and the adapter match an eager run's.
+    Also with the sequences cut into segments (liger/segmented.py), whose layouts are cached tensors."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from linearize.kernels.liger import segmented
+    from linearize.recover.options import RecoverOptions
+    from linearize.recover.trainer import recover
+
+    from .test_recover import STORIES_TEXT
+
+    monkeypatch.setattr(segmented, "SEGMENT_LEN", rows)
+
+    replays = {"n": 0}
+    real_replay = torch.cuda.CUDAGraph.replay
+
+    def counted(graph):
+        replays["n"] += 1
+        return real_replay(graph)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
+    ckpt = convert(str(family_source("llama")), tmp_path / "gla", window=16)
+    common = dict(ckpt=str(ckpt), data=str(STORIES_TEXT), seq_len=64, micro_batch=2, grad_accum=2, tokens=10 * 4 * 64 + 40,
+                  eval_every=4, save_every=1000, lr=1e-3, warmup_ratio=0.0, val_blocks=2, device="cuda")
+    eager = recover(RecoverOptions(out=tmp_path / "eager", **common))
+    assert replays["n"] == 0
+    graphed = recover(RecoverOptions(out=tmp_path / "graphed", cuda_graph=True, **common))
+    assert replays["n"] == 10 * 2  # two full passes a step for ten steps; the 40-token block ran eagerly
+    one, two = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (eager, graphed))
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two] and len(one) == 11
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-3 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+        assert (a.get("val_loss") is None) == (b.get("val_loss") is None)
+    a, b = (load_file(d / "adapter_model.safetensors") for d in (eager, graphed))
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-5)

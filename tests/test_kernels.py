@@ -490,6 +490,9 @@ def test_segment_length_follows_the_rounds_of_programs_the_sms_hold(monkeypatch)
     assert segmented.segment_length(8, 2048, 9, 64, gpu) == 192  # 792 programs, 3 rounds of 192 rows
     assert segmented.segment_length(8, 1024, 9, 64, gpu) == 160  # 504 programs, 2 rounds of 160
     assert segmented.segment_length(16, 1024, 9, 64, gpu) is None  # 144 programs: 624 rows split, not worth it
+    with segmented.recording():  # ... unless a CUDA graph replays the pass: then the launches cost no host time
+        assert segmented.segment_length(16, 1024, 9, 64, gpu) == 208  # 720 programs, 3 rounds of 208 rows
+    assert not segmented.RECORDING
     assert segmented.segment_length(4, 2048, 16, 64, gpu) == 512  # 256 programs, one round
     assert segmented.segment_length(1, 4096, 32, 128, gpu) == 1024  # 128 of 132, one round
     assert segmented.segment_length(1, 32768, 32, 128, gpu) == 2048  # no longer than MAX_ROWS

@@ -261,6 +261,14 @@ def test_cli_recover_errors(converted_dir, tmp_path, capsys):
     assert code == 2 and "not found" in err
 
 
+def test_cuda_graph_needs_a_gpu(converted_dir, tmp_path, capsys):
+    """--cuda-graph on the CPU: a one-line error before anything is written (tests/test_gpu.py runs it on a GPU)."""
+    args = ["recover", converted_dir, "--data", STORIES_TEXT, "--seq-len", "64", "--device", "cpu", "--cuda-graph"]
+    code, _, err = run_cli([*args, "-o", tmp_path / "x"], capsys)
+    assert code == 2 and "--cuda-graph needs a CUDA device" in err
+    assert not (tmp_path / "x").exists() and not workdir_for(tmp_path / "x").exists()
+
+
 def assert_same_training(one_dir, two_dir, weights_rtol: float = 1e-4, weights_atol: float = 1e-6) -> None:
     """Same tokens and losses step by step (to 1e-4), and the same adapter."""
     one = [json.loads(line) for line in (one_dir / "metrics.jsonl").read_text().splitlines()]

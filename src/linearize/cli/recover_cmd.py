@@ -37,6 +37,7 @@ def recover(
     micro_batch: int = typer.Option(D["micro_batch"], help=H["micro_batch"]),
     grad_accum: int = typer.Option(D["grad_accum"], help=H["grad_accum"]),
     gradient_checkpointing: bool = typer.Option(D["gradient_checkpointing"], help=H["gradient_checkpointing"]),
+    cuda_graph: bool = typer.Option(D["cuda_graph"], help=H["cuda_graph"]),
     eval_every: int = typer.Option(D["eval_every"], help=H["eval_every"]),
     save_every: int = typer.Option(D["save_every"], help=H["save_every"]),
     seed: int = typer.Option(D["seed"], help=H["seed"]),

@@ -37,6 +37,8 @@ class RecoverOptions(BaseModel):
     micro_batch: int = Field(1, ge=1, description="sequences per forward pass")
     grad_accum: int = Field(8, ge=1, description="micro-batches per optimizer step")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+    cuda_graph: bool = Field(False, description="replay each micro-batch's forward and backward of the lm stage "
+                             "from a CUDA graph (one GPU): for small models, whose steps wait on the host")
     val_fraction: float = Field(0.02, ge=0, lt=1, description="share of blocks held out for validation")
     val_blocks: int = Field(16, ge=1, description="validation blocks evaluated each time, at most")
     eval_every: int = Field(200, ge=1, description="optimizer steps between validations")

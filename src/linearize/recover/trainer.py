@@ -35,6 +35,7 @@ from .distributed import (
     shutdown,
     trainable_state,
 )
+from .graphed import GraphedPass
 from .losses import lm_loss, loss_tokens, training_loss
 from .options import RecoverOptions
 
@@ -155,6 +156,11 @@ class Recovery:
         self.main = self.world.is_main
         self.steps_this_run = 0  # optimizer steps taken by this invocation (--stop-after-steps)
         self.sharded = opts.fsdp and self.world.size > 1
+        self.graphed: GraphedPass | None = None  # the lm stage's recorded pass, with --cuda-graph
+        if opts.cuda_graph and self.device.type != "cuda":
+            raise LinearizeError("--cuda-graph needs a CUDA device: drop it to train on the CPU")
+        if opts.cuda_graph and (self.world.size > 1 or opts.gradient_checkpointing):
+            raise LinearizeError("--cuda-graph runs on one GPU without --gradient-checkpointing: drop one of them")
 
     # -- setup -------------------------------------------------------------------------------
     def prepare_folders(self) -> Position | None:
@@ -297,6 +303,12 @@ class Recovery:
         budget, total_steps = stage_plan(opts, stage, train, self.world.size)
         seq = opts.orient_seq_len if stage == "orient" else opts.seq_len
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if opts.cuda_graph and stage == "lm":  # align and orient run eagerly (their hooks keep Python state)
+            def compute(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+                with self.autocast():
+                    return training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
+
+            self.graphed = GraphedPass(compute, params, (opts.micro_batch, seq), self.device)
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
         scheduler = make_scheduler(optimizer, opts, total_steps)
         pos = Position(stage=index)
@@ -345,6 +357,7 @@ class Recovery:
                     f"interrupted at {stage} step {pos.step}: checkpoint saved in {saved}; rerun with --resume"
                 ) from None
         self.save_checkpoint(pos, optimizer, scheduler)
+        self.graphed = None  # frees the recording's memory before the next stage
         return {"stage": stage, "steps": pos.step, "tokens": pos.tokens, "loss": last_loss, "val_loss": val_loss,
                 "seconds": time.perf_counter() - started}
 
@@ -368,7 +381,7 @@ class Recovery:
             most = all_reduce_max(world, len(micro), self.device)
             spare = micro[0] if micro else (train.input_ids[:1, :seq], train.labels[:1, :seq], 0.0)
             micro += [(spare[0], spare[1], 0.0)] * (most - len(micro))  # weight 0: no effect on the step
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=self.graphed is None)  # a recorded pass adds into the same tensors
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Token-weighted sum of losses, tokens, non-finite count: kept on the device and read once a step,
         # so the host never waits for a forward before queueing its backward (a small model's step is
@@ -376,11 +389,15 @@ class Recovery:
         loss_sum = torch.zeros(3, device=self.device)
         for ids, labels, weight in micro:
             ids, labels = self.to_device(ids), self.to_device(labels)
-            with self.autocast():
-                loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
-            loss_sum[2] += (~torch.isfinite(loss.detach())).float()
-            (loss * weight).backward()  # a non-finite loss's gradients are never applied: see below
-            loss_sum[0] += loss.detach().float() * weight
+            if self.graphed is not None:
+                loss = self.graphed(ids, labels, weight)
+            else:
+                with self.autocast():
+                    loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
+                (loss * weight).backward()  # a non-finite loss's gradients are never applied: see below
+                loss = loss.detach()
+            loss_sum[2] += (~torch.isfinite(loss)).float()
+            loss_sum[0] += loss.float() * weight
             loss_sum[1] += weight
         all_reduce_sum(world, loss_sum)
         loss_total, weight_total, non_finite = loss_sum.tolist()  # the step's one wait for the GPU

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -40,6 +42,20 @@ from .window_fwd_triton import window_fwd_into
 
 # Rows per segment: None chooses (segment_length), 0 never splits; tests set a small value.
 SEGMENT_LEN: int | None = None
+# True while a pass is warmed up and recorded into a CUDA graph (recover/graphed.py): its launches then
+# cost the host nothing a step, so splitting needs to pay only for its GPU work.
+RECORDING = False
+
+
+@contextmanager
+def recording() -> Iterator[None]:
+    """The segment choices inside this block are for a pass a CUDA graph will replay (see RECORDING)."""
+    global RECORDING
+    before, RECORDING = RECORDING, True
+    try:
+        yield
+    finally:
+        RECORDING = before
 
 
 def segment_length(batch: int, length: int, q_heads: int, head_dim: int, device: torch.device) -> int | None:
@@ -48,7 +64,8 @@ def segment_length(batch: int, length: int, q_heads: int, head_dim: int, device:
         return SEGMENT_LEN or None
     if os.environ.get("LINEARIZE_SEGMENTS") == "0" or device.type != "cuda":  # the env variable turns it off
         return None
-    return _pick(batch * q_heads, length, head_dim, torch.cuda.get_device_properties(device).multi_processor_count)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return _pick(batch * q_heads, length, head_dim, sms, 0 if RECORDING else SPLIT_HOST_ROWS)
 
 
 # The segment rule's constants (_pick): the shortest and longest segments tried (the segment-state
@@ -71,13 +88,14 @@ def _rounds(programs: int, length: int, rows: int, held: int) -> int:
 
 
 @functools.cache  # asked by every layer on every call: the same few shapes each step
-def _pick(programs: int, length: int, head_dim: int, sms: int) -> int | None:
+def _pick(programs: int, length: int, head_dim: int, sms: int, host_rows: int = SPLIT_HOST_ROWS) -> int | None:
     """The rows per segment that minimise the rows the busiest SM walks in turn, or None (whole sequences).
 
     An SM holds two sweeps at heads of 64 and less (their backward runs at 4 warps), one above, so a grid
     of P programs runs in ceil(P / held) rounds, each as long as its longest segment. Segments are as
     near equal as 16-row blocks allow, MIN_ROWS to MAX_ROWS long. Splitting adds SPLIT_COST of a
-    perfectly balanced sweep (P * length / held rows) and SPLIT_HOST_ROWS; among the choices within
+    perfectly balanced sweep (P * length / held rows) and host_rows (SPLIT_HOST_ROWS; none for a pass
+    recorded into a CUDA graph, whose launches the host does not repeat); among the choices within
     FEWER_SEGMENTS_WITHIN of the cheapest, the one with fewest segments wins. Heads over 128 stay
     whole: their unsegmented backward differentiates the maps in PyTorch (fused_triton.FEATURE_MAP_MAX_D).
 
@@ -95,7 +113,7 @@ def _pick(programs: int, length: int, head_dim: int, sms: int) -> int | None:
         return None  # sequences take microseconds a sweep, less than the segment kernels' launches
     held = sms * (2 if head_dim <= 64 else 1)
     whole = _rounds(programs, length, length, held)
-    split = SPLIT_COST * programs * length / held + SPLIT_HOST_ROWS
+    split = SPLIT_COST * programs * length / held + host_rows
     choices = []
     for pieces in range(max(2, -(-length // MAX_ROWS)), length // MIN_ROWS + 1):
         rows = -(-length // pieces // 16) * 16  # ceil(length / pieces), up to whole 16-row blocks

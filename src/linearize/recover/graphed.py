@@ -1,0 +1,93 @@
+"""A training pass replayed from a CUDA graph (`linearize recover --cuda-graph`).
+
+A small model's training step is bound by the host: each pass launches a few thousand kernels,
+and the GPU waits on Python between them (SmolLM2-135M: about 150 ms of host time a step against
+about 110 ms of GPU work, docs/kernels.md). A CUDA graph records one pass (forward, loss and
+backward) once and then replays it as a single launch.
+
+The pass is recorded for one micro-batch shape: its token ids and labels live in fixed buffers that
+each replay copies the batch into. Its gradients are added in place into the parameters' `.grad`
+tensors, which therefore must exist before the recording and stay the same tensors: the trainer
+zeroes them instead of dropping them. Other shapes (a block cut short at the end of the budget)
+run eagerly.
+
+Softmax attention inside a recorded pass (kept layers, the kd teacher) runs slower than outside it on
+an H200 with torch 2.11: cuDNN's SDPA kernels took 2.6-2.8x their eager time in the graph (SmolLM2 at
+4096 tokens: backward 1.46 against 0.56 ms a layer), and the flash and memory-efficient backends were
+slower still (docs/kernels.md, seventeenth session). The converted layers' Triton kernels run as fast
+as outside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LinearizeError
+
+WARMUP_PASSES = 2  # eager passes on a side stream before the recording, as PyTorch's CUDA-graph notes advise
+
+
+@dataclass
+class _Recorded:
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    weight: torch.Tensor
+    loss: torch.Tensor
+
+
+class GraphedPass:
+    """`pass_(input_ids, labels, weight)` computes `loss = compute(input_ids, labels)`, runs
+    `(loss * weight).backward()` and returns the detached loss, replaying a CUDA graph for `shape`."""
+
+    def __init__(self, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: list[torch.Tensor],
+                 shape: tuple[int, int], device: torch.device):
+        if device.type != "cuda":
+            raise LinearizeError("--cuda-graph needs a CUDA device: drop it to train on the CPU")
+        self.compute, self.params, self.shape, self.device = compute, params, tuple(shape), device
+        self.recorded: _Recorded | None = None
+        self.replays = 0
+
+    def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
+        if tuple(input_ids.shape) != self.shape:  # e.g. the budget's last, cut-short block
+            loss = self.compute(input_ids, labels)
+            (loss * weight).backward()
+            return loss.detach()
+        if self.recorded is None:
+            self.recorded = self._record(input_ids, labels)
+        r = self.recorded
+        r.input_ids.copy_(input_ids, non_blocking=True)
+        r.labels.copy_(labels, non_blocking=True)
+        r.weight.fill_(weight)
+        r.graph.replay()
+        self.replays += 1
+        return r.loss
+
+    def _record(self, input_ids: torch.Tensor, labels: torch.Tensor) -> _Recorded:
+        from ..kernels.liger import segmented  # noqa: PLC0415 - Triton's modules: imported on CUDA only
+
+        for p in self.params:  # the recorded backward adds into these tensors: they must exist first
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        kept = [p.grad.clone() for p in self.params]  # the warm-up passes add gradients that are not the step's
+        static_ids, static_labels = input_ids.to(self.device).clone(), labels.to(self.device).clone()
+        weight = torch.ones((), device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        # The warm-up compiles kernels and fills caches (segment layouts) before the recording, with the
+        # same segment choices: without the host's launch cost, short sequences split too.
+        with segmented.recording():
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_PASSES):
+                    (self.compute(static_ids, static_labels) * weight).backward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = self.compute(static_ids, static_labels)
+                (loss * weight).backward()
+        for p, g in zip(self.params, kept, strict=True):
+            p.grad.copy_(g)
+        return _Recorded(graph, static_ids, static_labels, weight, loss.detach())
