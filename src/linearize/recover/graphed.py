@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import LinearizeError
-
 WARMUP_PASSES = 2  # eager passes on a side stream before the recording, as PyTorch's CUDA-graph notes advise
 
 
@@ -39,23 +37,26 @@ class _Recorded:
     loss: torch.Tensor
 
 
-class GraphedPass:
-    """`pass_(input_ids, labels, weight)` computes `loss = compute(input_ids, labels)`, runs
-    `(loss * weight).backward()` and returns the detached loss, replaying a CUDA graph for `shape`."""
+Compute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, labels) -> loss
 
-    def __init__(self, compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: list[torch.Tensor],
-                 shape: tuple[int, int], device: torch.device):
-        if device.type != "cuda":
-            raise LinearizeError("--cuda-graph needs a CUDA device: drop it to train on the CPU")
+
+def eager_pass(compute: Compute, input_ids: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
+    """One pass without a graph: the loss, `(loss * weight).backward()`, and the detached loss."""
+    loss = compute(input_ids, labels)
+    (loss * weight).backward()
+    return loss.detach()
+
+
+class GraphedPass:
+    """`eager_pass` for one CUDA device, replaying a recorded CUDA graph for micro-batches of `shape`."""
+
+    def __init__(self, compute: Compute, params: list[torch.Tensor], shape: tuple[int, int], device: torch.device):
         self.compute, self.params, self.shape, self.device = compute, params, tuple(shape), device
         self.recorded: _Recorded | None = None
-        self.replays = 0
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
         if tuple(input_ids.shape) != self.shape:  # e.g. the budget's last, cut-short block
-            loss = self.compute(input_ids, labels)
-            (loss * weight).backward()
-            return loss.detach()
+            return eager_pass(self.compute, input_ids, labels, weight)
         if self.recorded is None:
             self.recorded = self._record(input_ids, labels)
         r = self.recorded
@@ -63,7 +64,6 @@ class GraphedPass:
         r.labels.copy_(labels, non_blocking=True)
         r.weight.fill_(weight)
         r.graph.replay()
-        self.replays += 1
         return r.loss
 
     def _record(self, input_ids: torch.Tensor, labels: torch.Tensor) -> _Recorded:

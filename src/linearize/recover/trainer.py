@@ -8,6 +8,7 @@ resumed run reaches the same adapter as one that was never stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from .distributed import (
     shutdown,
     trainable_state,
 )
-from .graphed import GraphedPass
+from .graphed import GraphedPass, eager_pass
 from .losses import lm_loss, loss_tokens, training_loss
 from .options import RecoverOptions
 
@@ -298,17 +299,18 @@ class Recovery:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
+    def loss_of(self, stage: str, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The stage's training loss of one micro-batch, under autocast."""
+        with self.autocast():
+            return training_loss(stage, self.opts.loss, self.opts.kd_weight, self.model, input_ids, labels)
+
     def run_stage(self, index: int, stage: str, train: Blocks, val: Blocks, resume_at: Position | None) -> dict:
         opts = self.opts
         budget, total_steps = stage_plan(opts, stage, train, self.world.size)
         seq = opts.orient_seq_len if stage == "orient" else opts.seq_len
         params = [p for p in self.model.parameters() if p.requires_grad]
         if opts.cuda_graph and stage == "lm":  # align and orient run eagerly (their hooks keep Python state)
-            def compute(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-                with self.autocast():
-                    return training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
-
-            self.graphed = GraphedPass(compute, params, (opts.micro_batch, seq), self.device)
+            self.graphed = GraphedPass(functools.partial(self.loss_of, stage), params, (opts.micro_batch, seq), self.device)
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
         scheduler = make_scheduler(optimizer, opts, total_steps)
         pos = Position(stage=index)
@@ -387,15 +389,10 @@ class Recovery:
         # so the host never waits for a forward before queueing its backward (a small model's step is
         # bound by the host).
         loss_sum = torch.zeros(3, device=self.device)
+        # a non-finite loss's gradients are never applied: see below
+        run_pass = self.graphed or functools.partial(eager_pass, functools.partial(self.loss_of, stage))
         for ids, labels, weight in micro:
-            ids, labels = self.to_device(ids), self.to_device(labels)
-            if self.graphed is not None:
-                loss = self.graphed(ids, labels, weight)
-            else:
-                with self.autocast():
-                    loss = training_loss(stage, opts.loss, opts.kd_weight, self.model, ids, labels)
-                (loss * weight).backward()  # a non-finite loss's gradients are never applied: see below
-                loss = loss.detach()
+            loss = run_pass(self.to_device(ids), self.to_device(labels), weight)
             loss_sum[2] += (~torch.isfinite(loss)).float()
             loss_sum[0] += loss.float() * weight
             loss_sum[1] += weight

@@ -18,7 +18,7 @@ segment's initial and final state and its final-state gradient. The window's bac
 parallel over blocks already and run on the whole sequences as before.
 
 The extra work (the boundary states, a second pass over q and k) is small now: at SmolLM2's shape
-(B4 T4096, 3 segments) the two local kernels take 0.10 ms each way. Done in PyTorch it was 0.84
+(B4 T4096, then 3 segments of 1408 rows) the two local kernels took 0.10 ms each way. Done in PyTorch it was 0.84
 ms of GPU time and about 90 small launches a layer, and the layer waited on the host (4.22 ms of
 wall for 2.42 of GPU work; 2.00 for 1.97 with the kernels; one H200, fifteenth session). It pays
 only where programs are few, so `segment_length` only splits then.
@@ -93,7 +93,7 @@ def _pick(programs: int, length: int, head_dim: int, sms: int, host_rows: int = 
 
     An SM holds two sweeps at heads of 64 and less (their backward runs at 4 warps), one above, so a grid
     of P programs runs in ceil(P / held) rounds, each as long as its longest segment. Segments are as
-    near equal as 16-row blocks allow, MIN_ROWS to MAX_ROWS long. Splitting adds SPLIT_COST of a
+    near equal as whole blocks (chunk_triton.BT rows) allow, MIN_ROWS to MAX_ROWS long. Splitting adds SPLIT_COST of a
     perfectly balanced sweep (P * length / held rows) and host_rows (SPLIT_HOST_ROWS; none for a pass
     recorded into a CUDA graph, whose launches the host does not repeat); among the choices within
     FEWER_SEGMENTS_WITHIN of the cheapest, the one with fewest segments wins. Heads over 128 stay
@@ -116,7 +116,7 @@ def _pick(programs: int, length: int, head_dim: int, sms: int, host_rows: int = 
     split = SPLIT_COST * programs * length / held + host_rows
     choices = []
     for pieces in range(max(2, -(-length // MAX_ROWS)), length // MIN_ROWS + 1):
-        rows = -(-length // pieces // 16) * 16  # ceil(length / pieces), up to whole 16-row blocks
+        rows = -(-length // pieces // chunk_triton.BT) * chunk_triton.BT  # ceil(length / pieces), in whole blocks
         choices.append((_rounds(programs, length, rows, held) + split, rows))
     cheapest = min([whole, *(cost for cost, _ in choices)])
     if whole <= cheapest * FEWER_SEGMENTS_WITHIN:
