@@ -363,11 +363,13 @@ def test_cached_launches_recompile_for_misaligned_and_other_dtypes_on_gpu():
     assert {(torch.bfloat16, True), (torch.bfloat16, False), (torch.float16, False)} <= q_keys
 
 
-@pytest.mark.parametrize("rows", [None, 16], ids=["whole", "segments-of-16"])
-def test_cuda_graph_recovery_matches_eager_on_gpu(family_source, tmp_path, monkeypatch, rows):
+@pytest.mark.parametrize(("rows", "loss", "kept"), [(None, "lm", None), (16, "lm", None), (None, "lm+kd", [0])],
+                         ids=["whole", "segments-of-16", "kept-layer-lm+kd"])
+def test_cuda_graph_recovery_matches_eager_on_gpu(family_source, tmp_path, monkeypatch, rows, loss, kept):
     """`recover --cuda-graph`: every full micro-batch's pass replays one recorded CUDA graph and the budget's
     cut-short last block runs eagerly; tokens, losses step by step and the adapter match an eager run's.
-    Also with the sequences cut into segments (liger/segmented.py), whose layouts are cached tensors."""
+    Also with the sequences cut into segments (liger/segmented.py), whose layouts are cached tensors, and
+    with softmax inside the graph: a layer kept as attention, and the kd teacher (LoRA off, softmax)."""
     import json
 
     from linearize.kernels.liger import segmented
@@ -386,8 +388,8 @@ def test_cuda_graph_recovery_matches_eager_on_gpu(family_source, tmp_path, monke
         return real_replay(graph)
 
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
-    ckpt = convert(str(family_source("llama")), tmp_path / "gla", window=16)
-    common = dict(ckpt=str(ckpt), data=str(STORIES_TEXT), seq_len=64, micro_batch=2, grad_accum=2, tokens=10 * 4 * 64 + 40,
+    ckpt = convert(str(family_source("llama")), tmp_path / "gla", window=16, keep_attention=kept)
+    common = dict(ckpt=str(ckpt), data=str(STORIES_TEXT), seq_len=64, micro_batch=2, grad_accum=2, tokens=10 * 4 * 64 + 40, loss=loss,
                   eval_every=4, save_every=1000, lr=1e-3, warmup_ratio=0.0, val_blocks=2, device="cuda")
     eager = recover(RecoverOptions(out=tmp_path / "eager", **common))
     assert replays["n"] == 0

@@ -143,6 +143,32 @@ def test_kd_is_zero_for_the_student_in_teacher_mode(peft_model):
     assert losses.kd_loss(peft_model, ids, labels).item() > 1e-3
 
 
+def test_lm_kd_mix_runs_the_student_once_and_matches_the_separate_losses(peft_model):
+    ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :9] = IGNORE
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    torch.nn.init.normal_(lora[1], std=0.02)  # a non-zero lora_B: the student differs from the teacher in its adapter too
+
+    def loss_and_grads(fn):
+        peft_model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in lora]
+
+    forwards = []
+    handle = peft_model.get_base_model().register_forward_hook(lambda *_: forwards.append(1))
+    mixed, mixed_grads = loss_and_grads(lambda: losses.training_loss("lm", "lm+kd", 0.3, peft_model, ids, labels))
+    handle.remove()
+    assert len(forwards) == 2  # the teacher's and the student's: one student forward, so one backward
+    apart, apart_grads = loss_and_grads(
+        lambda: 0.7 * losses.lm_loss(peft_model, ids, labels) + 0.3 * losses.kd_loss(peft_model, ids, labels))
+    torch.testing.assert_close(mixed, apart, rtol=1e-5, atol=1e-6)
+    for a, b in zip(mixed_grads, apart_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in mixed_grads)
+
+
 def test_align_and_orient_losses_train_the_lora_weights(peft_model):
     ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0))
     # the orient stage matches attention matrices, which v does not enter

@@ -43,19 +43,33 @@ def converted_layers(model) -> list[torch.nn.Module]:
 def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled tokens; 0 for a block with none (an all-prompt
     block of packed instruction data), where transformers' own loss would be 0/0 = nan."""
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
-    targets = labels[:, 1:]
-    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
-    return total / (targets != IGNORE).sum().clamp(min=1)
+    return lm_kd_loss(model, input_ids, labels, kd_weight=0.0)
 
 
 def kd_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    with teacher_view(model):
-        target = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-    student = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-    mask = labels[:, 1:] != IGNORE
-    per_token = F.kl_div(student, target, log_target=True, reduction="none").sum(-1)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    """Mean KL(teacher || student) over the next-token distributions at labelled positions."""
+    return lm_kd_loss(model, input_ids, labels, kd_weight=1.0)
+
+
+def lm_kd_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, kd_weight: float) -> torch.Tensor:
+    """(1 - kd_weight) * lm + kd_weight * kd from one student forward (a mix used to run the student
+    twice: two forwards and two backwards a pass). The teacher runs only when kd has weight."""
+    target = None
+    if kd_weight > 0:
+        with teacher_view(model):
+            target = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE
+    count = mask.sum().clamp(min=1)
+    if target is None:  # plain lm: cross_entropy's fused kernel, no log-probabilities kept
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum") / count
+    student = logits.float().log_softmax(-1)
+    kd = (F.kl_div(student, target, log_target=True, reduction="none").sum(-1) * mask).sum() / count
+    if kd_weight == 1:
+        return kd
+    lm = F.nll_loss(student.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum") / count
+    return (1 - kd_weight) * lm + kd_weight * kd
 
 
 def _capture_layer_inputs(model, input_ids: torch.Tensor) -> dict:
@@ -143,10 +157,4 @@ def training_loss(stage: str, loss: str, kd_weight: float, model, input_ids, lab
     """The objective of a stage: align/orient, or the --loss mix for the lm stage."""
     if stage in ("align", "orient"):
         return OBJECTIVES[stage](model, input_ids, labels)
-    if loss == "lm":
-        return OBJECTIVES["lm"](model, input_ids, labels)
-    if loss == "kd":
-        return OBJECTIVES["kd"](model, input_ids, labels)
-    return (1 - kd_weight) * OBJECTIVES["lm"](model, input_ids, labels) + kd_weight * OBJECTIVES["kd"](
-        model, input_ids, labels
-    )
+    return lm_kd_loss(model, input_ids, labels, kd_weight={"lm": 0.0, "kd": 1.0, "lm+kd": kd_weight}[loss])
