@@ -295,17 +295,22 @@ def test_cuda_graph_needs_a_gpu(converted_dir, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not workdir_for(tmp_path / "x").exists()
 
 
-def test_a_recorded_pass_keeps_sdpa_causal(stories_path, monkeypatch):
-    """While a CUDA graph records, transformers cannot read the position ids and builds a full mask
-    that moves SDPA off its causal kernels; inside `causal_masks_while_recording` the softmax model's
-    SDPA calls get no mask and `is_causal`, as in an eager pass. The recording is simulated on the CPU."""
+def test_recovery_passes_skip_the_packed_sequence_check(stories_path, monkeypatch):
+    """transformers checks a forward's position ids for packed sequences: a device sync every pass, and
+    while a CUDA graph records (simulated here) a full mask that moves SDPA off its causal kernels. The
+    recovery losses pass no position ids, so they skip the check: SDPA gets no mask and `is_causal`."""
+    import transformers.masking_utils as masking_utils  # noqa: PLC0415
     import transformers.utils.import_utils as import_utils  # noqa: PLC0415
 
-    from linearize.recover.graphed import causal_masks_while_recording  # noqa: PLC0415
-
     model = AutoModelForCausalLM.from_pretrained(stories_path, attn_implementation="sdpa")
-    asked, seen = [], []
-    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: asked.append(1) or True)
+    checks, seen = [], []
+    find = masking_utils.find_packed_sequence_indices
+    def counted(position_ids):
+        checks.append(1)
+        return find(position_ids)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", counted)
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def spy(*args, attn_mask=None, is_causal=False, **kwargs):
@@ -314,12 +319,12 @@ def test_a_recorded_pass_keeps_sdpa_causal(stories_path, monkeypatch):
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     ids = torch.randint(0, 512, (2, 48))
-    model(input_ids=ids, use_cache=False)  # as the recovery losses call it
-    assert asked and seen and not any(no_mask for no_mask, _ in seen), "the simulated recording built no mask"
-    seen.clear()
-    with causal_masks_while_recording():
-        model(input_ids=ids, use_cache=False)
-    assert seen and all(s == (True, True) for s in seen), seen
+    model(input_ids=ids, use_cache=False)  # as the losses call it, without their context
+    assert checks and seen and not any(no_mask for no_mask, _ in seen), "the simulated recording built no mask"
+    checks.clear(), seen.clear()
+    losses.lm_loss(model, ids, ids)
+    assert not checks and seen and all(s == (True, True) for s in seen), (checks, seen)
+    assert masking_utils.find_packed_sequence_indices is counted  # restored after the loss
 
 
 def assert_same_training(one_dir, two_dir, weights_rtol: float = 1e-4, weights_atol: float = 1e-6) -> None:

@@ -11,17 +11,14 @@ tensors, which therefore must exist before the recording and stay the same tenso
 zeroes them instead of dropping them. Other shapes (a block cut short at the end of the budget)
 run eagerly.
 
-While a graph records, transformers cannot read the position ids (a device sync) to see that a batch
-holds no packed sequences, so it assumes it might and builds a full [B, 1, T, T] mask. SDPA then leaves
-its causal kernels: softmax attention ran 2.6-2.8x slower inside the graph (docs/kernels.md,
-eighteenth session). A recovery pass never passes position ids, so the model's own are 0..T-1 and
-never packed: `causal_masks_while_recording` tells transformers so.
+Softmax attention inside a recorded pass (kept layers, the kd teacher) stays on SDPA's causal kernels
+because the recovery losses run the model inside `losses.unpacked_batches()`: while a graph records,
+transformers would otherwise build a full [B, 1, T, T] mask (docs/kernels.md, eighteenth session).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -39,23 +36,6 @@ class _Recorded:
 
 
 Compute = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, labels) -> loss
-
-
-@contextlib.contextmanager
-def causal_masks_while_recording() -> Iterator[None]:
-    """Inside, transformers' mask builder treats every batch as unpacked, as it does eagerly for a
-    pass without position ids; SDPA's mask then stays `None` (`is_causal`) inside a CUDA graph too."""
-    from transformers import masking_utils  # noqa: PLC0415 - only needed while recording
-
-    find = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if find is None:  # another transformers version: nothing to tell it
-        yield
-        return
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = find
 
 
 def eager_pass(compute: Compute, input_ids: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
@@ -97,7 +77,7 @@ class GraphedPass:
         side.wait_stream(torch.cuda.current_stream(self.device))
         # The warm-up compiles kernels and fills caches (segment layouts) before the recording, with the
         # same segment choices: without the host's launch cost, short sequences split too.
-        with segmented.recording(), causal_masks_while_recording():
+        with segmented.recording():
             with torch.cuda.stream(side):
                 for _ in range(WARMUP_PASSES):
                     (self.compute(static_ids, static_labels) * weight).backward()

@@ -36,6 +36,26 @@ def _null() -> Iterator[None]:
     yield
 
 
+@contextmanager
+def unpacked_batches() -> Iterator[None]:
+    """Tell transformers' mask builder that no batch holds packed sequences, as none here does: the
+    losses pass no position ids, so the model's own run 0..T-1. Without this, each forward checks its
+    position ids for packing: a device sync that stalls the host every pass, and while a CUDA graph
+    records (when it cannot read them) a full [B, 1, T, T] mask that moves SDPA off its causal kernels,
+    2.6-2.8x slower (docs/kernels.md, eighteenth session)."""
+    from transformers import masking_utils  # noqa: PLC0415
+
+    find = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if find is None:  # a transformers without the check: nothing to skip
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = find
+
+
 def converted_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, LigerAttentionMixin) and m.linearize_kind == "liger"]
 
@@ -55,10 +75,11 @@ def lm_kd_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, kd_weight: 
     """(1 - kd_weight) * lm + kd_weight * kd from one student forward (a mix used to run the student
     twice: two forwards and two backwards a pass). The teacher runs only when kd has weight."""
     target = None
-    if kd_weight > 0:
-        with teacher_view(model):
-            target = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
+    with unpacked_batches():
+        if kd_weight > 0:
+            with teacher_view(model):
+                target = model(input_ids=input_ids, use_cache=False).logits[:, :-1].float().log_softmax(-1)
+        logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]
     targets = labels[:, 1:]
     mask = targets != IGNORE
     count = mask.sum().clamp(min=1)
@@ -86,7 +107,7 @@ def _capture_layer_inputs(model, input_ids: torch.Tensor) -> dict:
     handles = [m.register_forward_pre_hook(keep_input, with_kwargs=True) for m in layers]
     handles += [m.register_forward_hook(keep_output, with_kwargs=True) for m in layers]
     try:
-        with teacher_view(model):
+        with teacher_view(model), unpacked_batches():
             model(input_ids=input_ids, use_cache=False)
     finally:
         for h in handles:
