@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 from rich.console import Console
@@ -23,6 +24,9 @@ from . import bench_cmd, convert_cmd, eval_cmd, recover_cmd, run_cmd  # noqa: E4
 
 
 def main() -> None:
+    # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` on every adapter it wraps:
+    # a FutureWarning about library internals that a user can do nothing about
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     try:
         app()
     except LinearizeError as e:
