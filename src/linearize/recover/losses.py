@@ -72,8 +72,8 @@ def kd_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def lm_kd_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, kd_weight: float) -> torch.Tensor:
-    """(1 - kd_weight) * lm + kd_weight * kd from one student forward (a mix used to run the student
-    twice: two forwards and two backwards a pass). The teacher runs only when kd has weight."""
+    """(1 - kd_weight) * lm + kd_weight * kd. The student runs once and both terms read its
+    log-probabilities (one backward a pass); the teacher runs only when kd has weight."""
     target = None
     with unpacked_batches():
         if kd_weight > 0:
