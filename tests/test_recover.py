@@ -305,6 +305,7 @@ def test_recovery_passes_skip_the_packed_sequence_check(stories_path, monkeypatc
     model = AutoModelForCausalLM.from_pretrained(stories_path, attn_implementation="sdpa")
     checks, seen = [], []
     find = masking_utils.find_packed_sequence_indices
+
     def counted(position_ids):
         checks.append(1)
         return find(position_ids)
@@ -321,7 +322,8 @@ def test_recovery_passes_skip_the_packed_sequence_check(stories_path, monkeypatc
     ids = torch.randint(0, 512, (2, 48))
     model(input_ids=ids, use_cache=False)  # as the losses call it, without their context
     assert checks and seen and not any(no_mask for no_mask, _ in seen), "the simulated recording built no mask"
-    checks.clear(), seen.clear()
+    checks.clear()
+    seen.clear()
     losses.lm_loss(model, ids, ids)
     assert not checks and seen and all(s == (True, True) for s in seen), (checks, seen)
     assert masking_utils.find_packed_sequence_indices is counted  # restored after the loss

@@ -157,7 +157,6 @@ class Recovery:
         self.main = self.world.is_main
         self.steps_this_run = 0  # optimizer steps taken by this invocation (--stop-after-steps)
         self.sharded = opts.fsdp and self.world.size > 1
-        self.graphed: GraphedPass | None = None  # the lm stage's recorded pass, with --cuda-graph
         if opts.cuda_graph and self.device.type != "cuda":
             raise LinearizeError("--cuda-graph needs a CUDA device: drop it to train on the CPU")
         if opts.cuda_graph and (self.world.size > 1 or opts.gradient_checkpointing):
@@ -309,8 +308,11 @@ class Recovery:
         budget, total_steps = stage_plan(opts, stage, train, self.world.size)
         seq = opts.orient_seq_len if stage == "orient" else opts.seq_len
         params = [p for p in self.model.parameters() if p.requires_grad]
+        compute = functools.partial(self.loss_of, stage)
         if opts.cuda_graph and stage == "lm":  # align and orient run eagerly (their hooks keep Python state)
-            self.graphed = GraphedPass(functools.partial(self.loss_of, stage), params, (opts.micro_batch, seq), self.device)
+            run_pass = GraphedPass(compute, params, (opts.micro_batch, seq), self.device)
+        else:
+            run_pass = functools.partial(eager_pass, compute)
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
         scheduler = make_scheduler(optimizer, opts, total_steps)
         pos = Position(stage=index)
@@ -328,7 +330,8 @@ class Recovery:
             task = progress.add_task(stage, total=budget, completed=pos.tokens, rate="", loss="-", lr="-")
             try:
                 while pos.step < total_steps and pos.tokens < budget:
-                    step_loss, step_tokens = self.optimizer_step(stage, train, pos, budget, seq, optimizer, scheduler)
+                    step_loss, step_tokens = self.optimizer_step(stage, run_pass, train, pos, budget, seq, optimizer,
+                                                                  scheduler)
                     pos.step += 1
                     pos.tokens += step_tokens
                     last_loss = step_loss
@@ -359,12 +362,12 @@ class Recovery:
                     f"interrupted at {stage} step {pos.step}: checkpoint saved in {saved}; rerun with --resume"
                 ) from None
         self.save_checkpoint(pos, optimizer, scheduler)
-        self.graphed = None  # frees the recording's memory before the next stage
         return {"stage": stage, "steps": pos.step, "tokens": pos.tokens, "loss": last_loss, "val_loss": val_loss,
                 "seconds": time.perf_counter() - started}
 
-    def optimizer_step(self, stage, train: Blocks, pos: Position, budget: int, seq: int, optimizer, scheduler):
-        """One optimizer step over up to grad_accum micro-batches; returns (mean loss, tokens)."""
+    def optimizer_step(self, stage, run_pass, train: Blocks, pos: Position, budget: int, seq: int, optimizer, scheduler):
+        """One optimizer step over up to grad_accum micro-batches, each through `run_pass` (an eager pass
+        or a GraphedPass); returns (mean loss, tokens)."""
         opts = self.opts
         world = self.world
         items, tokens_left = [], budget - pos.tokens  # (block, length): the budget ends exactly, mid-block if need be
@@ -383,14 +386,13 @@ class Recovery:
             most = all_reduce_max(world, len(micro), self.device)
             spare = micro[0] if micro else (train.input_ids[:1, :seq], train.labels[:1, :seq], 0.0)
             micro += [(spare[0], spare[1], 0.0)] * (most - len(micro))  # weight 0: no effect on the step
-        optimizer.zero_grad(set_to_none=self.graphed is None)  # a recorded pass adds into the same tensors
+        # a recorded pass adds into the same gradient tensors: zero them, do not drop them
+        optimizer.zero_grad(set_to_none=not isinstance(run_pass, GraphedPass))
         params = [p for p in self.model.parameters() if p.requires_grad]
         # Token-weighted sum of losses, tokens, non-finite count: kept on the device and read once a step,
         # so the host never waits for a forward before queueing its backward (a small model's step is
-        # bound by the host).
+        # bound by the host). A non-finite loss's gradients are never applied: see below.
         loss_sum = torch.zeros(3, device=self.device)
-        # a non-finite loss's gradients are never applied: see below
-        run_pass = self.graphed or functools.partial(eager_pass, functools.partial(self.loss_of, stage))
         for ids, labels, weight in micro:
             loss = run_pass(self.to_device(ids), self.to_device(labels), weight)
             loss_sum[2] += (~torch.isfinite(loss)).float()
