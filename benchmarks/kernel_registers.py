@@ -68,6 +68,11 @@ def sweep_warps(sweep: str, D: int, many: bool) -> int:
     return backward_triton.default_warps(sweep, True, D, 2 if many else 1, torch.device("cpu"))  # 1 "SM" on CPU
 
 
+def prefetch(sweep: str, feature_map: bool, K: int) -> bool:
+    """Whether a backward sweep loads its next block ahead, as gla_bwd picks it with few programs."""
+    return backward_triton.default_prefetch(sweep, feature_map, K, 1, torch.device("cpu"))
+
+
 def plain_warps(sweep: str, K: int) -> int:
     """The plain (no feature map) sweeps' warps as gla_bwd picks them."""
     return backward_triton.default_warps(sweep, False, K, 1, torch.device("cpu"))
@@ -82,7 +87,7 @@ def decode_tile(D: int, HQ: int, HS: int) -> dict:
 def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int]]:
     """(label, kernel, constexprs, num_warps, num_stages) as the launch wrappers pick them."""
     BT = chunk_triton.BT
-    common = dict(HQ=HQ, HKV=HKV, IS_VARLEN=False, LOW_PRECISION=True, DIAG_F32=False)
+    common = dict(HQ=HQ, HKV=HKV, IS_VARLEN=False, LOW_PRECISION=True, DIAG_F32=False, PREFETCH=True)
     block_kv = wb.BKV_WIDE if D >= 128 else wb.BQ
     window = dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wb.BQ, LOW_PRECISION=True, ACCUMULATE=True)
     # the chunked gsa kernel as the model runs it: bf16 feature maps, products in bf16
@@ -109,13 +114,15 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("backward dq sweep (Liger)", gla_bwd_dq_kernel,
          dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=False), sweep_warps("dq", D, many=True), 1),
         ("backward dk/dv sweep (Liger)", gla_bwd_dkv_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=False, STORE_DH0=False),
+         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=False, STORE_DH0=False,
+              PREFETCH=prefetch("dkv", True, D)),
          sweep_warps("dkv", D, many=True), 1),
         ("backward dq sweep (Liger, sequence segment)", gla_bwd_dq_kernel,
          dict(common, K=D, V=D, BT=BT, BK=D, FEATURE_MAP=True, USE_H0=True, IS_VARLEN=True),
          sweep_warps("dq", D, many=False), 1),
         ("backward dk/dv sweep (Liger, sequence segment)", gla_bwd_dkv_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=True, STORE_DH0=True, IS_VARLEN=True),
+         dict(common, K=D, V=D, BT=BT, BV=D, FEATURE_MAP=True, USE_DHT=True, STORE_DH0=True, IS_VARLEN=True,
+              PREFETCH=prefetch("dkv", True, D)),
          sweep_warps("dkv", D, many=False), 1),
         ("segment states: each segment's own (segmented.py)", seg.segment_local_states_kernel,
          dict(seg_tiles, BT=seg_bt, PRECISION="tf32"), 4, 1),
@@ -126,7 +133,8 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("backward dq sweep (chunk_gla)", gla_bwd_dq_kernel,
          dict(common, K=D, V=D, BT=BT, BK=min(D, 64), FEATURE_MAP=False, USE_H0=False), plain_warps("dq", D), 1),
         ("backward dk/dv sweep (chunk_gla)", gla_bwd_dkv_kernel,
-         dict(common, K=D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=False, STORE_DH0=False),
+         dict(common, K=D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=False, STORE_DH0=False,
+              PREFETCH=prefetch("dkv", False, D)),
          plain_warps("dkv", D), 1),
         # hedgehog's linear part: chunk_gla on 2D features [softmax(x), softmax(-x)], values of D
         ("forward (chunk_gla, hedgehog's 2D features)", gla_fwd_kernel,
@@ -136,7 +144,8 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
         ("backward dq sweep (chunk_gla, hedgehog's 2D features)", gla_bwd_dq_kernel,
          dict(common, K=2 * D, V=D, BT=BT, BK=64, FEATURE_MAP=False, USE_H0=False), plain_warps("dq", 2 * D), 1),
         ("backward dk/dv sweep (chunk_gla, hedgehog's 2D features)", gla_bwd_dkv_kernel,
-         dict(common, K=2 * D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=True, STORE_DH0=False),
+         dict(common, K=2 * D, V=D, BT=BT, BV=min(D, 64), FEATURE_MAP=False, USE_DHT=True, STORE_DH0=False,
+              PREFETCH=prefetch("dkv", False, 2 * D)),
          plain_warps("dkv", 2 * D), 1),
         ("window forward", wf.window_fwd_kernel,
          dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wf.BQ, IS_VARLEN=False, LOW_PRECISION=True, STORE_LSE=False), wf.warps(D), wf.stages(D)),

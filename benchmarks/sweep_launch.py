@@ -42,7 +42,8 @@ from linearize.kernels.hedgehog.chunk import hedgehog_attention_chunked
 from linearize.kernels.liger import segment_states_triton, segmented, window_bwd_triton, window_fwd_triton
 
 KERNELS = ("window_fwd_kernel", "gla_fwd_kernel", "gla_bwd_dq_kernel", "gla_bwd_dkv_kernel", "window_dq_kernel", "window_dkv_kernel")
-FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v", "fwd_split_window": "split_window"}
+FORWARD_KEYS = {"fwd_warps": "num_warps", "fwd_block_v": "block_v", "fwd_split_window": "split_window",
+                "fwd_prefetch": "prefetch"}
 # the window kernels' launch overrides (liger/window_fwd_triton.LAUNCH, liger/window_bwd_triton.LAUNCH)
 WINDOW_FORWARD_KEYS = {"win_fwd_warps": "num_warps", "win_fwd_stages": "num_stages"}
 WINDOW_BACKWARD_KEYS = {"win_dq_warps": "dq_warps", "win_dkv_warps": "dkv_warps", "win_dq_stages": "dq_stages",

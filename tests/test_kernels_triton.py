@@ -127,6 +127,24 @@ def liger_window_inside_the_sweep():
         chunk_triton.FORWARD_LAUNCH = {}
 
 
+@check("sweeps_without_prefetch")
+def sweeps_without_prefetch():
+    """The sweeps with each block loading its own rows when it starts (launch settings prefetch 0), the form
+    the prefetching default is timed against: the same Liger and chunk_gla results, whole and in segments,
+    packed sequences with an empty one included."""
+    from linearize.kernels.gla import backward_triton, chunk_triton  # noqa: PLC0415
+
+    chunk_triton.FORWARD_LAUNCH = {"prefetch": 0}
+    backward_triton.BACKWARD_LAUNCH = {"dq_prefetch": 0, "dkv_prefetch": 0}
+    try:
+        liger_case(150, 4, 2, 64, False, D=32)
+        segmented_case(150, 4, 2, 64, False, 48)
+        chunk_gla_packed_empty()
+    finally:
+        chunk_triton.FORWARD_LAUNCH = {}
+        backward_triton.BACKWARD_LAUNCH = {}
+
+
 @contextmanager
 def segments_of(rows: int):
     """Liger attention on the Triton path cuts every sequence into segments of `rows` (liger/segmented.py)."""
@@ -770,3 +788,18 @@ def test_decode_tiles_must_be_powers_of_two():
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+def test_sweep_prefetch_defaults_follow_the_measured_rule():
+    """default_prefetch (backward_triton, nineteenth session): the dq sweep loads ahead except a plain sweep over
+    more than 64 key channels whose programs would need a second round; the dk/dv sweep except Liger's over
+    heads wider than 64 (it spills there)."""
+    pytest.importorskip("triton")
+    from linearize.kernels.gla.backward_triton import default_prefetch  # noqa: PLC0415
+
+    cpu = torch.device("cpu")  # one "SM"
+    assert default_prefetch("dq", True, 128, 1000, cpu)
+    assert default_prefetch("dq", False, 64, 1000, cpu)
+    assert default_prefetch("dq", False, 128, 2, cpu) and not default_prefetch("dq", False, 128, 3, cpu)
+    assert default_prefetch("dkv", True, 64, 1000, cpu) and not default_prefetch("dkv", True, 128, 1, cpu)
+    assert default_prefetch("dkv", False, 256, 1000, cpu)

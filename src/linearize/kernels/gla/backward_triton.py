@@ -22,6 +22,9 @@ half-block span clamped at 60, exactly as in the forward kernel.
 
 GQA: k, v and g have HKV heads, q and do HQ; the kernels write dq, dk, dv per query head and
 the wrapper sums dk, dv and dg over each kv head's group.
+
+With PREFETCH each sweep issues the next block's loads before the current block's maths
+(default_prefetch says where that is faster).
 """
 
 from __future__ import annotations
@@ -39,12 +42,36 @@ from .chunk_triton import block_gates, liger_key_maps, sequence_bounds, softmax_
 
 
 @triton.jit
+def load_rows(x, bos, t, m_t, i_h, cols, H: tl.constexpr, C: tl.constexpr, ENABLED: tl.constexpr):
+    """Rows t of head i_h of x [.., H, C] at columns `cols` (zeros where not m_t); a placeholder if not ENABLED."""
+    if ENABLED:
+        rows = tl.load(x + ((bos + t) * H + i_h)[:, None] * C + cols[None, :], mask=m_t[:, None], other=0.0)
+    else:
+        rows = tl.zeros([t.shape[0], cols.shape[0]], dtype=x.dtype.element_ty)
+    return rows
+
+
+@triton.jit
+def bwd_block_loads(q, k, g, v, do, bos, t, m_t, i_h, i_hk, ck, cv, HQ: tl.constexpr, HKV: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, LOAD_Q: tl.constexpr, LOAD_G: tl.constexpr):
+    """Rows t of a sweep's inputs as stored (zeros where not m_t): q (with LOAD_Q) and k at columns ck, g (with
+    LOAD_G: gates given, no feature map), v and do at columns cv."""
+    b_q = load_rows(q, bos, t, m_t, i_h, ck, HQ, K, LOAD_Q)
+    b_k = load_rows(k, bos, t, m_t, i_hk, ck, HKV, K, True)
+    b_g = load_rows(g, bos, t, m_t, i_hk, ck, HKV, K, LOAD_G)
+    b_v = load_rows(v, bos, t, m_t, i_hk, cv, HKV, V, True)
+    b_do = load_rows(do, bos, t, m_t, i_h, cv, HQ, V, True)
+    return b_q, b_k, b_g, b_v, b_do
+
+
+@triton.jit
 def gla_bwd_dq_kernel(
     q, k, v, g, do, h0, dq, qdq, cu_seqlens,
     T, scale, gate_mult,
     HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, FEATURE_MAP: tl.constexpr,
     USE_H0: tl.constexpr, IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     i_k, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HQ // HKV)
@@ -65,18 +92,28 @@ def gla_bwd_dq_kernel(
     else:
         S = tl.zeros([BK, V], dtype=tl.float32)
 
+    if PREFETCH:  # the first block's rows; each block then loads the next one's before its own maths
+        next_q, next_k, next_g, next_v, next_do = bwd_block_loads(q, k, g, v, do, bos, rows, rows < L, i_h, i_hk, ck,
+                                                                  cv, HQ, HKV, K, V, FEATURE_MAP, not FEATURE_MAP)
     for i_c in range(0, tl.cdiv(L, BT)):
         t = i_c * BT + rows
         m_t = t < L
-        kv_row = ((bos + t) * HKV + i_hk)[:, None]
         q_row = ((bos + t) * HQ + i_h)[:, None]
-        b_k = tl.load(k + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        if PREFETCH:
+            raw_q, b_k, b_g, b_v, b_do = next_q, next_k, next_g, next_v, next_do
+            next_q, next_k, next_g, next_v, next_do = bwd_block_loads(q, k, g, v, do, bos, t + BT, t + BT < L, i_h,
+                                                                      i_hk, ck, cv, HQ, HKV, K, V, FEATURE_MAP,
+                                                                      not FEATURE_MAP)
+        else:
+            raw_q, b_k, b_g, b_v, b_do = bwd_block_loads(q, k, g, v, do, bos, t, m_t, i_h, i_hk, ck, cv, HQ, HKV, K,
+                                                         V, FEATURE_MAP, not FEATURE_MAP)
+        b_k = b_k.to(tl.float32)
         if FEATURE_MAP:  # Liger: phi(k) = softmax(k), log-gate logsigmoid(k) * gate_mult (BK = K)
             b_k, b_g = liger_key_maps(b_k, gate_mult)
         else:
-            b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_v = tl.load(v + kv_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
-        b_do = tl.load(do + q_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
+            b_g = b_g.to(tl.float32)
+        b_v = b_v.to(dot_t)
+        b_do = b_do.to(dot_t)
         b_b, b_last, d_q, d_k = block_gates(b_g, m_t, rows, MID)
         k_mid = tl.where(m_t[:, None], b_k * tl.exp(d_k), 0.0)
         k_out = tl.where(m_t[:, None], b_k * tl.exp(b_last[None, :] - b_b), 0.0)
@@ -87,7 +124,7 @@ def gla_bwd_dq_kernel(
         b_dq += tl.exp(d_q) * tl.dot(b_D.to(diag_t), k_mid.to(diag_t), input_precision="ieee")
         b_dq = b_dq * scale
         if FEATURE_MAP:  # through phi(q) = softmax(q); phi(q) * dphi(q) also feeds the gate's gradient
-            phi_q = softmax_rows(tl.load(q + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32))
+            phi_q = softmax_rows(raw_q.to(tl.float32))
             b_qd = phi_q * b_dq
             tl.store(qdq + q_row * K + ck[None, :], b_qd, mask=m_t[:, None])
             b_dq = b_qd - phi_q * tl.sum(b_qd, axis=1)[:, None]
@@ -102,7 +139,7 @@ def gla_bwd_dkv_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, FEATURE_MAP: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
+    LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HQ // HKV)
@@ -130,22 +167,37 @@ def gla_bwd_dkv_kernel(
     dk_part = dk + i_v.to(tl.int64) * TOTAL * HQ * K  # this value block's partial dk
 
     n_blocks = tl.cdiv(L, BT)
+    if PREFETCH:  # the last block's rows; each block then loads the one before it ahead of its own maths
+        t_last = (n_blocks - 1) * BT + rows
+        m_last = (t_last >= 0) & (t_last < L)  # an empty sequence has no last block
+        next_q, next_k, next_g, next_v, next_do = bwd_block_loads(q, k, g, v, do, bos, t_last, m_last, i_h, i_hk, ck,
+                                                                  cv, HQ, HKV, K, V, True, not FEATURE_MAP)
+        next_qdq = load_rows(qdq, bos, t_last, m_last, i_h, ck, HQ, K, FEATURE_MAP)
     for i_r in range(0, n_blocks):
         i_c = n_blocks - 1 - i_r
         t = i_c * BT + rows
         m_t = t < L
-        kv_row = ((bos + t) * HKV + i_hk)[:, None]
         q_row = ((bos + t) * HQ + i_h)[:, None]
-        b_q = tl.load(q + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_k = tl.load(k + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+        if PREFETCH:
+            b_q, b_k, b_g, b_v, b_do, b_qdq = next_q, next_k, next_g, next_v, next_do, next_qdq
+            m_n = (t >= BT) & (t - BT < L)  # rows of the block before (none before the first)
+            next_q, next_k, next_g, next_v, next_do = bwd_block_loads(q, k, g, v, do, bos, t - BT, m_n, i_h, i_hk, ck,
+                                                                      cv, HQ, HKV, K, V, True, not FEATURE_MAP)
+            next_qdq = load_rows(qdq, bos, t - BT, m_n, i_h, ck, HQ, K, FEATURE_MAP)
+        else:
+            b_q, b_k, b_g, b_v, b_do = bwd_block_loads(q, k, g, v, do, bos, t, m_t, i_h, i_hk, ck, cv, HQ, HKV, K, V,
+                                                       True, not FEATURE_MAP)
+            b_qdq = load_rows(qdq, bos, t, m_t, i_h, ck, HQ, K, FEATURE_MAP)
+        b_q = b_q.to(tl.float32)
+        b_k = b_k.to(tl.float32)
         if FEATURE_MAP:
             raw_k = b_k
             b_k, b_g = liger_key_maps(b_k, gate_mult)
             b_q = tl.where(m_t[:, None], softmax_rows(b_q), 0.0)
         else:
-            b_g = tl.load(g + kv_row * K + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_v = tl.load(v + kv_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
-        b_do = tl.load(do + q_row * V + cv[None, :], mask=m_t[:, None], other=0.0).to(dot_t)
+            b_g = b_g.to(tl.float32)
+        b_v = b_v.to(dot_t)
+        b_do = b_do.to(dot_t)
         b_b, b_last, d_q, d_k = block_gates(b_g, m_t, rows, MID)
         e_k = tl.exp(d_k)
         e_o = tl.exp(b_last[None, :] - b_b)
@@ -165,7 +217,7 @@ def gla_bwd_dkv_kernel(
             # the gate: dB = phi(q) dphi(q) - phi(k) dphi(k), summed over this and later steps;
             # then back through softmax and logsigmoid (d/dk logsigmoid(k) = sigmoid(-k)).
             b_kd = b_k * b_dk
-            b_dB = tl.load(qdq + q_row * K + ck[None, :], mask=m_t[:, None], other=0.0) - b_kd
+            b_dB = b_qdq - b_kd
             b_dB = tl.where(m_t[:, None], b_dB, 0.0)
             total = tl.sum(b_dB, axis=0)
             b_dg = carry[None, :] + total[None, :] - tl.cumsum(b_dB, axis=0) + b_dB
@@ -198,7 +250,9 @@ def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.T
 # a whole model (benchmarks/recover_throughput.py --bwd-launch, benchmarks/sweep_launch.py), as
 # chunk_triton.FORWARD_LAUNCH does the forward's. Keys: num_warps (both sweeps), dq_warps, dkv_warps,
 # dq_maxnreg, dkv_maxnreg (a register cap per thread: two programs share an SM below 128 at 8 warps),
-# block_k, block_v (the plain sweeps' tiles, without feature maps). Empty: default_warps(), no cap, 64.
+# block_k, block_v (the plain sweeps' tiles, without feature maps), dq_prefetch, dkv_prefetch (0: each block
+# loads its own rows when it starts, rather than the block before loading them ahead of its maths).
+# Empty: default_warps(), no cap, 64, default_prefetch().
 BACKWARD_LAUNCH: dict = {}
 
 
@@ -229,6 +283,25 @@ def default_warps(sweep: str, feature_map: bool, K: int, programs: int, device: 
     if sweep == "dq":
         return 4
     return 4 if programs > _sm_count(device) else 8
+
+
+def default_prefetch(sweep: str, feature_map: bool, K: int, programs: int, device: torch.device) -> bool:
+    """Whether a sweep ("dq" or "dkv") loads the next block's rows before the current block's maths (its
+    PREFETCH), unless BACKWARD_LAUNCH sets dq_prefetch / dkv_prefetch.
+
+    One H200, nineteenth session (`sweep_launch.py`, ms of GPU a layer's forward+backward, prefetch on / off).
+    Liger (feature maps): B16 T1024 H9/3 D64 dq 0.255 / 0.279, dk/dv 0.350 / 0.377 (segments of 208 rows:
+    0.166 / 0.180, 0.229 / 0.260); B8 T4096 H32 D128 dq 3.210 / 3.335 but dk/dv 4.893 / 4.717: there its five
+    prefetched tiles (qdq in fp32) spill (kernel_registers.py), so its dk/dv sweep prefetches at heads of 64
+    and less. Plain sweeps (`--layer gla`, `--layer hedgehog`): dq 0.210 / 0.253 at B16 T1024 H9 K64, 0.173 /
+    0.253 at B4 T1024 H16 K128 (128 programs), 0.651 / 0.836 at B4 T4096 H16 K64, 0.229 / 0.299 hedgehog B4
+    T1024 H16 K256 (256 programs); but hedgehog at SmolLM2's shape, K 128 in two 64-column blocks, 288
+    programs, 0.395 / 0.299: the prefetch's registers there leave an SM two programs and the grid a second
+    round, so a plain dq sweep with more than two programs an SM and K over 64 does not prefetch. Plain dk/dv
+    0.253 / 0.285, 0.360 / 0.359, 0.791 / 0.909."""
+    if sweep == "dkv":
+        return not feature_map or K <= 64
+    return feature_map or K <= 64 or programs <= 2 * _sm_count(device)
 
 
 def _sweep_launch(sweep: str, num_warps: int | None, default: int) -> dict:
@@ -308,16 +381,20 @@ def gla_bwd(
     cu = cu_seqlens if cu_seqlens is not None else dq
     common = dict(HQ=HQ, HKV=HKV, K=K, V=V, BT=BT, FEATURE_MAP=feature_map, IS_VARLEN=cu_seqlens is not None,
                   LOW_PRECISION=bool(low_precision), DIAG_F32=fp16, num_stages=1)
+    programs = {"dq": triton.cdiv(K, BK) * HQ * N, "dkv": NV * HQ * N}
+    prefetch = {sweep: bool(BACKWARD_LAUNCH.get(f"{sweep}_prefetch", default_prefetch(sweep, feature_map, K, n, q.device)))
+                for sweep, n in programs.items()}
     fast(gla_bwd_dq_kernel)[(triton.cdiv(K, BK), HQ, N)](
         q, k, v, g if g is not None else q, do, h0 if h0 is not None else dq, dq, qdq, cu,
-        T, float(scale), float(gate_mult), BK=BK, USE_H0=h0 is not None, **common,
-        **_sweep_launch("dq", num_warps, default_warps("dq", feature_map, K, triton.cdiv(K, BK) * HQ * N, q.device)),
+        T, float(scale), float(gate_mult), BK=BK, USE_H0=h0 is not None, PREFETCH=prefetch["dq"], **common,
+        **_sweep_launch("dq", num_warps, default_warps("dq", feature_map, K, programs["dq"], q.device)),
     )
     fast(gla_bwd_dkv_kernel)[(NV, HQ, N)](
         q, k, v, g if g is not None else q, do, ht if ht is not None else dq, dht if dht is not None else dq,
         dh0 if dh0 is not None else dq, qdq, dk, dv, cu,
-        T, B * T, float(scale), float(gate_mult), BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0, **common,
-        **_sweep_launch("dkv", num_warps, default_warps("dkv", feature_map, K, NV * HQ * N, q.device)),
+        T, B * T, float(scale), float(gate_mult), BV=BV, USE_DHT=dht is not None, STORE_DH0=need_dh0,
+        PREFETCH=prefetch["dkv"], **common,
+        **_sweep_launch("dkv", num_warps, default_warps("dkv", feature_map, K, programs["dkv"], q.device)),
     )
     dk = dk.sum(0) if NV > 1 else dk[0]
     dg = _gate_gradient(q, k, dq, dk, G, dht, ht, cu_seqlens, N, T) if need_dg and not feature_map else None

@@ -4,7 +4,9 @@ One program owns one (sequence, query head, block of BV value columns) and walks
 sequence in blocks of BT = 16 steps, carrying the state S [K, BV] in fp32 registers. Per
 block it
 
-1. loads raw q, k [BT, K] and v [BT, BV] once (bf16/fp16/fp32 I/O, fp32 maths);
+1. loads raw q, k [BT, K] and v [BT, BV] once (bf16/fp16/fp32 I/O, fp32 maths); with PREFETCH (the
+   default) the block before has issued these loads ahead of its own maths, so a block does not wait
+   for its rows (docs/kernels.md, nineteenth session);
 2. with FEATURE_MAP, builds phi(q) = softmax(q), phi(k) = softmax(k) and the log-gate
    logsigmoid(k) / gate_normalizer in registers (none of it is written to HBM); otherwise
    reads a given log-gate g (plain `chunk_gla`, q scaled by `scale`);
@@ -92,7 +94,9 @@ def forward_tile(K: int, V: int) -> tuple[int, int]:
 
 
 # Launch settings for gla_fwd where its caller passes none, e.g. {"block_v": 32, "num_warps": 8}: lets a
-# benchmark A/B them through a whole model (benchmarks/recover_throughput.py --gla-launch). Empty: the defaults.
+# benchmark A/B them through a whole model (benchmarks/recover_throughput.py --gla-launch). Also split_window
+# (0 keeps the window inside the sweep) and prefetch (0: each block loads its rows when it starts, rather than
+# the block before loading them ahead of its own maths). Empty: the defaults.
 FORWARD_LAUNCH: dict = {}
 
 
@@ -144,6 +148,19 @@ def block_gates(b_g, m_t, rows, MID: tl.constexpr):
 
 
 @triton.jit
+def fwd_block_loads(q, k, v, o, bos, t, m_t, i_h, i_hk, ck, cv, HQ: tl.constexpr, HKV: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, ADD_TO_OUT: tl.constexpr):
+    """Rows t of raw q, k [BT, K], v [BT, BV] and, with ADD_TO_OUT, of o (zeros where not m_t), as stored."""
+    b_q = tl.load(q + ((bos + t) * HQ + i_h)[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
+    b_k = tl.load(k + ((bos + t) * HKV + i_hk)[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
+    b_v = tl.load(v + ((bos + t) * HKV + i_hk)[:, None] * V + cv[None, :], mask=m_t[:, None], other=0.0)
+    b_o = b_v
+    if ADD_TO_OUT:
+        b_o = tl.load(o + ((bos + t) * HQ + i_h)[:, None] * V + cv[None, :], mask=m_t[:, None], other=0.0)
+    return b_q, b_k, b_v, b_o
+
+
+@triton.jit
 def gla_fwd_kernel(
     q, k, v, g, cos, sin, h0, ht, o, cu_seqlens, window_starts,
     T, scale, gate_mult, mix, win_scale, s_cos_b,
@@ -151,7 +168,7 @@ def gla_fwd_kernel(
     BT: tl.constexpr, BV: tl.constexpr, WINDOW: tl.constexpr,
     FEATURE_MAP: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr, LOW_PRECISION: tl.constexpr, DIAG_F32: tl.constexpr,
-    PRELOAD: tl.constexpr, ADD_TO_OUT: tl.constexpr,
+    PRELOAD: tl.constexpr, ADD_TO_OUT: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hk = i_h // (HQ // HKV)
@@ -201,14 +218,23 @@ def gla_fwd_kernel(
             kw0, kw1, kw2, kw3 = kw1, kw2, kw3, rope_rows(b_k, k_sw, c_t, s_t, sign).to(dot_t)
             vw0, vw1, vw2, vw3 = vw1, vw2, vw3, b_v
 
+    if PREFETCH:  # the first block's rows; each block then loads the next one's before its own maths
+        next_q, next_k, next_v, next_o = fwd_block_loads(q, k, v, o, bos, rows, rows < L, i_h, i_hk, ck, cv, HQ, HKV,
+                                                         K, V, ADD_TO_OUT)
     for i_c in range(0, tl.cdiv(L, BT)):
         t = i_c * BT + rows
         m_t = t < L
         p_q = q + ((bos + t) * HQ + i_h)[:, None] * K
         p_k = k + ((bos + t) * HKV + i_hk)[:, None] * K
-        b_q = tl.load(p_q + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_k = tl.load(p_k + ck[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-        b_v = tl.load(v + ((bos + t) * HKV + i_hk)[:, None] * V + cv[None, :], mask=m_t[:, None], other=0.0)
+        if PREFETCH:
+            b_q, b_k, b_v, o_prior = next_q, next_k, next_v, next_o
+            next_q, next_k, next_v, next_o = fwd_block_loads(q, k, v, o, bos, t + BT, t + BT < L, i_h, i_hk, ck, cv,
+                                                             HQ, HKV, K, V, ADD_TO_OUT)
+        else:
+            b_q, b_k, b_v, o_prior = fwd_block_loads(q, k, v, o, bos, t, m_t, i_h, i_hk, ck, cv, HQ, HKV, K, V,
+                                                     ADD_TO_OUT)
+        b_q = b_q.to(tl.float32)
+        b_k = b_k.to(tl.float32)
         b_v = b_v.to(dot_t)
         if FEATURE_MAP:
             b_g = logsigmoid(b_k) * gate_mult
@@ -301,7 +327,7 @@ def gla_fwd_kernel(
 
         p_o = o + ((bos + t) * HQ + i_h)[:, None] * V + cv[None, :]
         if ADD_TO_OUT:  # the window's share, mix * o_win, is in o already (liger/window_fwd_triton.py)
-            b_o = (1.0 - mix) * b_o + tl.load(p_o, mask=m_t[:, None], other=0.0).to(tl.float32)
+            b_o = (1.0 - mix) * b_o + o_prior.to(tl.float32)
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None])
 
     if STORE_HT:
@@ -381,7 +407,8 @@ def gla_fwd(
         HQ=HQ, HKV=HKV, K=K, V=V, BT=block_t, BV=block_v, WINDOW=int(window),
         FEATURE_MAP=feature_map, USE_H0=h0 is not None, STORE_HT=output_final_state,
         IS_VARLEN=cu_seqlens is not None, LOW_PRECISION=low, DIAG_F32=q.dtype == torch.float16,
-        PRELOAD=window_starts is not None, ADD_TO_OUT=bool(split) or out is not None, num_warps=num_warps,
+        PRELOAD=window_starts is not None, ADD_TO_OUT=bool(split) or out is not None,
+        PREFETCH=bool(FORWARD_LAUNCH.get("prefetch", 1)), num_warps=num_warps,
         num_stages=num_stages,
     )
     return o, ht
