@@ -298,9 +298,11 @@ def default_prefetch(sweep: str, feature_map: bool, K: int, programs: int, devic
     T1024 H16 K256 (256 programs); but hedgehog at SmolLM2's shape, K 128 in two 64-column blocks, 288
     programs, 0.395 / 0.299: the prefetch's registers there leave an SM two programs and the grid a second
     round, so a plain dq sweep with more than two programs an SM and K over 64 does not prefetch. Plain dk/dv
-    0.253 / 0.285, 0.360 / 0.359, 0.791 / 0.909."""
+    0.253 / 0.285 at K 64, 0.791 / 0.909 at B4 T4096 K 64, but 0.360 / 0.359 at K 128 and hedgehog's 0.457 /
+    0.457 (K 128) and 0.773 / 0.772 (K 256), where it spills (kernel_registers.py): no dk/dv sweep prefetches
+    over more than 64 key channels."""
     if sweep == "dkv":
-        return not feature_map or K <= 64
+        return K <= 64
     return feature_map or K <= 64 or programs <= 2 * _sm_count(device)
 
 
