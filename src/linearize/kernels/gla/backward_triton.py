@@ -38,17 +38,7 @@ import triton.language as tl
 from ..cumsum import blocked_cumsum
 from ..launch import fast
 from . import chunk_triton
-from .chunk_triton import block_gates, liger_key_maps, sequence_bounds, softmax_rows
-
-
-@triton.jit
-def load_rows(x, bos, t, m_t, i_h, cols, H: tl.constexpr, C: tl.constexpr, ENABLED: tl.constexpr):
-    """Rows t of head i_h of x [.., H, C] at columns `cols` (zeros where not m_t); a placeholder if not ENABLED."""
-    if ENABLED:
-        rows = tl.load(x + ((bos + t) * H + i_h)[:, None] * C + cols[None, :], mask=m_t[:, None], other=0.0)
-    else:
-        rows = tl.zeros([t.shape[0], cols.shape[0]], dtype=x.dtype.element_ty)
-    return rows
+from .chunk_triton import block_gates, liger_key_maps, load_rows, sequence_bounds, softmax_rows
 
 
 @triton.jit
@@ -180,7 +170,7 @@ def gla_bwd_dkv_kernel(
         q_row = ((bos + t) * HQ + i_h)[:, None]
         if PREFETCH:
             b_q, b_k, b_g, b_v, b_do, b_qdq = next_q, next_k, next_g, next_v, next_do, next_qdq
-            m_n = (t >= BT) & (t - BT < L)  # rows of the block before (none before the first)
+            m_n = t >= BT  # rows of the block before (none before the first)
             next_q, next_k, next_g, next_v, next_do = bwd_block_loads(q, k, g, v, do, bos, t - BT, m_n, i_h, i_hk, ck,
                                                                       cv, HQ, HKV, K, V, True, not FEATURE_MAP)
             next_qdq = load_rows(qdq, bos, t - BT, m_n, i_h, ck, HQ, K, FEATURE_MAP)

@@ -148,16 +148,22 @@ def block_gates(b_g, m_t, rows, MID: tl.constexpr):
 
 
 @triton.jit
+def load_rows(x, bos, t, m_t, i_h, cols, H: tl.constexpr, C: tl.constexpr, ENABLED: tl.constexpr):
+    """Rows t of head i_h of x [.., H, C] at columns `cols`, as stored (zeros where not m_t); a zero
+    placeholder if not ENABLED. The sweeps' loads, which PREFETCH issues a block ahead."""
+    if ENABLED:
+        rows = tl.load(x + ((bos + t) * H + i_h)[:, None] * C + cols[None, :], mask=m_t[:, None], other=0.0)
+    else:
+        rows = tl.zeros([t.shape[0], cols.shape[0]], dtype=x.dtype.element_ty)
+    return rows
+
+
+@triton.jit
 def fwd_block_loads(q, k, v, o, bos, t, m_t, i_h, i_hk, ck, cv, HQ: tl.constexpr, HKV: tl.constexpr,
                     K: tl.constexpr, V: tl.constexpr, ADD_TO_OUT: tl.constexpr):
     """Rows t of raw q, k [BT, K], v [BT, BV] and, with ADD_TO_OUT, of o (zeros where not m_t), as stored."""
-    b_q = tl.load(q + ((bos + t) * HQ + i_h)[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
-    b_k = tl.load(k + ((bos + t) * HKV + i_hk)[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
-    b_v = tl.load(v + ((bos + t) * HKV + i_hk)[:, None] * V + cv[None, :], mask=m_t[:, None], other=0.0)
-    b_o = b_v
-    if ADD_TO_OUT:
-        b_o = tl.load(o + ((bos + t) * HQ + i_h)[:, None] * V + cv[None, :], mask=m_t[:, None], other=0.0)
-    return b_q, b_k, b_v, b_o
+    return (load_rows(q, bos, t, m_t, i_h, ck, HQ, K, True), load_rows(k, bos, t, m_t, i_hk, ck, HKV, K, True),
+            load_rows(v, bos, t, m_t, i_hk, cv, HKV, V, True), load_rows(o, bos, t, m_t, i_h, cv, HQ, V, ADD_TO_OUT))
 
 
 @triton.jit
@@ -224,8 +230,6 @@ def gla_fwd_kernel(
     for i_c in range(0, tl.cdiv(L, BT)):
         t = i_c * BT + rows
         m_t = t < L
-        p_q = q + ((bos + t) * HQ + i_h)[:, None] * K
-        p_k = k + ((bos + t) * HKV + i_hk)[:, None] * K
         if PREFETCH:
             b_q, b_k, b_v, o_prior = next_q, next_k, next_v, next_o
             next_q, next_k, next_v, next_o = fwd_block_loads(q, k, v, o, bos, t + BT, t + BT < L, i_h, i_hk, ck, cv,
@@ -273,8 +277,8 @@ def gla_fwd_kernel(
             s_t = tl.load(sin + i_b * s_cos_b + pos[:, None] * K + ck[None, :], mask=m_t[:, None], other=0.0)
             c_t = c_t.to(tl.float32)
             s_t = s_t.to(tl.float32)
-            q_sw = tl.load(p_q + ck_swap[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
-            k_sw = tl.load(p_k + ck_swap[None, :], mask=m_t[:, None], other=0.0).to(tl.float32)
+            q_sw = load_rows(q, bos, t, m_t, i_h, ck_swap, HQ, K, True).to(tl.float32)
+            k_sw = load_rows(k, bos, t, m_t, i_hk, ck_swap, HKV, K, True).to(tl.float32)
             q_rot = (rope_rows(b_q, q_sw, c_t, s_t, sign) * (win_scale * 1.4426950408889634)).to(dot_t)
             k_rot = rope_rows(b_k, k_sw, c_t, s_t, sign).to(dot_t)
             # scores of this block against the 4 before it and itself; key position t - d
