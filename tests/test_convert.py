@@ -109,6 +109,31 @@ def test_overwrite_replaces_and_failure_leaves_nothing(stories_path, tmp_path, m
     assert json.loads((out / "config.json").read_text())["linearize"]["window"] == 8, "old output damaged"
 
 
+def test_full_disk_fails_early_or_in_one_line_and_leaves_nothing(stories_path, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    from safetensors import SafetensorError
+
+    # Too little room for the weights: refused before anything is written.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, (1 << 40) - (1 << 20), 1 << 20))
+    code, _, err = run_cli(["convert", stories_path, "-o", tmp_path / "out"], capsys)
+    lines = [line for line in err.splitlines() if "error" in line]  # beside transformers' loading bar
+    assert code == 2 and len(lines) == 1 and "GiB free" in lines[0], err
+    monkeypatch.undo()
+
+    # The disk fills while the weights are written: safetensors raises its own error, not an OSError.
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("transformers.PreTrainedModel.save_pretrained", full)
+    code, _, err = run_cli(["convert", stories_path, "-o", tmp_path / "out"], capsys)
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 1 and len(lines) == 1 and "the disk is full" in lines[0], err
+    assert list(tmp_path.iterdir()) == [], "partial output left behind"
+
+
 def _unknown_arch_folder(tmp_path: Path) -> Path:
     from transformers import GPT2Config
 

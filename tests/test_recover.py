@@ -252,6 +252,39 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(converted_di
     assert (workdir_for(out) / "checkpoints" / "step-00-0000003").is_dir()
 
 
+def test_merge_without_room_fails_before_training(converted_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, (1 << 40) - (1 << 20), 1 << 20))
+    with pytest.raises(LinearizeError, match="--merge's standalone checkpoint needs about"):
+        recover(options(converted_dir, tmp_path / "out", tokens=6 * 2 * 64, merge=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_disk_filling_during_a_checkpoint_keeps_the_last_whole_one(converted_dir, tmp_path, monkeypatch):
+    import errno
+
+    real, calls = torch.save, {"n": 0}
+
+    def fills_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("linearize.recover.trainer.torch.save", fills_on_second)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        recover(options(converted_dir, out, tokens=8 * 2 * 64, save_every=3))
+    checkpoints = workdir_for(out) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00-0000003"], "half-written checkpoint left"
+    monkeypatch.undo()
+    resumed = recover(options(converted_dir, out, tokens=8 * 2 * 64, save_every=3, resume=True))
+    assert (resumed / "adapter_model.safetensors").is_file()
+
+
 def test_merge_equals_adapter(converted_dir, tmp_path):
     out = recover(options(converted_dir, tmp_path / "out", tokens=6 * 2 * 64, merge=True))
     ids = torch.randint(3, 512, (1, 50), generator=torch.Generator().manual_seed(3))

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from .errors import LinearizeError
 
 
@@ -16,6 +18,35 @@ def check_output(out: Path, overwrite: bool) -> None:
         raise LinearizeError(f"{out} already exists: pass --overwrite to replace it, or choose another -o")
     if out.exists() and not out.is_dir():
         raise LinearizeError(f"{out} exists and is not a folder: choose another -o")
+
+
+def require_free_space(folder: Path, nbytes: int, what: str) -> None:
+    """Fail before writing `what` (about `nbytes`) under `folder` if its disk has clearly too little room.
+
+    Checked up front because a full disk otherwise shows up minutes later as an OSError half-way through
+    a safetensors file. The margin covers the tokenizer, config and card written beside the weights.
+    """
+    existing = Path(folder).expanduser().resolve()
+    while not existing.exists():  # the folder itself may not exist yet: ask about the disk it will be on
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    needed = int(nbytes * 1.05) + (64 << 20)
+    if free < needed:
+        raise LinearizeError(
+            f"{what} needs about {needed / 2**30:.2f} GiB but {existing} has {free / 2**30:.2f} GiB free: "
+            "free some space or choose an output folder on another disk"
+        )
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers as they would be saved (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from . import __version__
 from .card import conversion_card
-from .checkpoint import atomic_folder, check_output
+from .checkpoint import atomic_folder, check_output, require_free_space, tensor_bytes
 from .errors import LinearizeError
 from .families import family_for
 from .loading import load_tokenizer, resolve_device, resolve_dtype, split_source
@@ -95,6 +95,7 @@ def convert(
     )
     linearize_model(model, family, settings)
     command = command or f"linearize convert {source} --to {target} -o {out}"
+    require_free_space(out.expanduser().resolve().parent, tensor_bytes(model), f"the checkpoint {out}")
     with console.status(f"writing {out}"), atomic_folder(out, overwrite) as tmp:
         write_checkpoint(model, tokenizer, tmp, conversion_card(model.config, command, time.perf_counter() - start))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 
@@ -32,6 +33,21 @@ def main() -> None:
     except LinearizeError as e:
         err.print(f"[bold red]{e.label}:[/] {e}", soft_wrap=True)
         sys.exit(e.exit_code)
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        # Output folders are written whole or not at all, and a recovery keeps its last checkpoint.
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        err.print(f"[bold red]error:[/] the disk is full{where}: free some space or choose another -o, "
+                  "then run again (a recovery continues with --resume)", soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: nothing was written to the output folder")
         sys.exit(130)
+
+
+def disk_full(e: BaseException) -> bool:
+    """An OSError for a full disk or quota, or safetensors' own error for one (it is not an OSError)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return "No space left on device" in str(e)

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..checkpoint import check_output
+from ..checkpoint import check_output, require_free_space, tensor_bytes
 from ..errors import LinearizeError
 from ..loading import load_causal_lm, load_tokenizer, resolve_device
 from .data import Blocks, DataReport, prepare
@@ -194,6 +194,8 @@ class Recovery:
         model = load_causal_lm(self.opts.ckpt, training_dtype(self.device), self.device)
         if not is_converted(model):
             raise LinearizeError(f"{self.opts.ckpt} is not a converted checkpoint: run `linearize convert` first")
+        if self.opts.merge and self.main:  # found out now, not after the training
+            require_free_space(self.work, tensor_bytes(model), "--merge's standalone checkpoint")
         self.tokenizer = load_tokenizer(self.opts.ckpt)
         new_modules = new_attention_modules(model)
         lora = LoraConfig(
@@ -232,10 +234,14 @@ class Recovery:
         tmp = folder / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp / "adapter", state_dict=weights)
-        torch.save({"weights": weights, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng_state()},
-                   tmp / "trainer.pt")
-        (tmp / "position.json").write_text(json.dumps(pos.__dict__))
+        try:
+            self.model.save_pretrained(tmp / "adapter", state_dict=weights)
+            torch.save({"weights": weights, "optimizer": optim, "scheduler": scheduler.state_dict(),
+                        "rng": rng_state()}, tmp / "trainer.pt")
+            (tmp / "position.json").write_text(json.dumps(pos.__dict__))
+        except BaseException:  # a full disk, say: the last whole checkpoint stays the one --resume finds
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         final = folder / name
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
