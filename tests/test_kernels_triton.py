@@ -786,10 +786,6 @@ def test_decode_tiles_must_be_powers_of_two():
                            cos=cos, sin=sin, block_k=48)
 
 
-if __name__ == "__main__":
-    worker(sys.argv[1])
-
-
 def test_sweep_prefetch_defaults_follow_the_measured_rule():
     """default_prefetch (backward_triton, nineteenth session): the dq sweep loads ahead except a plain sweep over
     more than 64 key channels whose programs would need a second round; the dk/dv sweep up to 64 key channels
@@ -803,3 +799,7 @@ def test_sweep_prefetch_defaults_follow_the_measured_rule():
     assert default_prefetch("dq", False, 128, 2, cpu) and not default_prefetch("dq", False, 128, 3, cpu)
     assert default_prefetch("dkv", True, 64, 1000, cpu) and not default_prefetch("dkv", True, 128, 1, cpu)
     assert default_prefetch("dkv", False, 64, 1000, cpu) and not default_prefetch("dkv", False, 128, 1, cpu)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
