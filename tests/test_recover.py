@@ -318,6 +318,16 @@ def test_cli_recover_errors(converted_dir, tmp_path, capsys):
     assert code == 2 and "--stages" in err
     code, _, err = run_cli([*args, "-o", tmp_path / "z", "--data", tmp_path / "none.json"], capsys)
     assert code == 2 and "not found" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"], "a run that never started left a work folder"
+    (tmp_path / "bad.json").write_text("[]")
+    code, _, err = run_cli([*args, "-o", tmp_path / "z", "--data", tmp_path / "bad.json"], capsys)
+    assert code == 2 and "no usable" in err, err
+    (tmp_path / "bad.json").write_text("")
+    code, _, err = run_cli([*args, "-o", tmp_path / "z", "--data", tmp_path / "bad.json"], capsys)
+    assert code == 2 and "is empty" in err, err
+    code, _, err = run_cli([*args, "-o", tmp_path / "z"], capsys)  # the same command, data fixed: no --overwrite
+    assert code == 0, err
+    assert (tmp_path / "z" / "adapter_model.safetensors").is_file()
 
 
 def test_cuda_graph_needs_a_gpu(converted_dir, tmp_path, capsys):

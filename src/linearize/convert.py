@@ -12,7 +12,7 @@ from rich.console import Console
 from . import __version__
 from .card import conversion_card
 from .checkpoint import atomic_folder, check_output, require_free_space, tensor_bytes
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 from .families import family_for
 from .loading import load_tokenizer, resolve_device, resolve_dtype, split_source
 from .modeling import CLASSES, TARGETS, default_settings, linearize_model
@@ -79,7 +79,7 @@ def convert(
         try:
             config = AutoConfig.from_pretrained(path, **extra)
         except (OSError, ValueError) as e:
-            raise LinearizeError(f"could not read a model config from {source}: {str(e).splitlines()[0]}") from e
+            raise LinearizeError(f"could not read a model config from {source}: {first_line(e)}") from e
         family = family_for(config.model_type)
         keep = kept_layers(config.num_hidden_layers, keep_attention, keep_attention_every)
     with console.status(f"loading {source} ({family.name})"):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .cache import CACHE_KWARG, LigerCacheLayer
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 from .evaluate.scoring import accepts
 
 
@@ -167,7 +167,7 @@ class GreedyDecoder:
         except torch.OutOfMemoryError:
             raise  # callers such as linearize bench report an out-of-memory setting as such
         except RuntimeError as e:
-            raise LinearizeError(f"recording the decode step as a CUDA graph failed ({str(e).splitlines()[0]}); "
+            raise LinearizeError(f"recording the decode step as a CUDA graph failed ({first_line(e)}); "
                                  "use --no-cuda-graph") from e
         # Recording ran the step's Python (each layer counted one more token) but none of its kernels.
         for layer in self.liger_layers:

@@ -6,3 +6,9 @@ class LinearizeError(Exception):
 
     exit_code = 2
     label = "error"  # what the CLI prints before the message
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message, cut to its first line, for a one-line error; its type where it has no message."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -82,7 +82,7 @@ def load_tokenizer(source: str):
     try:
         return AutoTokenizer.from_pretrained(path, **extra)
     except (OSError, ValueError) as e:
-        raise LinearizeError(f"could not load a tokenizer from {source}: {str(e).splitlines()[0]}") from e
+        raise LinearizeError(f"could not load a tokenizer from {source}: {first_line(e)}") from e
 
 
 def load_causal_lm(source: str, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu"):
@@ -95,5 +95,5 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = "auto", device: torch
             AutoConfig.from_pretrained(path, trust_remote_code=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, **extra)
     except (OSError, ValueError, KeyError) as e:
-        raise LinearizeError(f"could not load {source}: {str(e).splitlines()[0]}") from e
+        raise LinearizeError(f"could not load {source}: {first_line(e)}") from e
     return model.to(device).eval()

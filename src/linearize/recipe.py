@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .bench import BenchOptions
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 from .evaluate.options import EvalOptions
 from .loading import packaged_file
 from .options import ConvertOptions
@@ -162,7 +162,7 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     except FileNotFoundError:
         raise LinearizeError(f"recipe not found: {path}") from None
     except yaml.YAMLError as e:
-        raise LinearizeError(f"{path} is not valid YAML: {str(e).splitlines()[0]} ({getattr(e, 'problem_mark', '')})".strip()) from None
+        raise LinearizeError(f"{path} is not valid YAML: {first_line(e)} ({getattr(e, 'problem_mark', '')})".strip()) from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys (name, convert, recover, eval, ...), got {type(raw).__name__}")
     for item in overrides:

@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 from .recipe import Recipe, dump, resolved
 
 UPSTREAM = {"convert": None, "recover": "convert", "eval": "recover", "bench": "recover"}
@@ -134,7 +134,7 @@ class Run:
 
             if isinstance(e, (Interrupted, Stopped)):  # recover saved a checkpoint (Ctrl-C, --stop-after-steps)
                 self.cut(stage)
-            self.event(f"{stage}: failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            self.event(f"{stage}: failed: {first_line(e)}")
             raise
         except KeyboardInterrupt:
             self.cut(stage)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from ..errors import first_line
 from ..options import ConvertOptions
 from . import app
 
@@ -78,7 +79,7 @@ def info(ckpt: str = typer.Argument(..., help="A converted (or any Llama-family)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=True, **extra)
     except (OSError, ValueError) as e:
-        raise LinearizeError(f"could not read {ckpt}: {str(e).splitlines()[0]}") from e
+        raise LinearizeError(f"could not read {ckpt}: {first_line(e)}") from e
     fp = footprint(config)
     s = getattr(config, "linearize", None) or {}
     table = Table(title=f"{ckpt}", show_header=False)

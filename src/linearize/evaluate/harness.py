@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import LinearizeError
+from ..errors import LinearizeError, first_line
 
 INSTALL_HINT = "--harness needs lm-evaluation-harness: pip install 'linearize[eval]' (or pip install 'lm-eval[hf]')"
 
@@ -22,7 +22,7 @@ def run_harness(model: torch.nn.Module, tokenizer, tasks: list[str], *, limit: i
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit)
     except (KeyError, ValueError) as e:
-        raise LinearizeError(f"lm-evaluation-harness refused tasks {','.join(tasks)}: {str(e).splitlines()[0]}") from e
+        raise LinearizeError(f"lm-evaluation-harness refused tasks {','.join(tasks)}: {first_line(e)}") from e
     return harness_metrics(out["results"])
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import LinearizeError
+from ..errors import LinearizeError, first_line
 
 IGNORE = -100
 FORMATS = ("auto", "alpaca", "text", "chat")
@@ -61,6 +61,8 @@ def read_rows(source: str) -> list[dict]:
     datasets.disable_progress_bars()
     path = Path(source).expanduser()
     try:
+        if path.is_file() and path.stat().st_size == 0:
+            raise LinearizeError(f"{source} is empty: there are no rows to train on")
         if path.exists():
             suffix = path.suffix.lower()
             if suffix in (".json", ".jsonl"):
@@ -78,7 +80,9 @@ def read_rows(source: str) -> list[dict]:
     except LinearizeError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files
-        raise LinearizeError(f"could not read {source}: {str(e).splitlines()[0]}") from e
+        if "corresponds to no data" in str(e):  # datasets' words for a file with no records ("[]", an empty file)
+            raise LinearizeError(f"{source} has no usable rows (it holds no records)") from e
+        raise LinearizeError(f"could not read {source}: {first_line(e)}") from e
     return [dict(row) for row in ds]
 
 

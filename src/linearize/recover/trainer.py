@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..checkpoint import check_output, require_free_space, tensor_bytes
-from ..errors import LinearizeError
+from ..errors import LinearizeError, first_line
 from ..loading import load_causal_lm, load_tokenizer, resolve_device
 from .data import Blocks, DataReport, prepare
 from .distributed import (
@@ -205,7 +205,7 @@ class Recovery:
         try:
             self.model = get_peft_model(model, lora)
         except ValueError as e:
-            raise LinearizeError(f"--lora-targets: {str(e).splitlines()[0]}") from e
+            raise LinearizeError(f"--lora-targets: {first_line(e)}") from e
         upcast_trainable(self.model)
         if self.opts.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -433,6 +433,16 @@ class Recovery:
     # -- the whole run -----------------------------------------------------------------------
     def run(self) -> Path:
         resume_at = self.prepare_folders()
+        try:
+            return self.train(resume_at)
+        except BaseException:
+            # Failed before its first step (bad data, no room for --merge, ...): a fresh run leaves nothing to
+            # resume, so its work folder goes, and the same command can simply be run again once fixed.
+            if self.main and resume_at is None and self.steps_this_run == 0 and self.latest_checkpoint() is None:
+                shutil.rmtree(self.work, ignore_errors=True)
+            raise
+
+    def train(self, resume_at: Position | None) -> Path:
         self.load()
         seqs = {"orient": self.opts.orient_seq_len}
         data: dict[int, tuple[Blocks, Blocks, DataReport]] = {}
