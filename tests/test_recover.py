@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import linearize
 from linearize.convert import convert
 from linearize.errors import LinearizeError
+from linearize.loading import load_causal_lm
 from linearize.recover import losses
 from linearize.recover.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE, encode_alpaca, parse_tokens, prepare
 from linearize.recover.options import RecoverOptions
@@ -285,7 +287,7 @@ def test_disk_filling_during_a_checkpoint_keeps_the_last_whole_one(converted_dir
     assert (resumed / "adapter_model.safetensors").is_file()
 
 
-def test_merge_equals_adapter(converted_dir, tmp_path):
+def test_merge_equals_adapter(converted_dir, tmp_path, monkeypatch):
     out = recover(options(converted_dir, tmp_path / "out", tokens=6 * 2 * 64, merge=True))
     ids = torch.randint(3, 512, (1, 50), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -295,6 +297,33 @@ def test_merge_equals_adapter(converted_dir, tmp_path):
     assert (adapted - plain).abs().max() > 1e-3, "the adapter should have changed the model"
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
     assert json.loads((out / "merged" / "config.json").read_text())["model_type"] == "linearize_llama"
+    # the adapter names its base by absolute path, and linearize's loader folds it in from anywhere
+    assert Path(json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]).is_absolute()
+    monkeypatch.chdir(tmp_path / "out" / "merged")
+    with torch.no_grad():
+        loaded = load_causal_lm(str(out))(ids).logits
+    torch.testing.assert_close(loaded, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_and_generate_take_the_adapter_folder(converted_dir, tmp_path, capsys):
+    """`linearize recover CKPT -o OUT` then `linearize eval OUT`: the adapter folder is a model source."""
+    out = recover(options(converted_dir, tmp_path / "out", tokens=4 * 2 * 64))
+    story = FIXTURES / "text" / "story.txt"
+    code, stdout, err = run_cli(["eval", out, "--ppl", story, "--device", "cpu", "--json", tmp_path / "adapter.json"],
+                                capsys)
+    assert code == 0, err
+    base = load_causal_lm(str(converted_dir))
+    merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(converted_dir).save_pretrained(tmp_path / "merged")
+    code, _, err = run_cli(["eval", tmp_path / "merged", "--ppl", story, "--device", "cpu", "--json",
+                            tmp_path / "merged.json"], capsys)
+    assert code == 0, err
+    ppl = [json.loads((tmp_path / f"{name}.json").read_text())["perplexity"]["story"]["model"]
+           for name in ("adapter", "merged")]
+    assert ppl[0] == pytest.approx(ppl[1], rel=1e-5), ppl
+    code, stdout, err = run_cli(["generate", out, "Once upon a time", "--max-new-tokens", "4"], capsys)
+    assert code == 0 and stdout.strip().startswith("Once upon a time"), err
 
 
 def test_align_then_lm_stages_on_alpaca(converted_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -67,7 +68,7 @@ def split_source(source: str) -> tuple[str, dict]:
             raise LinearizeError(f"GGUF file not found: {source}")
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise LinearizeError(f"{source} has no config.json: point SOURCE at a Hugging Face model folder or a .gguf file")
         return str(path), {}
     if source.startswith((".", "/", "~")) or source.count("/") > 1:
@@ -85,10 +86,36 @@ def load_tokenizer(source: str):
         raise LinearizeError(f"could not load a tokenizer from {source}: {first_line(e)}") from e
 
 
+def adapter_base(source: str) -> str | None:
+    """The checkpoint a PEFT adapter folder (what `linearize recover` writes) applies to; None for any other source."""
+    folder = Path(source).expanduser()
+    config = folder / "adapter_config.json"
+    if not config.is_file() or (folder / "config.json").is_file():
+        return None
+    base = json.loads(config.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise LinearizeError(f"{source}: adapter_config.json names no base model; load it with PEFT yourself")
+    # recover writes the base folder's absolute path; a relative one (older adapters) is read from here
+    if not Path(base).expanduser().exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
+        raise LinearizeError(f"{source} applies to {base}, which is not there: run from the folder the recovery "
+                             "ran in, or use its --merge output")
+    return base
+
+
 def load_causal_lm(source: str, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu"):
-    """Any causal LM transformers can load (converted checkpoints included, once linearize is imported)."""
+    """Any causal LM transformers can load (converted checkpoints included, once linearize is imported), or a
+    recovered adapter folder, folded into its base checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    base = adapter_base(source)
+    if base is not None:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(load_causal_lm(base, dtype, device), source).merge_and_unload()
+        except (OSError, ValueError, KeyError) as e:
+            raise LinearizeError(f"could not apply the adapter in {source}: {first_line(e)}") from e
+        return model.eval()
     path, extra = split_source(source)
     try:
         if not extra:
@@ -96,4 +123,6 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = "auto", device: torch
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise LinearizeError(f"could not load {source}: {first_line(e)}") from e
+    if Path(path).exists():  # a local folder: adapters trained on it name it wherever they are used from
+        model.name_or_path = str(Path(path).resolve())
     return model.to(device).eval()
