@@ -305,8 +305,9 @@ def test_merge_equals_adapter(converted_dir, tmp_path, monkeypatch):
     torch.testing.assert_close(loaded, adapted, rtol=1e-4, atol=1e-4)
 
 
-def test_eval_and_generate_take_the_adapter_folder(converted_dir, tmp_path, capsys):
-    """`linearize recover CKPT -o OUT` then `linearize eval OUT`: the adapter folder is a model source."""
+def test_eval_generate_and_info_take_the_adapter_folder(converted_dir, tmp_path, capsys):
+    """`linearize recover CKPT -o OUT` then `linearize eval OUT` (and generate, info): the adapter folder is a
+    model source, its perplexity that of the merged model."""
     out = recover(options(converted_dir, tmp_path / "out", tokens=4 * 2 * 64))
     story = FIXTURES / "text" / "story.txt"
     code, stdout, err = run_cli(["eval", out, "--ppl", story, "--device", "cpu", "--json", tmp_path / "adapter.json"],
@@ -324,6 +325,8 @@ def test_eval_and_generate_take_the_adapter_folder(converted_dir, tmp_path, caps
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-5), ppl
     code, stdout, err = run_cli(["generate", out, "Once upon a time", "--max-new-tokens", "4"], capsys)
     assert code == 0 and stdout.strip().startswith("Once upon a time"), err
+    code, stdout, err = run_cli(["info", out], capsys)
+    assert code == 0 and "LoRA r=8" in stdout and "linearize_llama" in stdout, err
 
 
 def test_align_then_lm_stages_on_alpaca(converted_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -67,15 +68,17 @@ def convert(
 
 
 @app.command()
-def info(ckpt: str = typer.Argument(..., help="A converted (or any Llama-family) checkpoint folder.")) -> None:
+def info(ckpt: str = typer.Argument(..., help="A converted (or any Llama-family) checkpoint folder, or a "
+                                               "recovered adapter folder.")) -> None:
     """Family, target, kept layers, parameters, and decoding memory against the source's KV cache."""
     from transformers import AutoConfig
 
     from ..errors import LinearizeError
     from ..footprint import footprint
-    from ..loading import split_source
+    from ..loading import adapter_base, split_source
 
-    path, extra = split_source(ckpt)
+    base = adapter_base(ckpt)
+    path, extra = split_source(base or ckpt)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=True, **extra)
     except (OSError, ValueError) as e:
@@ -90,6 +93,10 @@ def info(ckpt: str = typer.Argument(..., help="A converted (or any Llama-family)
         table.add_row("window", str(s["window"]) if s["window"] else "none (pure GLA)")
         table.add_row("layers kept as softmax", ", ".join(map(str, s["keep_attention"])) or "none")
         table.add_row("source", str(s["source"]))
+    if base:
+        lora = json.loads((Path(ckpt).expanduser() / "adapter_config.json").read_text())
+        targets = ", ".join(sorted(lora.get("target_modules") or []))
+        table.add_row("adapter", f"LoRA r={lora.get('r')}, alpha={lora.get('lora_alpha')} on {targets}, over {base}")
     table.add_row("layers", f"{config.num_hidden_layers} ({fp.converted_layers} converted)")
     n_params = _count_parameters(Path(path)) if not extra else None
     table.add_row("parameters", f"{n_params:,}" if n_params is not None else "unknown")
