@@ -109,7 +109,8 @@ def test_overwrite_replaces_and_failure_leaves_nothing(stories_path, tmp_path, m
     assert json.loads((out / "config.json").read_text())["linearize"]["window"] == 8, "old output damaged"
 
 
-def test_full_disk_fails_early_or_in_one_line_and_leaves_nothing(stories_path, tmp_path, monkeypatch, capsys):
+def test_unwritable_output_is_one_line_and_leaves_nothing(stories_path, tmp_path, monkeypatch, capsys):
+    import errno
     import shutil
     from collections import namedtuple
 
@@ -132,6 +133,16 @@ def test_full_disk_fails_early_or_in_one_line_and_leaves_nothing(stories_path, t
     lines = [line for line in err.splitlines() if "error" in line]
     assert code == 1 and len(lines) == 1 and "the disk is full" in lines[0], err
     assert list(tmp_path.iterdir()) == [], "partial output left behind"
+
+    # A folder the user may not write to (tests run as root here, so the refusal is simulated).
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr("tempfile.mkdtemp", denied)
+    code, _, err = run_cli(["convert", stories_path, "-o", tmp_path / "out"], capsys)
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert code == 1 and len(lines) == 1 and "Permission denied" in lines[0] and "choose an output" in lines[0], err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _unknown_arch_folder(tmp_path: Path) -> Path:

@@ -34,20 +34,26 @@ def main() -> None:
         err.print(f"[bold red]{e.label}:[/] {e}", soft_wrap=True)
         sys.exit(e.exit_code)
     except Exception as e:
-        if not disk_full(e):
+        message = write_failure(e)
+        if message is None:
             raise
         # Output folders are written whole or not at all, and a recovery keeps its last checkpoint.
-        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
-        err.print(f"[bold red]error:[/] the disk is full{where}: free some space or choose another -o, "
-                  "then run again (a recovery continues with --resume)", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]: nothing was written to the output folder")
         sys.exit(130)
 
 
-def disk_full(e: BaseException) -> bool:
-    """An OSError for a full disk or quota, or safetensors' own error for one (it is not an OSError)."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    return "No space left on device" in str(e)
+def write_failure(e: BaseException) -> str | None:
+    """The one-line message for a file that could not be written (a full disk, no permission, a read-only
+    file system), or None for any other error. safetensors reports a full disk in its own error type."""
+    full = "No space left on device" in str(e) or (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+    denied = isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+    if not (full or denied):
+        return None
+    where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+    if full:
+        return (f"the disk is full{where}: free some space or choose another -o, then run again "
+                "(a recovery continues with --resume)")
+    return f"{e.strerror or 'not allowed'}{where}: choose an output folder you can write to"
