@@ -100,8 +100,9 @@ def test_cross_field_errors_speak_recipe_keys(tmp_path):
         load_recipe(SMOKE, ["eval.tasks=[nope]"])
     with pytest.raises(LinearizeError, match="recipe not found"):
         load_recipe(tmp_path / "missing.yaml")
-    with pytest.raises(LinearizeError, match="not valid YAML"):
+    with pytest.raises(LinearizeError, match="not valid YAML at line 2, column 1") as bad:
         load_recipe(write(tmp_path, "name: [unclosed\n"))
+    assert "\n" not in str(bad.value), "a one-line error"
 
 
 def test_overrides_apply():

@@ -162,7 +162,10 @@ def load_recipe(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     except FileNotFoundError:
         raise LinearizeError(f"recipe not found: {path}") from None
     except yaml.YAMLError as e:
-        raise LinearizeError(f"{path} is not valid YAML: {first_line(e)} ({getattr(e, 'problem_mark', '')})".strip()) from None
+        mark = getattr(e, "problem_mark", None)  # its str() quotes the line beneath: one line is kept here
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or first_line(e)
+        raise LinearizeError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of keys (name, convert, recover, eval, ...), got {type(raw).__name__}")
     for item in overrides:
