@@ -357,6 +357,8 @@ def test_cli_recover_errors(converted_dir, tmp_path, capsys):
     (tmp_path / "bad.json").write_text("")
     code, _, err = run_cli([*args, "-o", tmp_path / "z", "--data", tmp_path / "bad.json"], capsys)
     assert code == 2 and "is empty" in err, err
+    code, _, err = run_cli([*args, "-o", tmp_path / "z", "--data", tmp_path / "taken"], capsys)
+    assert code == 2 and "is a folder" in err, err
     code, _, err = run_cli([*args, "-o", tmp_path / "z"], capsys)  # the same command, data fixed: no --overwrite
     assert code == 0, err
     assert (tmp_path / "z" / "adapter_model.safetensors").is_file()

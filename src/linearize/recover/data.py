@@ -61,6 +61,8 @@ def read_rows(source: str) -> list[dict]:
     datasets.disable_progress_bars()
     path = Path(source).expanduser()
     try:
+        if path.is_dir():
+            raise LinearizeError(f"{source} is a folder: point --data at a .json, .jsonl, .parquet or .txt file")
         if path.is_file() and path.stat().st_size == 0:
             raise LinearizeError(f"{source} is empty: there are no rows to train on")
         if path.exists():
