@@ -327,6 +327,13 @@ def test_eval_generate_and_info_take_the_adapter_folder(converted_dir, tmp_path,
     assert code == 0 and stdout.strip().startswith("Once upon a time"), err
     code, stdout, err = run_cli(["info", out], capsys)
     assert code == 0 and "LoRA r=8" in stdout and "linearize_llama" in stdout, err
+    # a second recovery on top of the adapter folder names that folder as its base, and loads through it
+    second = recover(options(out, tmp_path / "second", tokens=2 * 2 * 64))
+    assert json.loads((second / "adapter_config.json").read_text())["base_model_name_or_path"] == str(out)
+    ids = torch.randint(3, 512, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        stacked = PeftModel.from_pretrained(load_causal_lm(str(out)), second).merge_and_unload()(ids).logits
+        torch.testing.assert_close(load_causal_lm(str(second))(ids).logits, stacked)
 
 
 def test_align_then_lm_stages_on_alpaca(converted_dir, tmp_path):

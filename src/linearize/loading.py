@@ -115,6 +115,7 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = "auto", device: torch
             model = PeftModel.from_pretrained(load_causal_lm(base, dtype, device), source).merge_and_unload()
         except (OSError, ValueError, KeyError) as e:
             raise LinearizeError(f"could not apply the adapter in {source}: {first_line(e)}") from e
+        model.name_or_path = str(Path(source).expanduser().resolve())  # a recovery on top of it names this folder
         return model.eval()
     path, extra = split_source(source)
     try:
