@@ -95,7 +95,7 @@ def convert(
     )
     linearize_model(model, family, settings)
     command = command or f"linearize convert {source} --to {target} -o {out}"
-    require_free_space(out.expanduser().resolve().parent, tensor_bytes(model), f"the checkpoint {out}")
+    require_free_space(out.parent, tensor_bytes(model), f"the checkpoint {out}")
     with console.status(f"writing {out}"), atomic_folder(out, overwrite) as tmp:
         write_checkpoint(model, tokenizer, tmp, conversion_card(model.config, command, time.perf_counter() - start))
     return out

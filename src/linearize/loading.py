@@ -124,6 +124,6 @@ def load_causal_lm(source: str, dtype: torch.dtype | str = "auto", device: torch
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise LinearizeError(f"could not load {source}: {first_line(e)}") from e
-    if Path(path).exists():  # a local folder: adapters trained on it name it wherever they are used from
+    if not extra and Path(path).exists():  # a local folder: adapters trained on it name it from anywhere
         model.name_or_path = str(Path(path).resolve())
     return model.to(device).eval()

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..checkpoint import check_output, require_free_space, tensor_bytes
+from ..checkpoint import atomic_folder, check_output, require_free_space, tensor_bytes
 from ..errors import LinearizeError, first_line
 from ..loading import load_causal_lm, load_tokenizer, resolve_device
 from .data import Blocks, DataReport, prepare
@@ -231,20 +231,13 @@ class Recovery:
             if sync:
                 barrier(self.world)
             return folder / name
-        tmp = folder / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        final = folder / name
+        # whole or not at all (a full disk, say): the last whole checkpoint stays the one --resume finds
+        with atomic_folder(final, overwrite=True) as tmp:
             self.model.save_pretrained(tmp / "adapter", state_dict=weights)
             torch.save({"weights": weights, "optimizer": optim, "scheduler": scheduler.state_dict(),
                         "rng": rng_state()}, tmp / "trainer.pt")
             (tmp / "position.json").write_text(json.dumps(pos.__dict__))
-        except BaseException:  # a full disk, say: the last whole checkpoint stays the one --resume finds
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        final = folder / name
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
         for old in sorted(folder.glob("step-*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
         if sync:
