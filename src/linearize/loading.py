@@ -56,6 +56,11 @@ def packaged_file(source: str) -> str:
     return str(path)
 
 
+def looks_like_path(source: str) -> bool:
+    """Whether a source that is not there was meant as a local path (./x, /x, ~/x, a/b/c) rather than a Hub id."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
 def split_source(source: str) -> tuple[str, dict]:
     """Hub id or folder -> (path, {}); a .gguf file -> (its folder, {"gguf_file": name}).
 
@@ -71,7 +76,7 @@ def split_source(source: str) -> tuple[str, dict]:
         if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
             raise LinearizeError(f"{source} has no config.json: point SOURCE at a Hugging Face model folder or a .gguf file")
         return str(path), {}
-    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if looks_like_path(source):
         raise LinearizeError(f"source not found: {source}")
     return source, {}  # a Hub id
 
@@ -96,7 +101,7 @@ def adapter_base(source: str) -> str | None:
     if not base:
         raise LinearizeError(f"{source}: adapter_config.json names no base model; load it with PEFT yourself")
     # recover writes the base folder's absolute path; a relative one (older adapters) is read from here
-    if not Path(base).expanduser().exists() and (base.startswith((".", "/", "~")) or base.count("/") > 1):
+    if not Path(base).expanduser().exists() and looks_like_path(base):
         raise LinearizeError(f"{source} applies to {base}, which is not there: run from the folder the recovery "
                              "ran in, or use its --merge output")
     return base

@@ -60,11 +60,11 @@ def read_rows(source: str) -> list[dict]:
 
     datasets.disable_progress_bars()
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise LinearizeError(f"{source} is a folder: point --data at a .json, .jsonl, .parquet or .txt file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise LinearizeError(f"{source} is empty: there are no rows to train on")
     try:
-        if path.is_dir():
-            raise LinearizeError(f"{source} is a folder: point --data at a .json, .jsonl, .parquet or .txt file")
-        if path.is_file() and path.stat().st_size == 0:
-            raise LinearizeError(f"{source} is empty: there are no rows to train on")
         if path.exists():
             suffix = path.suffix.lower()
             if suffix in (".json", ".jsonl"):
@@ -82,7 +82,7 @@ def read_rows(source: str) -> list[dict]:
     except LinearizeError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files
-        if "corresponds to no data" in str(e):  # datasets' words for a file with no records ("[]", an empty file)
+        if "corresponds to no data" in str(e):  # datasets' words for a file with no records, such as "[]"
             raise LinearizeError(f"{source} has no usable rows (it holds no records)") from e
         raise LinearizeError(f"could not read {source}: {first_line(e)}") from e
     return [dict(row) for row in ds]

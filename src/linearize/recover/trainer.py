@@ -429,9 +429,10 @@ class Recovery:
         try:
             return self.train(resume_at)
         except BaseException:
-            # Failed before its first step (bad data, no room for --merge, ...): a fresh run leaves nothing to
-            # resume, so its work folder goes, and the same command can simply be run again once fixed.
-            if self.main and resume_at is None and self.steps_this_run == 0 and self.latest_checkpoint() is None:
+            # Failed before its first step (bad data, no room for --merge, ...) with no checkpoint: nothing to
+            # resume, so the work folder goes, and the same command can simply be run again once fixed. A resumed
+            # run always has a checkpoint, so its folder stays.
+            if self.main and self.steps_this_run == 0 and self.latest_checkpoint() is None:
                 shutil.rmtree(self.work, ignore_errors=True)
             raise
 
