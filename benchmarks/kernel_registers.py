@@ -47,7 +47,7 @@ from linearize.kernels.liger.decode_triton import accumulator_rows, default_tile
 TYPES = {
     **{n: "*io" for n in ("q", "k", "v", "g", "do", "o")},
     **{n: "*fp32" for n in ("cos", "sin", "h0", "ht", "dht", "dh0", "qdq", "dq", "dk", "dv", "lse", "dlse", "delta",
-                            "state", "local", "totals", "start", "before", "after")},
+                            "state", "local", "totals", "start", "before", "after", "dq_add", "dk_add", "dv_add")},
     **{n: "*io" for n in ("k_ring", "v_ring")},
     "ring_valid": "*u8", "position": "*i64", "starts": "*i32", "cu_seqlens": "*i32", "window_starts": "*i32",
     **{n: "i32" for n in ("T", "TOTAL", "NT", "TABLE_T", "s_cos_b", "s_qb", "s_kb", "s_vb", "slot", "ROWS", "rows",
@@ -84,12 +84,16 @@ def decode_tile(D: int, HQ: int, HS: int) -> dict:
     return dict(BK=block_k, BV=block_v)
 
 
-def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int]]:
-    """(label, kernel, constexprs, num_warps, num_stages) as the launch wrappers pick them."""
+def configs(D: int, HQ: int, HKV: int) -> list[tuple]:
+    """(label, kernel, constexprs, num_warps, num_stages[, argument types that differ from TYPES]) as the
+    launch wrappers pick them."""
     BT = chunk_triton.BT
     common = dict(HQ=HQ, HKV=HKV, IS_VARLEN=False, LOW_PRECISION=True, DIAG_F32=False, PREFETCH=True)
     block_kv = wb.BKV_WIDE if D >= 128 else wb.BQ
+    # the window backward as the Liger layer runs it: the sweeps' fp32 rows added in (dk, dv's per query
+    # head), the sums written in the I/O dtype; hedgehog's window writes fresh fp32 gradients
     window = dict(HQ=HQ, HKV=HKV, D=D, W=64, BQ=wb.BQ, LOW_PRECISION=True, ACCUMULATE=True)
+    io_grads = {n: "*io" for n in ("dq", "dk", "dv")}
     # the chunked gsa kernel as the model runs it: bf16 feature maps, products in bf16
     chunk_slots = dict(H=HQ, D=D, M=64, BT=gsa_chunk.BT, LOW_PRECISION=True, PRECISION="tf32",
                        **dict(zip(("BD", "BM"), chunk_triton.state_tile(D, 64), strict=True)))
@@ -155,11 +159,14 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
          dict(common, K=D, V=D, BT=BT, BV=fwd_bv, WINDOW=0, FEATURE_MAP=True, USE_H0=False, STORE_HT=False,
               PRELOAD=False, ADD_TO_OUT=True),
          fwd_warps, 1),
-        ("window backward dq", wb.window_dq_kernel, dict(window, HAS_DLSE=False), *wb.launch("dq").values()),
-        ("window backward dq, lse gradient (hedgehog)", wb.window_dq_kernel, dict(window, HAS_DLSE=True),
-         *wb.launch("dq").values()),
-        (f"window backward dk/dv ({block_kv} keys)", wb.window_dkv_kernel, dict(window, BKV=block_kv),
-         *wb.launch("dkv").values()),
+        ("window backward dq (Liger)", wb.window_dq_kernel, dict(window, HAS_DLSE=False), *wb.launch("dq").values(),
+         io_grads),
+        ("window backward dq, lse gradient (hedgehog)", wb.window_dq_kernel,
+         dict(window, HAS_DLSE=True, ACCUMULATE=False), *wb.launch("dq").values()),
+        (f"window backward dk/dv ({block_kv} keys, Liger: sums the group's rows)", wb.window_dkv_kernel,
+         dict(window, BKV=block_kv, ADD_GROUP=HQ // HKV), *wb.launch("dkv").values(), io_grads),
+        (f"window backward dk/dv ({block_kv} keys, hedgehog)", wb.window_dkv_kernel,
+         dict(window, BKV=block_kv, ACCUMULATE=False, ADD_GROUP=1), *wb.launch("dkv").values()),
         ("gsa slot scores, chunked forward (64 slots)", gsa_chunk.chunk_scores_fwd_kernel,
          dict(chunk_slots, USE_H0=True, STORE_HT=True, GRAD_Q=False), 8, 1),
         ("gsa slot scores, chunked dq (64 slots)", gsa_chunk.chunk_scores_fwd_kernel,
@@ -179,9 +186,11 @@ def configs(D: int, HQ: int, HKV: int) -> list[tuple[str, object, dict, int, int
     ]
 
 
-def compile_report(kernel, constexprs: dict, io: str, arch: int, num_warps: int, num_stages: int) -> dict:
+def compile_report(kernel, constexprs: dict, io: str, arch: int, num_warps: int, num_stages: int,
+                   types: dict | None = None) -> dict:
     names = list(kernel.arg_names)
-    signature = {n: "constexpr" if n in constexprs else TYPES[n].replace("io", io) for n in names}
+    types = {**TYPES, **(types or {})}
+    signature = {n: "constexpr" if n in constexprs else types[n].replace("io", io) for n in names}
     # pointers 16-byte aligned, as the JIT specialises them for torch's allocations: without it the
     # compiler cannot vectorise a load, and registers and spills differ from the running kernel's
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")}
@@ -220,12 +229,12 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         D, HQ, HKV = (int(x) for x in shape.split(":"))
-        for label, kernel, constexprs, warps, stages in configs(D, HQ, HKV):
+        for label, kernel, constexprs, warps, stages, *types in configs(D, HQ, HKV):
             if args.only not in label:
                 continue
             warps, stages = args.warps or warps, args.stages or stages
             try:
-                r = compile_report(kernel, constexprs, args.dtype, args.arch, warps, stages)
+                r = compile_report(kernel, constexprs, args.dtype, args.arch, warps, stages, *types)
             except Exception as e:  # noqa: BLE001 - a kernel that does not build is a row of the report
                 r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
             rows.append(dict(kernel=label, head_dim=D, q_heads=HQ, kv_heads=HKV, num_warps=warps, num_stages=stages, **r))

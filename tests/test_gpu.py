@@ -89,7 +89,9 @@ def test_training_gradients_match_the_pytorch_path_on_gpu(family_models, family,
 @pytest.mark.parametrize("D", [64, 128])
 def test_window_backward_kernels_match_the_pytorch_form_on_gpu(D, dtype):
     """The window backward's two kernels, compiled for the GPU (the models above have heads of 16
-    and 24, which take the PyTorch form): batched and packed, GQA 4, against fp32 autograd."""
+    and 24, which take the PyTorch form): batched and packed, GQA 4, against fp32 autograd; written
+    fresh, and as the Liger backward runs them (the sweeps' rows added, dk and dv's per query head
+    summed over each group, the sums written in the input dtype)."""
     from linearize.kernels.liger.window_bwd_triton import window_bwd, window_bwd_torch
 
     from .test_kernels_triton import rope
@@ -105,6 +107,11 @@ def test_window_backward_kernels_match_the_pytorch_form_on_gpu(D, dtype):
         got = window_bwd(q, k, v, do, cos, sin, window=64, mix=0.5, cu_seqlens=cu)
         for name, a, b in zip(("dq", "dk", "dv"), got, ref, strict=True):
             assert relative_error(a, b) < (1e-4 if dtype == torch.float32 else 2e-2), (name, B, D)
+        rows = [torch.randn(B, T, 8, D, device="cuda") for _ in range(3)]  # dq; dk, dv per query head
+        want = [rows[0] + ref[0], *(r.view(B, T, 2, 4, D).sum(3) + g for r, g in zip(rows[1:], ref[1:], strict=True))]
+        summed = window_bwd(q, k, v, do, cos, sin, window=64, mix=0.5, cu_seqlens=cu, add_to=tuple(rows), out_dtype=dtype)
+        for name, a, b in zip(("dq", "dk", "dv"), summed, want, strict=True):
+            assert a.dtype == dtype and relative_error(a.float(), b) < (1e-4 if dtype == torch.float32 else 1e-2), name
 
 
 @pytest.mark.parametrize("window", [16, 0])

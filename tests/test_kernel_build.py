@@ -29,7 +29,7 @@ def load_tool():
 @pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton wheel ships no CUDA toolchain")
 def test_every_kernel_compiles_for_sm90_without_heavy_spills():
     tool = load_tool()
-    for label, kernel, constexprs, warps, stages in tool.configs(64, 4, 2):
-        report = tool.compile_report(kernel, constexprs, "bf16", 90, warps, stages)
+    for label, kernel, constexprs, warps, stages, *types in tool.configs(64, 4, 2):
+        report = tool.compile_report(kernel, constexprs, "bf16", 90, warps, stages, *types)
         assert report["registers"] and report["registers"] <= 255, label
         assert report["stack_bytes"] < 1024, (label, report)

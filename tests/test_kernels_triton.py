@@ -334,12 +334,19 @@ def liger_wide_heads():
     assert_liger_matches_reference(q, k, v, h0, do, dh, **kw)
 
 
+def group_sums(rows: list[torch.Tensor], kv_heads: int = 2) -> list[torch.Tensor]:
+    """dq as it is, and dk, dv [B, T, Hq, D] summed over each of the kv_heads groups."""
+    dq, *kv = rows
+    return [dq, *(x.view(*x.shape[:2], kv_heads, -1, x.shape[-1]).sum(3) for x in kv)]
+
+
 @check("window_backward_kernel_equals_its_pytorch_form")
 def window_fallback():
     """The window backward kernels and the PyTorch form (used where their tiles do not fit, and for
     heads below 32) agree: batched and packed, GQA 2, windows 64 and 20, dk/dv programs of 32 and 64
-    key rows, written fresh and added into existing buffers, with and without a gradient on the
-    log-sum-exp (hedgehog's window)."""
+    key rows, written fresh, added into existing buffers, and added to per-query-head rows summed
+    over each kv group into new fp32 / bf16 tensors (the Liger backward's form), with and without a
+    gradient on the log-sum-exp (hedgehog's window)."""
     from linearize.kernels.liger.window_bwd_triton import window_bwd, window_bwd_torch  # noqa: PLC0415
 
     torch.manual_seed(20)
@@ -356,6 +363,12 @@ def window_fallback():
         added = window_bwd(q, k, v, do, cos, sin, block_kv=block_kv, add_to=tuple(x.clone() for x in base), **kw)
         for name, a, b, c, b0 in zip(("dq", "dk", "dv"), got, ref, added, base, strict=True):
             assert rel(a, b) < 1e-5 and rel(c - b0, b) < 1e-5, (name, B, D, window, block_kv)
+        rows = [torch.randn(B, T, 4, D) for _ in range(3)]  # dq, and dk, dv with a row per query head
+        want = [r + b for r, b in zip(group_sums(rows), ref, strict=True)]
+        for out_dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 8e-3)):
+            summed = window_bwd(q, k, v, do, cos, sin, block_kv=block_kv, add_to=tuple(rows), out_dtype=out_dtype, **kw)
+            for name, a, b in zip(("dq", "dk", "dv"), summed, want, strict=True):
+                assert a.dtype == out_dtype and rel(a.float(), b) < tol, (name, out_dtype, B, D, window, block_kv)
     # and the Liger backward takes the fallback when a kernel cannot be built: the dq kernel (nothing
     # written yet) or the dk/dv kernel (after dq is in place)
     from triton.runtime.errors import OutOfResources  # noqa: PLC0415
@@ -374,6 +387,9 @@ def window_fallback():
         try:
             liger_case(65, 4, 2, 64, False, D=32)
             for a, b in zip(window_bwd(q, k, v, do, cos, sin, **kw), ref, strict=True):  # fresh buffers too
+                assert rel(a, b) < 1e-5, name
+            summed = window_bwd(q, k, v, do, cos, sin, add_to=tuple(rows), out_dtype=torch.float32, **kw)
+            for a, b in zip(summed, want, strict=True):  # and per-query-head rows summed into new tensors
                 assert rel(a, b) < 1e-5, name
         finally:
             setattr(wb, name, real)

@@ -325,6 +325,7 @@ def gla_bwd(
     block_k: int | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
+    sum_groups: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of o = GLA(q, k, v, g) (and of the final state, via dht).
 
@@ -338,6 +339,8 @@ def gla_bwd(
     dk/dv sweep, and return dq, dk with respect to the raw q, k (dg None). One program then holds
     a whole head (K and V at most 128, say; the forward kernel keeps the same state tile).
     `low_precision` (default: do is bf16/fp16) runs the matrix products in do's dtype.
+    sum_groups=False returns dk, dv with a row per query head ([B, T, HQ, .]), for a caller that
+    sums each kv group in a pass it makes anyway (the Liger window backward, window_bwd's add_to).
     """
     B, T, HQ, K = q.shape
     HKV, V = k.shape[2], v.shape[-1]
@@ -391,9 +394,10 @@ def gla_bwd(
     dk = dk.sum(0) if NV > 1 else dk[0]
     dg = _gate_gradient(q, k, dq, dk, G, dht, ht, cu_seqlens, N, T) if need_dg and not feature_map else None
     if G > 1:
-        dk = dk.view(B, T, HKV, G, K).sum(3)
-        dv = dv.view(B, T, HKV, G, V).sum(3)
         dg = dg.view(B, T, HKV, G, K).sum(3) if dg is not None else None
+        if sum_groups:
+            dk = dk.view(B, T, HKV, G, K).sum(3)
+            dv = dv.view(B, T, HKV, G, V).sum(3)
     return dq, dk, dv, dg, dh0
 
 

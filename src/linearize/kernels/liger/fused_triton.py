@@ -8,8 +8,9 @@ that pass instead.
 Backward: two Triton sweeps of gla/backward_triton.py in their feature-map form (they recompute
 softmax(q), softmax(k) and the key gate in registers, take the gate's reverse sum and the chain
 rule back to the raw q, k themselves), then liger/window_bwd_triton.py adds the sliding-window
-branch's gradients into the same buffers (recomputed scores, RoPE backward in the kernel). The
-rotary tables get no gradient.
+branch's gradients (recomputed scores, RoPE backward in the kernel) and writes the sums in the
+input dtype; its dk/dv kernel also sums the sweeps' rows, which are per query head, over each kv
+group. The rotary tables get no gradient.
 
 Where (sequence, head) programs are few, liger_attention cuts the sequences into segments that
 run side by side instead (segmented.py).
@@ -65,12 +66,14 @@ class _LigerFunction(torch.autograd.Function):
                       need_dh0=h0 is not None and ctx.needs_input_grad[3])
         # LINEARIZE_MAPS_BACKWARD=torch: the PyTorch-maps form at any head size (A/B timing, debugging)
         if q.shape[-1] <= FEATURE_MAP_MAX_D and os.environ.get("LINEARIZE_MAPS_BACKWARD") != "torch":
+            # with a window, its dk/dv kernel sums the sweeps' per-query-head rows (and casts) as it adds its own
             dq, dk, dv, _, dh0 = gla_bwd(q, k, v, None, do * linear_share, scale=1.0, feature_map=True,
-                                         gate_mult=1.0 / gn, **common)
+                                         gate_mult=1.0 / gn, sum_groups=window == 0, **common)
         else:
             dq, dk, dv, dh0 = _backward_through_torch_maps(q, k, v, do * linear_share, gn, common)
         if window > 0:
-            window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu, add_to=(dq, dk, dv))
+            dq, dk, dv = window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu, add_to=(dq, dk, dv),
+                                    out_dtype=q.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None, None, None, None, None, None
 
 

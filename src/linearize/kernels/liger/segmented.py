@@ -177,9 +177,10 @@ class SegmentedLigerFunction(torch.autograd.Function):
             _packed(q), _packed(k), _packed(v), None, _packed(do_linear), scale=1.0, feature_map=True,
             gate_mult=1.0 / gn, initial_state=entering.flatten(0, 1), dht=leaving_grads.flatten(0, 1),
             final_state=leaving.flatten(0, 1), cu_seqlens=cu, need_dh0=has_h0 and ctx.needs_input_grad[3],
+            sum_groups=window == 0,  # with a window, its dk/dv kernel sums the group's rows (and casts)
         )
-        dq, dk, dv = dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+        dq, dk, dv = (x.view(*q.shape[:2], *x.shape[2:]) for x in (dq, dk, dv))
         if window > 0:
-            window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, add_to=(dq, dk, dv))
+            dq, dk, dv = window_bwd(q, k, v, do, cos, sin, window=window, mix=mix, add_to=(dq, dk, dv), out_dtype=q.dtype)
         dh0 = dh0.view(*entering.shape[:2], *dh0.shape[1:])[:, 0] if dh0 is not None else None
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0, None, None, None, None, None, None, None

@@ -69,26 +69,31 @@ def query_rows(q, do, starts, cos, sin, r, NT, HQ: tl.constexpr, i_h, D: tl.cons
 
 
 @triton.jit
-def store_halves(out, g1, g2, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr, ACCUMULATE: tl.constexpr):
-    """Write (or add) halves into out [rows, HEADS, D] fp32; the program owns these rows, so adding
-    is a plain read-add-write."""
+def store_halves(out, g1, g2, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr, add,
+                 ACCUMULATE: tl.constexpr, ADD_GROUP: tl.constexpr):
+    """Write halves into out [rows, HEADS, D] (in out's dtype), plus, with ACCUMULATE, the rows of
+    `add` [rows, HEADS * ADD_GROUP, D] fp32 summed over head i_h's ADD_GROUP heads there (`add` may
+    be out itself: the program owns these rows, so adding is a plain read-add-write)."""
     H2: tl.constexpr = D // 2
-    p_o = out + (rows64 * HEADS + i_h)[:, None] * D + tl.arange(0, H2)[None, :]
+    ch = tl.arange(0, H2)[None, :]
     if ACCUMULATE:
-        g1 += tl.load(p_o, mask=row_ok, other=0.0)
-        g2 += tl.load(p_o + H2, mask=row_ok, other=0.0)
-    tl.store(p_o, g1, mask=row_ok)
-    tl.store(p_o + H2, g2, mask=row_ok)
+        for i_g in tl.static_range(ADD_GROUP):
+            p_a = add + (rows64 * (HEADS * ADD_GROUP) + i_h * ADD_GROUP + i_g)[:, None] * D + ch
+            g1 += tl.load(p_a, mask=row_ok, other=0.0)
+            g2 += tl.load(p_a + H2, mask=row_ok, other=0.0)
+    p_o = out + (rows64 * HEADS + i_h)[:, None] * D + ch
+    tl.store(p_o, g1.to(out.dtype.element_ty), mask=row_ok)
+    tl.store(p_o + H2, g2.to(out.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def unrotate_and_store(out, d1, d2, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr,
-                       ACCUMULATE: tl.constexpr):
-    """RoPE's backward on the halves of a gradient, written (or added) to out [rows, HEADS, D] fp32."""
+def unrotate_and_store(out, d1, d2, row_ok, rows64, HEADS: tl.constexpr, i_h, cos, sin, D: tl.constexpr, add,
+                       ACCUMULATE: tl.constexpr, ADD_GROUP: tl.constexpr):
+    """RoPE's backward on the halves of a gradient, then store_halves."""
     ch = tl.arange(0, D // 2)
     c = tl.load(cos + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
     s = tl.load(sin + rows64[:, None] * D + ch[None, :], mask=row_ok, other=0.0)
-    store_halves(out, d1 * c + d2 * s, d2 * c - d1 * s, row_ok, rows64, HEADS, i_h, D, ACCUMULATE)
+    store_halves(out, d1 * c + d2 * s, d2 * c - d1 * s, row_ok, rows64, HEADS, i_h, D, add, ACCUMULATE, ADD_GROUP)
 
 
 @triton.jit
@@ -105,7 +110,7 @@ def key_block_scores(q1, q2, do1, do2, k, v, cos, sin, r, start, i_c, NT, scale,
 
 @triton.jit
 def window_dq_kernel(
-    q, k, v, do, cos, sin, starts, dq, lse, delta, dlse,
+    q, k, v, do, cos, sin, starts, dq, dq_add, lse, delta, dlse,
     NT, mix, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr,
     LOW_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_DLSE: tl.constexpr,
@@ -147,15 +152,15 @@ def window_dq_kernel(
         ds = (tl.exp(s - b_lse[:, None]) * (dp - b_delta[:, None]) * scale).to(dot_t)
         dq1 += tl.dot(ds, k1, input_precision="ieee")
         dq2 += tl.dot(ds, k2, input_precision="ieee")
-    unrotate_and_store(dq, dq1, dq2, valid[:, None], r64, HQ, i_h, cos, sin, D, ACCUMULATE)
+    unrotate_and_store(dq, dq1, dq2, valid[:, None], r64, HQ, i_h, cos, sin, D, dq_add, ACCUMULATE, 1)
 
 
 @triton.jit
 def window_dkv_kernel(
-    q, k, v, do, cos, sin, starts, lse, delta, dk, dv,
+    q, k, v, do, cos, sin, starts, lse, delta, dk, dv, dk_add, dv_add,
     NT, mix, scale,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr,
-    BKV: tl.constexpr, LOW_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    BKV: tl.constexpr, LOW_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, ADD_GROUP: tl.constexpr,
 ):
     i_k, i_hk = tl.program_id(0), tl.program_id(1)
     G: tl.constexpr = HQ // HKV
@@ -184,13 +189,14 @@ def window_dkv_kernel(
         ds_t = tl.trans((p * (dot_halves(do1, do2, v1, v2) - b_delta[:, None]) * scale).to(dot_t))
         dk1 += tl.dot(ds_t, q1, input_precision="ieee")
         dk2 += tl.dot(ds_t, q2, input_precision="ieee")
-    unrotate_and_store(dk, dk1, dk2, key_ok, c64, HKV, i_hk, cos, sin, D, ACCUMULATE)
-    store_halves(dv, dv1, dv2, key_ok, c64, HKV, i_hk, D, ACCUMULATE)
+    unrotate_and_store(dk, dk1, dk2, key_ok, c64, HKV, i_hk, cos, sin, D, dk_add, ACCUMULATE, ADD_GROUP)
+    store_halves(dv, dv1, dv2, key_ok, c64, HKV, i_hk, D, dv_add, ACCUMULATE, ADD_GROUP)
 
 
-def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqlens=None, add_to=None, dlse=None):
-    """window_bwd by PyTorch autograd through the banded reference (sliding_window_attention), for
-    devices where the kernel's tiles do not fit (Triton raises OutOfResources). Same contract."""
+def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqlens=None, dlse=None):
+    """window_bwd's fresh float32 gradients by PyTorch autograd through the banded reference
+    (sliding_window_attention), for heads narrower than MIN_D and devices where the kernels' tiles
+    do not fit (Triton raises OutOfResources)."""
     scale = q.shape[-1] ** -0.5
     with torch.enable_grad():
         leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
@@ -201,12 +207,7 @@ def window_bwd_torch(q, k, v, do, cos, sin, *, window: int, mix: float, cu_seqle
                  for lo, hi in zip(bounds[:-1], bounds[1:], strict=True) if hi > lo]
         o, lse = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
     outputs, grad_outputs = ([o], [do.float() * mix]) if dlse is None else ([o, lse], [do.float() * mix, dlse.float()])
-    grads = torch.autograd.grad(outputs, leaves, grad_outputs)
-    if add_to is None:
-        return grads
-    for total, g in zip(add_to, grads, strict=True):
-        total += g
-    return add_to
+    return torch.autograd.grad(outputs, leaves, grad_outputs)
 
 
 @functools.lru_cache(maxsize=16)  # every layer asks the same each step: three small launches saved a call
@@ -214,6 +215,15 @@ def _row_starts(rows: int, length: int, device: torch.device) -> torch.Tensor:
     """int32 [rows]: the first row of each row's sequence in a flat [B * T] layout (read-only: cached)."""
     r = torch.arange(rows, device=device, dtype=torch.int32)
     return r - r % length
+
+
+def _plus(base: torch.Tensor, grad: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """base (fp32; per query head rows are summed over each kv group first) + grad, in out_dtype: the
+    PyTorch form of what the kernels write with out_dtype."""
+    heads = grad.shape[2]
+    if base.shape[2] != heads:
+        base = base.view(*base.shape[:2], heads, -1, base.shape[-1]).sum(3)
+    return (base + grad).to(out_dtype)
 
 
 def window_bwd(
@@ -228,6 +238,7 @@ def window_bwd(
     mix: float,
     cu_seqlens: torch.Tensor | None = None,
     add_to: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    out_dtype: torch.dtype | None = None,
     block_kv: int | None = None,
     dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -235,18 +246,38 @@ def window_bwd(
 
     q, do [B, T, Hq, D]; k, v [B, T, Hkv, D]; cos, sin [B or 1, T, D]; window <= 64. Returns dq, dk,
     dv; with `add_to` (contiguous fp32 dq, dk, dv of those shapes) adds into them and returns them.
-    dlse [B, T, Hq]: a gradient on the scores' log-sum-exp too (hedgehog's window shares it).
-    Heads narrower than MIN_D take the PyTorch form, as does a kernel whose tiles do not fit the
-    device's shared memory (Triton raises OutOfResources when it is built). block_kv: key rows per
-    dk/dv program (<= 64).
+    With add_to and out_dtype, returns add_to + the gradients in new tensors of out_dtype instead,
+    and add_to's dk, dv may hold a row per query head ([B, T, Hq, D], summed over each kv group):
+    the Liger backward hands over its sweeps' gradients so, which saves it the group sum and the
+    casts as separate passes. dlse [B, T, Hq]: a gradient on the scores' log-sum-exp too
+    (hedgehog's window shares it). Heads narrower than MIN_D take the PyTorch form, as does a
+    kernel whose tiles do not fit the device's shared memory (Triton raises OutOfResources when it
+    is built). block_kv: key rows per dk/dv program (<= 64).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     if window > BQ:
         raise ValueError(f"the Triton window backward handles windows up to {BQ}, got {window}")
+    fresh_out = add_to is not None and out_dtype is not None
+    if add_to is not None and not fresh_out and add_to[1].shape[2] != HKV:
+        raise ValueError("dk, dv rows per query head are summed into new tensors: pass out_dtype")
+    torch_form = dict(window=window, mix=mix, cu_seqlens=cu_seqlens, dlse=dlse)
+
+    def from_torch_form(dq_done: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The PyTorch form's gradients, combined with add_to as the kernels combine them (dq_done:
+        dq, which the dq kernel has written already)."""
+        grads = list(window_bwd_torch(q, k, v, do, cos, sin, **torch_form))
+        for i in range(0 if dq_done is None else 1, 3):
+            if fresh_out:
+                grads[i] = _plus(add_to[i], grads[i], out_dtype)
+            elif add_to is not None:
+                grads[i] = add_to[i].add_(grads[i])
+        if dq_done is not None:
+            grads[0] = dq_done
+        return tuple(grads)
+
     if D < MIN_D:
-        return window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu_seqlens, add_to=add_to,
-                                dlse=dlse)
+        return from_torch_form()
     if block_kv is None:
         block_kv = LAUNCH.get("block_kv", BKV_WIDE if D >= 128 else BQ)
     NT = B * T
@@ -255,10 +286,15 @@ def window_bwd(
     else:
         starts = packed_starts(cu_seqlens.to(q.device), NT)
     tables = [x.to(torch.float32).expand(B, T, D).reshape(NT, D).contiguous() for x in (cos, sin)]
-    if add_to is not None:
-        dq, dk, dv = add_to
+    if fresh_out:
+        adds = add_to
+        dq, dk, dv = (torch.empty(B, T, h, D, dtype=out_dtype, device=q.device) for h in (HQ, HKV, HKV))
+    elif add_to is not None:
+        dq, dk, dv = adds = add_to
     else:
         dq, dk, dv = (torch.empty(B, T, h, D, dtype=torch.float32, device=q.device) for h in (HQ, HKV, HKV))
+        adds = (dq, dk, dv)  # not read: ACCUMULATE is off
+    if add_to is None or fresh_out:
         chunk_triton.poison(dq, dk, dv)
     lse = torch.empty(NT, HQ, dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
@@ -267,22 +303,17 @@ def window_bwd(
                   ACCUMULATE=add_to is not None)
     n_blocks = triton.cdiv(NT, BQ)
     args = (q, k, v, do, tables[0], tables[1], starts.contiguous())
-    torch_form = dict(window=window, mix=mix, cu_seqlens=cu_seqlens, dlse=dlse)
     dlse_rows = None if dlse is None else dlse.float().reshape(NT, HQ).contiguous()
     try:
         fast(window_dq_kernel)[(n_blocks, HQ)](
-            *args, dq, lse, delta, lse if dlse_rows is None else dlse_rows, NT, float(mix), float(D) ** -0.5,
-            HAS_DLSE=dlse is not None, **common, **launch("dq"))
+            *args, dq, adds[0], lse, delta, lse if dlse_rows is None else dlse_rows, NT, float(mix),
+            float(D) ** -0.5, HAS_DLSE=dlse is not None, **common, **launch("dq"))
     except OutOfResources:  # nothing written yet
-        return window_bwd_torch(q, k, v, do, cos, sin, **torch_form, add_to=add_to)
+        return from_torch_form()
     try:
         fast(window_dkv_kernel)[(triton.cdiv(NT, block_kv), HKV)](
-            *args, lse, delta, dk, dv, NT, float(mix), float(D) ** -0.5, BKV=block_kv, **common, **launch("dkv"))
+            *args, lse, delta, dk, dv, adds[1], adds[2], NT, float(mix), float(D) ** -0.5, BKV=block_kv,
+            ADD_GROUP=adds[1].shape[2] // HKV, **common, **launch("dkv"))
     except OutOfResources:  # dq is in place already: only dk, dv from the PyTorch form
-        _, dk_torch, dv_torch = window_bwd_torch(q, k, v, do, cos, sin, **torch_form)
-        if add_to is not None:
-            dk.add_(dk_torch)
-            dv.add_(dv_torch)
-        else:
-            dk, dv = dk_torch, dv_torch
+        return from_torch_form(dq_done=dq)
     return dq, dk, dv
