@@ -38,16 +38,21 @@ LAUNCH: dict[str, int] = {}
 
 
 def tile(K: int, V: int) -> tuple[int, int]:
-    """(BT, BV): rows a step and value columns a program. A [BT, K] fp32 key tile and a [K, BV]
-    state stay in registers at 4 warps up to K 64 with 64 rows; wider heads take 32 rows."""
-    return LAUNCH.get("block_t", 64 if K <= 64 else 32), min(V, LAUNCH.get("block_v", 64))
+    """(BT, BV): rows a step and value columns a program (see _launch for the 32 rows)."""
+    return LAUNCH.get("block_t", 32), min(V, LAUNCH.get("block_v", 64))
 
 
 def _launch(kernel: str, K: int) -> dict[str, int]:
-    """8 warps, except the gradients' kernel at heads over 64. One H200, fifteenth session, ms of
-    (states, gradients) at 4 -> 8 warps: B4 T4096 H9/3 D64 in segments of 1408, (0.154, 0.152) ->
-    (0.096, 0.102); B1 T16384 H32/8 D128 in segments of 2560, (0.436, 0.913) -> (0.343, 1.152)."""
-    warps = 8 if kernel == "states" or K <= 64 else 4
+    """4 warps, except the states' kernel at heads over 64 (8). One H200, `sweep_launch.py`, ms of
+    (states, gradients). Twenty-second session, at heads of 64, 64 rows a step and 8 warps -> 32 rows
+    and 4: B16 T1024 H9/3 in segments of 128, 208, 320, 416 and 592 rows (0.026, 0.072) -> (0.022,
+    0.062), (0.032, 0.090) -> (0.027, 0.074), (0.040, 0.082) -> (0.036, 0.067), (0.053, 0.093) ->
+    (0.045, 0.082), (0.042, 0.102) -> (0.045, 0.093); B4 T4096 by the rule (592) (0.042, 0.078) ->
+    (0.045, 0.072). At heads of 128 (32 rows already), the states' kernel at 4 warps instead of 8:
+    B2 T4096 H32/8 0.257 -> 0.336. Fifteenth session, 64 rows, 4 -> 8 warps: B4 T4096 H9/3 D64 in
+    segments of 1408, (0.154, 0.152) -> (0.096, 0.102); B1 T16384 H32/8 D128 in segments of 2560,
+    (0.436, 0.913) -> (0.343, 1.152)."""
+    warps = 8 if kernel == "states" and K > 64 else 4
     return dict(num_warps=LAUNCH.get("num_warps", warps), num_stages=LAUNCH.get("num_stages", 3))
 
 
