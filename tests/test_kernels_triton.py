@@ -344,8 +344,8 @@ def group_sums(rows: list[torch.Tensor], kv_heads: int = 2) -> list[torch.Tensor
 def window_fallback():
     """The window backward kernels and the PyTorch form (used where their tiles do not fit, and for
     heads below 32) agree: batched and packed, GQA 2, windows 64 and 20, dk/dv programs of 32 and 64
-    key rows, written fresh, added into existing buffers, and added to per-query-head rows summed
-    over each kv group into new fp32 / bf16 tensors (the Liger backward's form), with and without a
+    key rows, written fresh, added to existing fp32 gradients, and added to per-query-head rows
+    summed over each kv group in fp32 / bf16 (the Liger backward's form), with and without a
     gradient on the log-sum-exp (hedgehog's window)."""
     from linearize.kernels.liger.window_bwd_triton import window_bwd, window_bwd_torch  # noqa: PLC0415
 

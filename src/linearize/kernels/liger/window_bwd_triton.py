@@ -72,8 +72,7 @@ def query_rows(q, do, starts, cos, sin, r, NT, HQ: tl.constexpr, i_h, D: tl.cons
 def store_halves(out, g1, g2, row_ok, rows64, HEADS: tl.constexpr, i_h, D: tl.constexpr, add,
                  ACCUMULATE: tl.constexpr, ADD_GROUP: tl.constexpr):
     """Write halves into out [rows, HEADS, D] (in out's dtype), plus, with ACCUMULATE, the rows of
-    `add` [rows, HEADS * ADD_GROUP, D] fp32 summed over head i_h's ADD_GROUP heads there (`add` may
-    be out itself: the program owns these rows, so adding is a plain read-add-write)."""
+    `add` [rows, HEADS * ADD_GROUP, D] fp32 summed over head i_h's ADD_GROUP heads there."""
     H2: tl.constexpr = D // 2
     ch = tl.arange(0, H2)[None, :]
     if ACCUMULATE:
@@ -217,15 +216,6 @@ def _row_starts(rows: int, length: int, device: torch.device) -> torch.Tensor:
     return r - r % length
 
 
-def _plus(base: torch.Tensor, grad: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """base (fp32; per query head rows are summed over each kv group first) + grad, in out_dtype: the
-    PyTorch form of what the kernels write with out_dtype."""
-    heads = grad.shape[2]
-    if base.shape[2] != heads:
-        base = base.view(*base.shape[:2], heads, -1, base.shape[-1]).sum(3)
-    return (base + grad).to(out_dtype)
-
-
 def window_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -238,43 +228,34 @@ def window_bwd(
     mix: float,
     cu_seqlens: torch.Tensor | None = None,
     add_to: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype = torch.float32,
     block_kv: int | None = None,
     dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (float32) of mix * window_attention(rope(q), rope(k), v) for the output gradient do.
+    """Gradients of mix * window_attention(rope(q), rope(k), v) for the output gradient do, in new
+    tensors of out_dtype.
 
     q, do [B, T, Hq, D]; k, v [B, T, Hkv, D]; cos, sin [B or 1, T, D]; window <= 64. Returns dq, dk,
-    dv; with `add_to` (contiguous fp32 dq, dk, dv of those shapes) adds into them and returns them.
-    With add_to and out_dtype, returns add_to + the gradients in new tensors of out_dtype instead,
-    and add_to's dk, dv may hold a row per query head ([B, T, Hq, D], summed over each kv group):
-    the Liger backward hands over its sweeps' gradients so, which saves it the group sum and the
-    casts as separate passes. dlse [B, T, Hq]: a gradient on the scores' log-sum-exp too
-    (hedgehog's window shares it). Heads narrower than MIN_D take the PyTorch form, as does a
-    kernel whose tiles do not fit the device's shared memory (Triton raises OutOfResources when it
-    is built). block_kv: key rows per dk/dv program (<= 64).
+    dv. `add_to`: fp32 dq, dk, dv to add the gradients to; its dk, dv may hold a row per query head
+    ([B, T, Hq, D]), summed over each kv group. The Liger backward hands over its sweeps' gradients
+    so, which saves it the group sum and the casts as separate passes. dlse [B, T, Hq]: a gradient
+    on the scores' log-sum-exp too (hedgehog's window shares it). Heads narrower than MIN_D take
+    the PyTorch form, as does a kernel whose tiles do not fit the device's shared memory (Triton
+    raises OutOfResources when it is built). block_kv: key rows per dk/dv program (<= 64).
     """
     B, T, HQ, D = q.shape
     HKV = k.shape[2]
     if window > BQ:
         raise ValueError(f"the Triton window backward handles windows up to {BQ}, got {window}")
-    fresh_out = add_to is not None and out_dtype is not None
-    if add_to is not None and not fresh_out and add_to[1].shape[2] != HKV:
-        raise ValueError("dk, dv rows per query head are summed into new tensors: pass out_dtype")
-    torch_form = dict(window=window, mix=mix, cu_seqlens=cu_seqlens, dlse=dlse)
 
-    def from_torch_form(dq_done: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def from_torch_form(dq_done: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The PyTorch form's gradients, combined with add_to as the kernels combine them (dq_done:
         dq, which the dq kernel has written already)."""
-        grads = list(window_bwd_torch(q, k, v, do, cos, sin, **torch_form))
-        for i in range(0 if dq_done is None else 1, 3):
-            if fresh_out:
-                grads[i] = _plus(add_to[i], grads[i], out_dtype)
-            elif add_to is not None:
-                grads[i] = add_to[i].add_(grads[i])
-        if dq_done is not None:
-            grads[0] = dq_done
-        return tuple(grads)
+        grads = window_bwd_torch(q, k, v, do, cos, sin, window=window, mix=mix, cu_seqlens=cu_seqlens, dlse=dlse)
+        if add_to is not None:
+            grads = [g + (a if a.shape[2] == g.shape[2] else a.view(*g.shape[:3], -1, D).sum(3))
+                     for a, g in zip(add_to, grads, strict=True)]
+        return dq_done if dq_done is not None else grads[0].to(out_dtype), *(g.to(out_dtype) for g in grads[1:])
 
     if D < MIN_D:
         return from_torch_form()
@@ -286,16 +267,9 @@ def window_bwd(
     else:
         starts = packed_starts(cu_seqlens.to(q.device), NT)
     tables = [x.to(torch.float32).expand(B, T, D).reshape(NT, D).contiguous() for x in (cos, sin)]
-    if fresh_out:
-        adds = add_to
-        dq, dk, dv = (torch.empty(B, T, h, D, dtype=out_dtype, device=q.device) for h in (HQ, HKV, HKV))
-    elif add_to is not None:
-        dq, dk, dv = adds = add_to
-    else:
-        dq, dk, dv = (torch.empty(B, T, h, D, dtype=torch.float32, device=q.device) for h in (HQ, HKV, HKV))
-        adds = (dq, dk, dv)  # not read: ACCUMULATE is off
-    if add_to is None or fresh_out:
-        chunk_triton.poison(dq, dk, dv)
+    dq, dk, dv = (torch.empty(B, T, h, D, dtype=out_dtype, device=q.device) for h in (HQ, HKV, HKV))
+    chunk_triton.poison(dq, dk, dv)
+    adds = add_to if add_to is not None else (dq, dk, dv)  # not read without add_to (ACCUMULATE off)
     lse = torch.empty(NT, HQ, dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     q, k, v, do = (x.contiguous() for x in (q, k, v, do))
@@ -314,6 +288,6 @@ def window_bwd(
         fast(window_dkv_kernel)[(triton.cdiv(NT, block_kv), HKV)](
             *args, lse, delta, dk, dv, adds[1], adds[2], NT, float(mix), float(D) ** -0.5, BKV=block_kv,
             ADD_GROUP=adds[1].shape[2] // HKV, **common, **launch("dkv"))
-    except OutOfResources:  # dq is in place already: only dk, dv from the PyTorch form
+    except OutOfResources:  # dq is written already: only dk, dv from the PyTorch form
         return from_torch_form(dq_done=dq)
     return dq, dk, dv
